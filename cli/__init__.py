@@ -1,0 +1,1 @@
+"""The `yard` command, its typed client and the local stack launcher."""

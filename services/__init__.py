@@ -1,0 +1,1 @@
+"""ModelYard services: the shared core and one package per gRPC service."""

@@ -1,0 +1,1 @@
+"""The shared chassis every ModelYard service is built on."""
