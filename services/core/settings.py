@@ -47,6 +47,7 @@ class GrpcServerSettings(BaseModel):
     metrics_port: int = 0  # 0 = an ephemeral port (logged and reported through health metadata)
     max_message_bytes: int = 16 * 1024 * 1024
     grace_period_s: float = 20.0  # SIGTERM: time in-flight calls get to finish
+    drain_notice_s: float = 0.0  # SIGTERM: health NOT_SERVING this long before new calls are refused
     max_workers: int = 16
 
 

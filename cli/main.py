@@ -1,0 +1,53 @@
+"""The ``yard`` command.
+
+Top-level stack commands (``up``, ``down``, ``status``) come from ``cli.stack``; every other
+area is a ``typer.Typer()`` group added here with ``app.add_typer(group, name=...)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cli.stack import stack_app
+from services.core.errors import DomainError
+from services.core.logging import configure_logging
+
+app = typer.Typer(help="ModelYard: bring a model in, fine-tune, quantize, evaluate and serve it.", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def main(
+    log_level: Annotated[str, typer.Option("--log-level", help="Log level of the CLI's own logs.")] = "WARNING",
+) -> None:
+    """ModelYard command line."""
+    configure_logging(level=log_level, json=False)
+
+
+app.add_typer(stack_app)
+
+models_app = typer.Typer(help="Models: demo fixtures (and, with the registry, import/list/get).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("fetch-demo")
+def fetch_demo(
+    dest: Annotated[Path | None, typer.Option("--dest", help="Folder to build into (default: the model cache).")] = None,
+) -> None:
+    """Build SmolLM2-135M-Instruct as a Hugging Face folder from the bundled GGUF (cached)."""
+    from cli.demo_models import build_smollm2
+
+    try:
+        path = build_smollm2(dest)
+    except DomainError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc.message}", highlight=False)
+        raise typer.Exit(1) from exc
+    console.print(str(path), highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,112 @@
+"""Client side of the chassis: channels with deadlines, request-id forwarding and retry.
+
+Every call gets a deadline (``default_timeout_s`` unless the caller passes one), carries the
+current request id as ``x-request-id`` metadata (so the id of the call being served follows every
+hop), and unary calls that fail with UNAVAILABLE are retried with exponential backoff (a
+server restarting or not up yet). Streams are not retried: they may have had effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from .context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from .logging import get_logger
+from .status import error_from_rpc_error
+
+log = get_logger("modelyard.client")
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def _with_defaults(details: grpc.aio.ClientCallDetails, default_timeout: float | None):
+    metadata = grpc.aio.Metadata()
+    for key, value in details.metadata or ():
+        metadata.add(key, value)
+    if REQUEST_ID_HEADER not in metadata:
+        metadata.add(REQUEST_ID_HEADER, request_id_var.get() or new_request_id())
+    timeout = details.timeout if details.timeout is not None else default_timeout
+    return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials, details.wait_for_ready)
+
+
+class _MetadataInterceptor(
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    def __init__(self, default_timeout: float | None) -> None:
+        self._timeout = default_timeout
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_defaults(details, self._timeout), request)
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(_with_defaults(details, self._timeout), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_defaults(details, self._timeout), request_iterator)
+
+
+class _UnaryRetryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, default_timeout: float | None, attempts: int, backoff_s: float, max_backoff_s: float) -> None:
+        self._timeout = default_timeout
+        self._attempts = max(1, attempts)
+        self._backoff = backoff_s
+        self._max_backoff = max_backoff_s
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        details = _with_defaults(details, self._timeout)
+        delay = self._backoff
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + details.timeout if details.timeout is not None else None
+        for attempt in range(1, self._attempts + 1):
+            call_details = details
+            if deadline is not None:  # the deadline covers all attempts together
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                call_details = details._replace(timeout=remaining)
+            call = await continuation(call_details, request)
+            try:
+                await call
+                return call
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._attempts:
+                    return call
+                log.info("rpc_retry", method=details.method, attempt=attempt, delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+        return call
+
+
+def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 0),  # retries are done (and logged) by the interceptor
+    ]
+
+
+def make_channel(
+    target: str,
+    *,
+    default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    retry_attempts: int = 5,
+    retry_backoff_s: float = 0.1,
+    retry_max_backoff_s: float = 2.0,
+    max_message_bytes: int = 16 * 1024 * 1024,
+) -> grpc.aio.Channel:
+    """An insecure grpc.aio channel to ``target`` (host:port) with the chassis' client behaviour."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=channel_options(max_message_bytes),
+        interceptors=[
+            _UnaryRetryInterceptor(default_timeout_s, retry_attempts, retry_backoff_s, retry_max_backoff_s),
+            _MetadataInterceptor(default_timeout_s),
+        ],
+    )
+
+
+__all__ = ["make_channel", "error_from_rpc_error", "DEFAULT_TIMEOUT_S"]

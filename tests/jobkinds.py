@@ -1,0 +1,84 @@
+"""Job kinds for the job runtime's tests (imported by dotted path in the child process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from services.core.errors import InvalidArgument
+from services.core.jobs.context import JobContext
+
+KINDS = {
+    "ok": "tests.jobkinds:ok",
+    "fails_domain": "tests.jobkinds:fails_domain",
+    "crashes": "tests.jobkinds:crashes",
+    "sleeps": "tests.jobkinds:sleeps",
+    "ignores_sigterm": "tests.jobkinds:ignores_sigterm",
+    "counts_with_resume": "tests.jobkinds:counts_with_resume",
+    "kills_itself": "tests.jobkinds:kills_itself",
+}
+
+
+def ok(ctx: JobContext) -> dict:
+    ctx.log("loading data", rows=3)
+    print("plain stdout line")
+    print("plain stderr line", file=sys.stderr)
+    for step in (1, 2):
+        ctx.metrics(step=step, loss=1.0 / step, lr=0.1)
+    ctx.progress(fraction=1.0, step=2, total_steps=2, eta_s=0.0)
+    ctx.set_outputs({"partial": True})
+    return {"model": "models/m/versions/1", "omp": os.environ.get("OMP_NUM_THREADS"), "cwd": os.getcwd()}
+
+
+def fails_domain(ctx: JobContext) -> None:
+    raise InvalidArgument.for_field("spec.learning_rate", "must be > 0")
+
+
+def crashes(ctx: JobContext) -> None:
+    ctx.log("about to divide")
+    1 / 0
+
+
+def _grandchild(ctx: JobContext) -> None:
+    """A subprocess of the job (like a torchrun rank): must die with the job's process group."""
+    if ctx.spec.get("grandchild"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        ctx.log("grandchild started", pid=child.pid)
+
+
+def sleeps(ctx: JobContext) -> dict:
+    _grandchild(ctx)
+    total = int(ctx.spec.get("steps", 600))
+    for step in range(total):
+        if ctx.cancelled():
+            return {"stopped_at": step}
+        ctx.progress(fraction=step / total, step=step, total_steps=total)
+        time.sleep(0.05)
+    return {"stopped_at": total}
+
+
+def ignores_sigterm(ctx: JobContext) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ctx.log("ignoring SIGTERM")
+    time.sleep(60)
+
+
+def counts_with_resume(ctx: JobContext) -> dict:
+    saved = ctx.resume_state()
+    start = saved["step"] if saved else 0
+    total, step_s = int(ctx.spec["steps"]), float(ctx.spec.get("step_s", 0.1))
+    ctx.log("counting", from_step=start, resume=ctx.resume)
+    for step in range(start, total):
+        time.sleep(step_s)
+        ctx.metrics(step=step + 1, loss=1.0 / (step + 1))
+        ctx.save_resume_state({"step": step + 1})
+        ctx.progress(fraction=(step + 1) / total, step=step + 1, total_steps=total)
+    return {"started_from": start, "resumed": ctx.resume, "attempt": ctx.attempt}
+
+
+def kills_itself(ctx: JobContext) -> None:
+    ctx.log("going down")
+    os.kill(os.getpid(), signal.SIGKILL)
