@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.core.errors import InvalidArgument, NotFound
+from services.registry import datasets
 from services.registry.datasets import (
     DatasetFormat,
     RowError,
@@ -250,7 +251,7 @@ def test_minority_format_rows_are_reported_against_the_dominant_one(tmp_path: Pa
     report = validate_dataset(path)
     assert report.format is DatasetFormat.ALPACA
     assert [(e.row, e.field, e.reason) for e in report.errors] == [
-        (1, "", "row is in messages format, but the dataset is alpaca (most valid rows)"),
+        (1, "", "row is in messages format, but most rows are alpaca"),
         (3, "output", "missing required field"),
     ]
     assert report.format_counts == {"alpaca": 3, "messages": 1}
@@ -296,7 +297,8 @@ def test_errors_are_capped_but_counts_stay_exact(tmp_path: Path) -> None:
 
 def test_json_syntax_error_names_the_row_and_keeps_the_rows_before(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
-    path.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"},\n {"instruction": "e" "output": "f"},\n {"x": 1}]')
+    tail = ",\n".join([json.dumps({"instruction": "x" * 1000, "output": "y"})] * 3000)  # > 1 read chunk
+    path.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"},\n {"instruction": "e" "output": "f"},\n' + tail + "]")
     report = validate_dataset(path)
     assert report.format is DatasetFormat.ALPACA and report.valid_rows == 2 and report.row_count == 3
     assert where(report) == [(3, "")]
@@ -333,6 +335,22 @@ def test_large_json_array_is_streamed_across_buffer_refills(tmp_path: Path) -> N
     assert read[1500][1] == rows[1500] and read[-1][1] == rows[-1]
     report = validate_dataset(path)
     assert report.ok and report.row_count == 3000 and report.sha256 == sha256_of(path)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_json_values_split_at_any_read_boundary_are_read_whole(tmp_path: Path, monkeypatch, chunk: int) -> None:
+    monkeypatch.setattr(datasets, "_CHUNK", chunk)
+    rows = [
+        {"instruction": "caf\u00e9 \u2603 \U0001f600 \"quoted\" back\\slash", "output": "ok", "n": 12345.5e-3},
+        {"instruction": "t", "output": "o", "flags": [True, False, None, -7, 1e10], "nested": {"a": [[], {}]}},
+        {"instruction": "\u00e9" * 5, "output": "\n\t"},
+    ]
+    path = tmp_path / "rows.json"
+    path.write_text("\ufeff [ " + " ,\n".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)) + " ]\n", encoding="utf-8")
+    assert list(iter_rows(path)) == list(enumerate(rows, start=1))
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "a" "output": "b"}]')
+    assert [(n, type(v).__name__) for n, v in iter_rows(broken)] == [(1, "dict"), (2, "RowError")]
 
 
 def test_parquet_mixed_columns_treat_nulls_as_absent(tmp_path: Path) -> None:

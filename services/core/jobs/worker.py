@@ -128,6 +128,7 @@ class _Attempt:
         # ... and imports what the service imports (its cwd is the job's workdir).
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.worker.child_env)
         return env
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -292,6 +293,7 @@ class Worker:
         heartbeat_timeout_s: float = 15.0,
         cancel_grace_s: float = 10.0,
         python: str = sys.executable,
+        child_env: Mapping[str, str] | None = None,
     ) -> None:
         for kind, target in kinds.items():
             module, sep, attr = target.partition(":")
@@ -311,6 +313,8 @@ class Worker:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.cancel_grace_s = cancel_grace_s
         self.python = python
+        # Extra environment for every job child (credentials the service hands its jobs, never stored in specs).
+        self.child_env = dict(child_env or {})
         self._attempts: dict[str, _Attempt] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None

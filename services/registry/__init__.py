@@ -1,0 +1,1 @@
+"""Registry service: models, versions, files, datasets and lineage."""
