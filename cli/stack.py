@@ -27,7 +27,7 @@ import grpc
 import httpx
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.table import Table
@@ -86,6 +86,11 @@ class StackSettings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr("modelyard-secret")
     startup_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
 
     def port(self, name: str) -> int:
         return getattr(self, f"port_{name}")
@@ -157,9 +162,9 @@ def default_services(settings: StackSettings) -> list[ServiceSpec]:
 
 def select_services(specs: list[ServiceSpec], only: list[str]) -> list[ServiceSpec]:
     """The specs named in ``only`` (all when empty); S3 is always part of the stack."""
-    wanted = [name for name in only if name != S3]
     if not only:
         return list(specs)
+    wanted = [name for name in only if name != S3]
     names = [spec.name for spec in specs]
     missing = [name for name in wanted if name not in names]
     if missing:
@@ -454,17 +459,12 @@ def run_supervisor(
         except BaseException as exc:
             if keep_failed_state:
                 error = exc.message if isinstance(exc, StackError | InvalidArgument) else f"{type(exc).__name__}: {exc}"
-                _write_state(
-                    settings.data_dir, StackState(state="failed", error=error, **me)
-                )
+                _write_state(settings.data_dir, StackState(state="failed", error=error, **me))
             else:
                 state_path(settings.data_dir).unlink(missing_ok=True)
             raise
         try:
-            _write_state(
-                settings.data_dir,
-                StackState(state="running", services=stack.states(), **me),
-            )
+            _write_state(settings.data_dir, StackState(state="running", services=stack.states(), **me))
             if on_ready is not None:
                 on_ready(stack)
             _watch(stack)
@@ -496,7 +496,6 @@ def _watch(stack: Stack) -> None:
 
 def start_detached(settings: StackSettings, services: list[ServiceSpec] | None = None) -> StackState:
     """Run the supervisor in the background (own session) and return once the stack is healthy."""
-    settings = settings.model_copy(update={"data_dir": settings.data_dir.expanduser().resolve()})
     _ensure_not_running(settings)
     specs = select_services(default_services(settings) if services is None else services, settings.only)
     check_ports(settings, specs)
