@@ -30,8 +30,10 @@ def main(
 
 app.add_typer(stack_app)
 
-models_app = typer.Typer(help="Models: demo fixtures (and, with the registry, import/list/get).", no_args_is_help=True)
+from cli.registry_cmds import datasets_app, models_app  # noqa: E402
+
 app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
 
 
 @models_app.command("fetch-demo")

@@ -1,0 +1,284 @@
+"""Datasets as versioned, content-hashed resources (``datasets/{dataset}/versions/{version}``).
+
+An upload is spooled to a local file (it has to be read whole for validation), validated with
+:mod:`services.registry.datasets`, stored in S3 and recorded with its SHA-256. A file without
+any recognisable row format is refused; bad rows of a recognisable file are counted at upload
+and reported row by row by ``validate``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.core.artifacts import FileEntry, file_key
+from services.core.db import utcnow
+from services.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.core.logging import get_logger
+
+from . import listing
+from .datasets import ValidationReport, validate_dataset
+from .domain import Page, Registry, check_labels
+from .names import check_id, parse_parent, parse_version
+from .records import Dataset, DatasetVersion
+from .tables import DatasetRow, DatasetVersionRow, EdgeRow, VersionRow
+
+log = get_logger(__name__)
+
+_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_TOKENIZER_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+
+DATASET_FIELDS = listing.Fields(
+    getters={"name": lambda d: d.name, "create_time": lambda d: d.create_time},
+    enum_prefixes={},
+    sortable=frozenset({"name", "create_time"}),
+    default_order="create_time",
+)
+DATASET_VERSION_FIELDS = listing.Fields(
+    getters={
+        "name": lambda v: v.name,
+        "dataset": lambda v: v.name.rsplit("/versions/", 1)[0],
+        "format": lambda v: v.format,
+        "sha256": lambda v: v.sha256,
+        "filename": lambda v: v.filename,
+        "create_time": lambda v: v.create_time,
+        "size_bytes": lambda v: v.size_bytes,
+    },
+    enum_prefixes={},
+    sortable=frozenset({"name", "create_time", "size_bytes"}),
+    default_order="create_time",
+)
+
+
+def dataset_version_from_row(row: DatasetVersionRow) -> DatasetVersion:
+    return DatasetVersion(row.name, row.filename, row.sha256, row.size_bytes, row.format, row.row_count,
+                          row.invalid_row_count, row.description, dict(row.labels or {}), row.artifact_key,
+                          row.create_time)
+
+
+@dataclass
+class DatasetUpload:
+    """An upload in progress: chunks are appended to a local spool file."""
+
+    parent: str
+    version_id: str
+    filename: str
+    expected_format: str
+    description: str
+    labels: dict[str, str]
+    spool_dir: Path
+    size: int = 0
+    _file: BinaryIO | None = field(default=None, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.spool_dir / self.filename
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            self._file = self.path.open("wb")
+        self._file.write(chunk)
+        self.size += len(chunk)
+
+    def close(self) -> None:
+        if self._file is None:
+            self.path.touch()
+        else:
+            self._file.close()
+
+    def discard(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+
+
+class Datasets:
+    """Dataset and dataset-version operations."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.db = registry.db
+        self.store = registry.store
+
+    # ------------------------------------------------------------------ upload
+
+    def begin_upload(self, parent: str, *, version_id: str = "", filename: str, expected_format: str = "",
+                     description: str = "", labels: dict[str, str] | None = None) -> DatasetUpload:
+        """Check the upload's metadata before any byte is accepted."""
+        parse_parent(parent, "datasets", "metadata.parent")
+        if version_id:
+            check_id(version_id, "metadata.version_id")
+            with self.db.session() as s:
+                self._refuse_existing(s, f"{parent}/versions/{version_id}")
+        if not _FILENAME_RE.match(filename or ""):
+            raise InvalidArgument.for_field(
+                "metadata.filename", f"{filename!r} must be a plain file name (letters, digits, '.', '-', '_')")
+        spool = Path(tempfile.mkdtemp(dir=self.registry.staging, prefix="dataset-"))
+        return DatasetUpload(parent, version_id, filename, expected_format, description,
+                             check_labels(labels or {}, "metadata.labels"), spool)
+
+    def finish_upload(self, upload: DatasetUpload) -> DatasetVersion:
+        """Validate the spooled file, store it and record the version (the spool is removed)."""
+        try:
+            upload.close()
+            if upload.size == 0:
+                raise InvalidArgument.for_field("chunk", "the uploaded file is empty", reason="DATASET_EMPTY")
+            report = validate_dataset(upload.path, expected_format=upload.expected_format or None)
+            if report.format is None:
+                first = "; ".join(f"row {e.row} {e.field}: {e.reason}".replace(" :", ":") for e in report.errors[:3])
+                raise InvalidArgument.for_field(
+                    "chunk", f"{upload.filename}: no known dataset format in {report.row_count} rows ({first})",
+                    reason="DATASET_FORMAT_UNKNOWN")
+            key = f"{upload.parent}/{uuid.uuid4().hex[:12]}/{upload.filename}"
+            stored = self.store.put_file(key, upload.path)
+            try:
+                with self.db.session() as s:
+                    row = s.get(DatasetRow, upload.parent)
+                    if row is None:
+                        row = DatasetRow(name=upload.parent, description="", labels={}, next_version=1, create_time=utcnow())
+                        s.add(row)
+                        s.flush()
+                    version_id = upload.version_id or self._next_version_id(s, row)
+                    name = f"{upload.parent}/versions/{version_id}"
+                    self._refuse_existing(s, name)
+                    vrow = DatasetVersionRow(
+                        name=name, dataset=upload.parent, filename=upload.filename, sha256=stored.sha256,
+                        size_bytes=stored.size, format=report.format.value, row_count=report.row_count,
+                        invalid_row_count=report.invalid_rows, description=upload.description, labels=upload.labels,
+                        artifact_key=key, create_time=utcnow(),
+                    )
+                    s.add(vrow)
+                    s.flush()
+                    version = dataset_version_from_row(vrow)
+            except (AlreadyExists, IntegrityError) as exc:
+                self.store.delete(key)
+                if isinstance(exc, IntegrityError):
+                    raise AlreadyExists(f"dataset version already exists under {upload.parent}",
+                                        reason="DATASET_VERSION_EXISTS") from None
+                raise
+        finally:
+            upload.discard()
+        log.info("dataset_uploaded", version=version.name, sha256=version.sha256, rows=version.row_count,
+                 invalid_rows=version.invalid_row_count, format=version.format)
+        return version
+
+    # ------------------------------------------------------------------ read / delete
+
+    def get_dataset(self, name: str) -> Dataset:
+        parse_parent(name, "datasets")
+        with self.db.session() as s:
+            row = s.get(DatasetRow, name)
+            if row is None:
+                raise NotFound(f"dataset {name!r} not found", reason="DATASET_NOT_FOUND", metadata={"name": name})
+            count = s.scalar(select(func.count()).select_from(DatasetVersionRow).where(DatasetVersionRow.dataset == name))
+            return Dataset(row.name, row.description, dict(row.labels or {}), int(count or 0), row.create_time)
+
+    def list_datasets(self, *, filter: str = "", order_by: str = "", page_size: int = 0,
+                      page_token: str = "") -> Page[Dataset]:
+        with self.db.session() as s:
+            counts = dict(s.execute(select(DatasetVersionRow.dataset, func.count()).group_by(DatasetVersionRow.dataset)).all())
+            items = [Dataset(r.name, r.description, dict(r.labels or {}), counts.get(r.name, 0), r.create_time)
+                     for r in s.scalars(select(DatasetRow))]
+        return Page(*listing.list_page(items, fields=DATASET_FIELDS, filter=filter, order_by=order_by,
+                                       page_size=page_size, page_token=page_token))
+
+    def get_version(self, name: str) -> DatasetVersion:
+        parse_version(name, "datasets")
+        with self.db.session() as s:
+            return dataset_version_from_row(self._version_row(s, name))
+
+    def list_versions(self, parent: str, *, filter: str = "", order_by: str = "", page_size: int = 0,
+                      page_token: str = "") -> Page[DatasetVersion]:
+        dataset_id = parse_parent(parent, "datasets", "parent", allow_wildcard=True)
+        if page_size < 0:
+            raise InvalidArgument.for_field("page_size", f"must not be negative, got {page_size}")
+        with self.db.session() as s:
+            query = select(DatasetVersionRow)
+            if dataset_id != "-":
+                if s.get(DatasetRow, parent) is None:
+                    raise NotFound(f"dataset {parent!r} not found", reason="DATASET_NOT_FOUND", metadata={"name": parent})
+                query = query.where(DatasetVersionRow.dataset == parent)
+            items = [dataset_version_from_row(r) for r in s.scalars(query)]
+        return Page(*listing.list_page(items, fields=DATASET_VERSION_FIELDS, filter=filter, order_by=order_by,
+                                       page_size=page_size, page_token=page_token, scope=parent))
+
+    def delete_version(self, name: str, *, force: bool = False) -> None:
+        """Delete a dataset version and its file; refused while model versions record it as a
+        parent, unless ``force`` (the lineage edges stay, flagged deleted)."""
+        parse_version(name, "datasets")
+        with self.db.session() as s:
+            row = self._version_row(s, name)
+            children = sorted(s.scalars(select(EdgeRow.child).join(VersionRow, VersionRow.name == EdgeRow.child)
+                                        .where(EdgeRow.parent == name)))
+            if children and not force:
+                raise FailedPrecondition(
+                    f"dataset version {name!r} has descendants ({', '.join(children[:5])}); pass force to delete it",
+                    reason="VERSION_HAS_DESCENDANTS", metadata={"name": name, "descendants": ",".join(children[:20])})
+            key = row.artifact_key
+            s.execute(delete(DatasetVersionRow).where(DatasetVersionRow.name == name))
+        self.store.delete(key)
+        log.info("dataset_version_deleted", version=name, force=force)
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, name: str, *, model_version: str = "", max_length: int = 0,
+                 expected_format: str = "") -> ValidationReport:
+        """Validate a stored version (verified download), with token statistics under the
+        tokenizer of ``model_version`` when given."""
+        version = self.get_version(name)
+        if max_length < 0:
+            raise InvalidArgument.for_field("max_length", f"must not be negative, got {max_length}")
+        if max_length and not model_version:
+            raise InvalidArgument.for_field("max_length", "needs model_version (its tokenizer counts the tokens)")
+        with tempfile.TemporaryDirectory(dir=self.registry.staging, prefix="validate-") as tmp:
+            local = Path(tmp) / version.filename
+            self.store.get_file(version.artifact_key, local, FileEntry(version.artifact_key, version.size_bytes, version.sha256))
+            tokenizer = self._tokenizer(model_version, Path(tmp) / "tokenizer") if model_version else None
+            return validate_dataset(local, expected_format=expected_format or None, tokenizer=tokenizer,
+                                    max_length=max_length or None)
+
+    def _tokenizer(self, model_version: str, dest: Path):
+        from transformers import AutoTokenizer
+
+        version = self.registry._ready_version(model_version)
+        wanted = [f for f in version.files if "/" not in f.path and f.path.endswith(_TOKENIZER_SUFFIXES)]
+        for f in wanted:
+            self.store.get_file(file_key(version.artifact_prefix, f.path), dest / f.path, FileEntry(f.path, f.size, f.sha256))
+        try:
+            return AutoTokenizer.from_pretrained(str(dest), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means no usable tokenizer
+            raise FailedPrecondition(f"model version {model_version!r} has no usable tokenizer: {exc}",
+                                     reason="TOKENIZER_MISSING", metadata={"name": model_version}) from None
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _version_row(s: Session, name: str) -> DatasetVersionRow:
+        row = s.get(DatasetVersionRow, name)
+        if row is None:
+            raise NotFound(f"dataset version {name!r} not found", reason="DATASET_VERSION_NOT_FOUND",
+                           metadata={"name": name})
+        return row
+
+    @staticmethod
+    def _refuse_existing(s: Session, name: str) -> None:
+        if s.get(DatasetVersionRow, name) is not None:
+            raise AlreadyExists(f"dataset version {name!r} already exists", reason="DATASET_VERSION_EXISTS",
+                                metadata={"name": name})
+
+    @staticmethod
+    def _next_version_id(s: Session, dataset: DatasetRow) -> str:
+        while True:
+            candidate = f"v{dataset.next_version}"
+            dataset.next_version += 1
+            if s.get(DatasetVersionRow, f"{dataset.name}/versions/{candidate}") is None:
+                return candidate

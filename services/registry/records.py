@@ -1,0 +1,177 @@
+"""Plain records of the registry domain (no proto, no SQL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class ModelKind(StrEnum):
+    BASE = "base"
+    ADAPTER = "adapter"
+    MERGED = "merged"
+    QUANTIZED = "quantized"
+
+
+class ModelFormat(StrEnum):
+    SAFETENSORS = "safetensors"
+    PEFT_ADAPTER = "peft_adapter"
+    GGUF = "gguf"
+    AWQ = "awq"
+    GPTQ = "gptq"
+    COMPRESSED_TENSORS = "compressed_tensors"
+
+
+class VersionState(StrEnum):
+    CREATING = "creating"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ImportState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (ImportState.SUCCEEDED, ImportState.FAILED)
+
+
+class Relation(StrEnum):
+    BASE_MODEL = "base_model"
+    DATASET = "dataset"
+
+
+@dataclass
+class Model:
+    name: str
+    description: str
+    labels: dict[str, str]
+    version_count: int
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass
+class Lineage:
+    base_model_version: str = ""
+    dataset_versions: list[str] = field(default_factory=list)
+    job: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    source_uri: str = ""
+
+
+@dataclass
+class FileInfo:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    kind: ModelKind
+    format: ModelFormat
+    state: VersionState
+    description: str
+    labels: dict[str, str]
+    files: list[FileInfo]
+    metadata: dict[str, Any]
+    lineage: Lineage
+    deployed_by: list[str]
+    artifact_prefix: str
+    create_time: datetime
+    update_time: datetime
+
+    @property
+    def parameter_count(self) -> int:
+        return int(self.metadata.get("parameter_count", 0))
+
+    @property
+    def total_size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class ImportProgress:
+    fraction: float = 0.0
+    stage: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+@dataclass
+class ImportError_:
+    """The error of a failed import: a DomainError's fields (google.rpc.Status in the API)."""
+
+    code: int
+    message: str
+    reason: str
+    domain: str
+    metadata: dict[str, str]
+    violations: list[tuple[str, str]]
+
+
+@dataclass
+class ModelImport:
+    name: str
+    source_uri: str
+    model_version: str
+    state: ImportState
+    progress: ImportProgress
+    error: ImportError_ | None
+    create_time: datetime
+    update_time: datetime
+    end_time: datetime | None
+
+
+@dataclass
+class Dataset:
+    name: str
+    description: str
+    labels: dict[str, str]
+    version_count: int
+    create_time: datetime
+
+
+@dataclass
+class DatasetVersion:
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    format: str
+    row_count: int
+    invalid_row_count: int
+    description: str
+    labels: dict[str, str]
+    artifact_key: str
+    create_time: datetime
+
+
+@dataclass
+class LineageNode:
+    name: str
+    type: str  # model_version | dataset_version
+    kind: ModelKind | None
+    job: str
+    deleted: bool
+
+
+@dataclass
+class LineageEdge:
+    parent: str
+    child: str
+    relation: Relation
+    job: str
+
+
+@dataclass
+class LineageGraph:
+    nodes: list[LineageNode]
+    edges: list[LineageEdge]

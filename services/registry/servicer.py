@@ -1,0 +1,353 @@
+"""RegistryService: proto <-> domain translation only (the domain runs in worker threads)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from modelyard.registry.v1 import registry_pb2 as pb
+from modelyard.registry.v1 import registry_pb2_grpc
+from services.core.errors import DomainError, FieldViolation, InvalidArgument
+from services.core.status import to_status_proto
+
+from . import datasets as ds
+from .dataset_store import Datasets
+from .domain import Registry
+from .imports import Imports
+from .records import (
+    Dataset,
+    DatasetVersion,
+    FileInfo,
+    Lineage,
+    LineageGraph,
+    Model,
+    ModelFormat,
+    ModelImport,
+    ModelKind,
+    ModelVersion,
+)
+
+_DIRECTIONS = {
+    pb.LINEAGE_DIRECTION_UNSPECIFIED: "both",
+    pb.LINEAGE_DIRECTION_BOTH: "both",
+    pb.LINEAGE_DIRECTION_ANCESTORS: "ancestors",
+    pb.LINEAGE_DIRECTION_DESCENDANTS: "descendants",
+}
+
+
+def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _enum(enum_type, prefix: str, value: str) -> int:
+    return enum_type.Value(f"{prefix}{value.upper()}")
+
+
+def _kind_from_proto(value: int, field: str) -> ModelKind | None:
+    if value == pb.MODEL_KIND_UNSPECIFIED:
+        return None
+    name = pb.ModelKind.Name(value) if value in pb.ModelKind.values() else None
+    if name is None:
+        raise InvalidArgument.for_field(field, f"unknown kind {value}")
+    return ModelKind(name.removeprefix("MODEL_KIND_").lower())
+
+
+def _format_from_proto(value: int, field: str) -> ModelFormat | None:
+    if value == pb.MODEL_FORMAT_UNSPECIFIED:
+        return None
+    if value not in pb.ModelFormat.values():
+        raise InvalidArgument.for_field(field, f"unknown format {value}")
+    return ModelFormat(pb.ModelFormat.Name(value).removeprefix("MODEL_FORMAT_").lower())
+
+
+def model_to_proto(m: Model) -> pb.Model:
+    return pb.Model(name=m.name, description=m.description, labels=m.labels, version_count=m.version_count,
+                    create_time=_ts(m.create_time), update_time=_ts(m.update_time))
+
+
+def file_to_proto(f: FileInfo) -> pb.FileEntry:
+    return pb.FileEntry(path=f.path, size_bytes=f.size, sha256=f.sha256)
+
+
+def lineage_to_proto(lin: Lineage) -> pb.Lineage:
+    params = struct_pb2.Struct()
+    params.update(lin.parameters)
+    return pb.Lineage(base_model_version=lin.base_model_version, dataset_versions=lin.dataset_versions,
+                      job=lin.job, parameters=params, source_uri=lin.source_uri)
+
+
+def lineage_from_proto(msg: pb.Lineage) -> Lineage:
+    return Lineage(base_model_version=msg.base_model_version, dataset_versions=list(msg.dataset_versions),
+                   job=msg.job, parameters=json_format.MessageToDict(msg.parameters), source_uri=msg.source_uri)
+
+
+def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
+    meta = v.metadata
+    return pb.ModelVersion(
+        name=v.name, kind=_enum(pb.ModelKind, "MODEL_KIND_", v.kind.value),
+        format=_enum(pb.ModelFormat, "MODEL_FORMAT_", v.format.value),
+        state=_enum(pb.ModelVersionState, "MODEL_VERSION_STATE_", v.state.value),
+        description=v.description, labels=v.labels, files=[file_to_proto(f) for f in v.files],
+        metadata=pb.ModelMetadata(
+            architecture=meta.get("architecture", ""), model_type=meta.get("model_type", ""),
+            parameter_count=meta.get("parameter_count", 0), dtype=meta.get("dtype", ""),
+            context_length=meta.get("context_length", 0), has_chat_template=meta.get("has_chat_template", False),
+            total_size_bytes=v.total_size_bytes,
+        ),
+        lineage=lineage_to_proto(v.lineage), deployed_by=v.deployed_by, artifact_prefix=v.artifact_prefix,
+        create_time=_ts(v.create_time), update_time=_ts(v.update_time),
+    )
+
+
+def import_to_proto(i: ModelImport) -> pb.ModelImport:
+    error = None
+    if i.error is not None:
+        error = to_status_proto(DomainError(
+            i.error.message, reason=i.error.reason, domain=i.error.domain, metadata=i.error.metadata,
+            violations=[FieldViolation(f, d) for f, d in i.error.violations],
+        ))
+        error.code = i.error.code
+    return pb.ModelImport(
+        name=i.name, source_uri=i.source_uri, model_version=i.model_version,
+        state=_enum(pb.ImportState, "IMPORT_STATE_", i.state.value),
+        progress=pb.ImportProgress(fraction=i.progress.fraction, stage=i.progress.stage,
+                                   bytes_done=i.progress.bytes_done, bytes_total=i.progress.bytes_total),
+        error=error, create_time=_ts(i.create_time), update_time=_ts(i.update_time), end_time=_ts(i.end_time),
+    )
+
+
+def dataset_to_proto(d: Dataset) -> pb.Dataset:
+    return pb.Dataset(name=d.name, description=d.description, labels=d.labels, version_count=d.version_count,
+                      create_time=_ts(d.create_time))
+
+
+def dataset_version_to_proto(v: DatasetVersion) -> pb.DatasetVersion:
+    return pb.DatasetVersion(
+        name=v.name, filename=v.filename, sha256=v.sha256, size_bytes=v.size_bytes, format=v.format,
+        row_count=v.row_count, invalid_row_count=v.invalid_row_count, description=v.description, labels=v.labels,
+        artifact_key=v.artifact_key, create_time=_ts(v.create_time),
+    )
+
+
+def graph_to_proto(g: LineageGraph) -> pb.GetLineageResponse:
+    return pb.GetLineageResponse(
+        nodes=[pb.LineageNode(
+            name=n.name, type=_enum(pb.LineageNodeType, "LINEAGE_NODE_TYPE_", n.type),
+            kind=_enum(pb.ModelKind, "MODEL_KIND_", n.kind.value) if n.kind else pb.MODEL_KIND_UNSPECIFIED,
+            job=n.job, deleted=n.deleted) for n in g.nodes],
+        edges=[pb.LineageEdge(parent=e.parent, child=e.child,
+                              relation=_enum(pb.LineageRelation, "LINEAGE_RELATION_", e.relation.value), job=e.job)
+               for e in g.edges],
+    )
+
+
+def report_to_proto(r: ds.ValidationReport) -> pb.ValidateDatasetResponse:
+    stats = None
+    if r.token_stats is not None:
+        t = r.token_stats
+        stats = pb.TokenStats(rows=t.count, min_tokens=t.min, mean_tokens=t.mean, max_tokens=t.max,
+                              rows_over_max_length=t.over_length, max_length=t.max_length or 0)
+    return pb.ValidateDatasetResponse(
+        format=r.format.value if r.format else "", row_count=r.row_count, valid_row_count=r.valid_rows,
+        token_stats=stats, errors=[pb.RowError(row=e.row, field=e.field, reason=e.reason) for e in r.errors],
+    )
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, registry: Registry, imports: Imports, datasets: Datasets, *,
+                 chunk_size: int = 1024 * 1024, watch_interval_s: float = 0.2) -> None:
+        self._registry = registry
+        self._imports = imports
+        self._datasets = datasets
+        self._chunk_size = chunk_size
+        self._watch_interval_s = watch_interval_s
+
+    # ------------------------------------------------------------------ models
+
+    async def CreateModel(self, request, context):
+        m = await asyncio.to_thread(self._registry.create_model, request.model_id, request.model.description,
+                                    dict(request.model.labels))
+        return pb.CreateModelResponse(model=model_to_proto(m))
+
+    async def GetModel(self, request, context):
+        return pb.GetModelResponse(model=model_to_proto(await asyncio.to_thread(self._registry.get_model, request.name)))
+
+    async def ListModels(self, request, context):
+        page = await asyncio.to_thread(self._registry.list_models, filter=request.filter, order_by=request.order_by,
+                                       page_size=request.page_size, page_token=request.page_token)
+        return pb.ListModelsResponse(models=[model_to_proto(m) for m in page.items],
+                                     next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def UpdateModel(self, request, context):
+        m = await asyncio.to_thread(self._registry.update_model, request.model.name,
+                                    description=request.model.description, labels=dict(request.model.labels),
+                                    mask=list(request.update_mask.paths))
+        return pb.UpdateModelResponse(model=model_to_proto(m))
+
+    async def DeleteModel(self, request, context):
+        deleted = await asyncio.to_thread(self._registry.delete_model, request.name, force=request.force)
+        return pb.DeleteModelResponse(deleted_versions=deleted)
+
+    # ------------------------------------------------------------------ versions
+
+    async def CreateModelVersion(self, request, context):
+        mv = request.model_version
+        v = await asyncio.to_thread(
+            self._registry.register_version, request.parent, version_id=request.version_id,
+            kind=_kind_from_proto(mv.kind, "model_version.kind"),
+            fmt=_format_from_proto(mv.format, "model_version.format"), artifact_prefix=mv.artifact_prefix,
+            lineage=lineage_from_proto(mv.lineage), description=mv.description, labels=dict(mv.labels),
+        )
+        return pb.CreateModelVersionResponse(model_version=version_to_proto(v))
+
+    async def GetModelVersion(self, request, context):
+        v = await asyncio.to_thread(self._registry.get_version, request.name)
+        return pb.GetModelVersionResponse(model_version=version_to_proto(v))
+
+    async def ListModelVersions(self, request, context):
+        page = await asyncio.to_thread(self._registry.list_versions, request.parent, filter=request.filter,
+                                       order_by=request.order_by, page_size=request.page_size,
+                                       page_token=request.page_token)
+        return pb.ListModelVersionsResponse(model_versions=[version_to_proto(v) for v in page.items],
+                                            next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def UpdateModelVersion(self, request, context):
+        mv = request.model_version
+        v = await asyncio.to_thread(self._registry.update_version, mv.name, description=mv.description,
+                                    labels=dict(mv.labels), mask=list(request.update_mask.paths))
+        return pb.UpdateModelVersionResponse(model_version=version_to_proto(v))
+
+    async def DeleteModelVersion(self, request, context):
+        await asyncio.to_thread(self._registry.delete_version, request.name, force=request.force)
+        return pb.DeleteModelVersionResponse(name=request.name)
+
+    async def RegisterDerivedVersion(self, request, context):
+        v = await asyncio.to_thread(
+            self._registry.register_version, request.parent, version_id=request.version_id,
+            kind=_kind_from_proto(request.kind, "kind"), fmt=_format_from_proto(request.format, "format"),
+            artifact_prefix=request.artifact_prefix, lineage=lineage_from_proto(request.lineage),
+            description=request.description, labels=dict(request.labels), derived=True,
+        )
+        return pb.RegisterDerivedVersionResponse(model_version=version_to_proto(v))
+
+    async def SetDeploymentMarker(self, request, context):
+        v = await asyncio.to_thread(self._registry.set_deployment_marker, request.name, request.deployment,
+                                    request.deployed)
+        return pb.SetDeploymentMarkerResponse(model_version=version_to_proto(v))
+
+    async def GetLineage(self, request, context):
+        if request.direction not in _DIRECTIONS:
+            raise InvalidArgument.for_field("direction", f"unknown direction {request.direction}")
+        graph = await asyncio.to_thread(self._registry.get_lineage, request.name,
+                                        direction=_DIRECTIONS[request.direction], depth=request.depth)
+        return graph_to_proto(graph)
+
+    # ------------------------------------------------------------------ imports
+
+    async def ImportModel(self, request, context):
+        imp = await asyncio.to_thread(self._imports.start, request.parent, version_id=request.version_id,
+                                      source_uri=request.source_uri, description=request.description,
+                                      labels=dict(request.labels))
+        return pb.ImportModelResponse(model_import=import_to_proto(imp))
+
+    async def GetImport(self, request, context):
+        imp = await asyncio.to_thread(self._imports.get, request.name)
+        return pb.GetImportResponse(model_import=import_to_proto(imp))
+
+    async def ListImports(self, request, context):
+        page = await asyncio.to_thread(self._imports.list, filter=request.filter, order_by=request.order_by,
+                                       page_size=request.page_size, page_token=request.page_token)
+        return pb.ListImportsResponse(model_imports=[import_to_proto(i) for i in page.items],
+                                      next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def WatchImport(self, request, context) -> AsyncIterator[pb.WatchImportResponse]:
+        last = None
+        while True:
+            imp = await asyncio.to_thread(self._imports.get, request.name)
+            snapshot = (imp.state, imp.progress.stage, imp.progress.fraction, imp.progress.bytes_done)
+            if snapshot != last:
+                yield pb.WatchImportResponse(model_import=import_to_proto(imp))
+                last = snapshot
+            if imp.state.terminal:
+                return
+            await asyncio.sleep(self._watch_interval_s)
+
+    # ------------------------------------------------------------------ downloads
+
+    async def GetDownloadUrls(self, request, context):
+        urls = await asyncio.to_thread(self._registry.download_urls, request.name, expires_s=request.expires_seconds,
+                                       verify=request.verify_checksums)
+        return pb.GetDownloadUrlsResponse(urls=[pb.DownloadUrl(file=file_to_proto(f), url=u) for f, u in urls])
+
+    async def DownloadFile(self, request, context) -> AsyncIterator[pb.DownloadFileResponse]:
+        entry, chunks = await asyncio.to_thread(self._registry.open_file, request.name, request.path, self._chunk_size)
+        try:
+            yield pb.DownloadFileResponse(file=file_to_proto(entry))
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield pb.DownloadFileResponse(chunk=chunk)
+        finally:
+            chunks.close()
+
+    # ------------------------------------------------------------------ datasets
+
+    async def UploadDataset(self, request_iterator, context):
+        upload = None
+        try:
+            async for message in request_iterator:
+                which = message.WhichOneof("payload")
+                if upload is None:
+                    if which != "metadata":
+                        raise InvalidArgument.for_field("metadata", "the first message must carry the upload metadata")
+                    meta = message.metadata
+                    upload = await asyncio.to_thread(
+                        self._datasets.begin_upload, meta.parent, version_id=meta.version_id, filename=meta.filename,
+                        expected_format=meta.expected_format, description=meta.description, labels=dict(meta.labels))
+                elif which == "chunk":
+                    upload.write(message.chunk)
+                else:
+                    raise InvalidArgument.for_field("metadata", "only the first message may carry metadata")
+            if upload is None:
+                raise InvalidArgument.for_field("metadata", "no messages: the first message must carry the metadata")
+            version = await asyncio.to_thread(self._datasets.finish_upload, upload)
+        except BaseException:
+            if upload is not None:
+                upload.discard()
+            raise
+        return pb.UploadDatasetResponse(dataset_version=dataset_version_to_proto(version))
+
+    async def GetDataset(self, request, context):
+        d = await asyncio.to_thread(self._datasets.get_dataset, request.name)
+        return pb.GetDatasetResponse(dataset=dataset_to_proto(d))
+
+    async def ListDatasets(self, request, context):
+        page = await asyncio.to_thread(self._datasets.list_datasets, filter=request.filter, order_by=request.order_by,
+                                       page_size=request.page_size, page_token=request.page_token)
+        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(d) for d in page.items],
+                                       next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def GetDatasetVersion(self, request, context):
+        v = await asyncio.to_thread(self._datasets.get_version, request.name)
+        return pb.GetDatasetVersionResponse(dataset_version=dataset_version_to_proto(v))
+
+    async def ListDatasetVersions(self, request, context):
+        page = await asyncio.to_thread(self._datasets.list_versions, request.parent, filter=request.filter,
+                                       order_by=request.order_by, page_size=request.page_size,
+                                       page_token=request.page_token)
+        return pb.ListDatasetVersionsResponse(dataset_versions=[dataset_version_to_proto(v) for v in page.items],
+                                              next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def DeleteDatasetVersion(self, request, context):
+        await asyncio.to_thread(self._datasets.delete_version, request.name, force=request.force)
+        return pb.DeleteDatasetVersionResponse(name=request.name)
+
+    async def ValidateDataset(self, request, context):
+        report = await asyncio.to_thread(self._datasets.validate, request.name, model_version=request.model_version,
+                                         max_length=request.max_length, expected_format=request.expected_format)
+        return report_to_proto(report)

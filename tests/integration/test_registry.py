@@ -1,0 +1,463 @@
+"""The registry service through real gRPC on loopback: a server started in-process on port 0,
+a real nanio S3 server, real SQLite, real tiny models; errors checked by code and ErrorInfo reason."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from google.protobuf import field_mask_pb2
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from cli.demo_models import build_tiny_model, smollm2_gguf_path
+from modelyard.registry.v1 import registry_pb2 as pb
+from modelyard.registry.v1 import registry_pb2_grpc
+from services.core.artifacts import S3ArtifactStore, file_key
+from services.core.grpc_client import error_from_rpc_error, make_channel
+from services.core.settings import GrpcServerSettings
+from services.registry.app import build_app
+from services.registry.settings import RegistrySettings
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def store(s3_settings) -> S3ArtifactStore:
+    return S3ArtifactStore.connect(s3_settings)
+
+
+@pytest.fixture
+async def registry(tmp_path, s3_settings, store):
+    """A running registry and a stub connected to it."""
+    settings = RegistrySettings(
+        data_dir=tmp_path / "data", s3=s3_settings, grpc=GrpcServerSettings(port=0), import_workers=1,
+        watch_interval_s=0.05, hf_endpoint="http://127.0.0.1:9", hf_token=None,
+    )
+    app = build_app(settings, metrics=False, default_port=0)
+    await app.start()
+    channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=120)
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    stub.app = app  # type: ignore[attr-defined]
+    yield stub
+    await channel.close()
+    await app.stop(grace=1)
+
+
+async def rpc_error(call) -> tuple[grpc.StatusCode, str, str]:
+    """Await ``call`` expecting a failure: (code, ErrorInfo reason, message)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    err = error_from_rpc_error(info.value)
+    return info.value.code(), err.reason, info.value.details()
+
+
+async def wait_import(stub, name: str) -> pb.ModelImport:
+    """Follow WatchImport to the end; the last state seen."""
+    last = None
+    async for event in stub.WatchImport(pb.WatchImportRequest(name=name), timeout=600):
+        last = event.model_import
+    assert last is not None
+    return last
+
+
+async def import_model(stub, parent: str, source: str, **kw) -> pb.ModelImport:
+    started = (await stub.ImportModel(pb.ImportModelRequest(parent=parent, source_uri=source, **kw))).model_import
+    assert started.state == pb.IMPORT_STATE_PENDING
+    return await wait_import(stub, started.name)
+
+
+def safetensors_param_count(folder: Path) -> int:
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "np") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def make_adapter(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "tiny", "r": 2}))
+    save_file({"base_model.model.lora_A.weight": np.zeros((2, 64), np.float32),
+               "base_model.model.lora_B.weight": np.zeros((64, 2), np.float32)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+async def create_base(stub, store, tiny_model: Path, parent="models/tiny", version_id="base") -> pb.ModelVersion:
+    store.upload_dir(f"uploads/{parent}/{version_id}", tiny_model)
+    resp = await stub.CreateModelVersion(pb.CreateModelVersionRequest(
+        parent=parent, version_id=version_id,
+        model_version=pb.ModelVersion(artifact_prefix=f"uploads/{parent}/{version_id}", description="tiny base")))
+    return resp.model_version
+
+
+# ----------------------------------------------------------------------------- models and versions
+
+
+async def test_import_tiny_model_from_local_folder_inspects_and_serves_files(registry, tiny_model, tmp_path):
+    done = await import_model(registry, "models/tiny", str(tiny_model), version_id="v1", labels={"team": "a"})
+    assert done.state == pb.IMPORT_STATE_SUCCEEDED, done.error
+    assert done.progress.fraction == 1.0 and done.model_version == "models/tiny/versions/v1"
+
+    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name="models/tiny/versions/v1"))).model_version
+    assert v.state == pb.MODEL_VERSION_STATE_READY
+    assert (v.kind, v.format) == (pb.MODEL_KIND_BASE, pb.MODEL_FORMAT_SAFETENSORS)
+    assert v.metadata.architecture == "Qwen2ForCausalLM"
+    assert v.metadata.parameter_count == safetensors_param_count(tiny_model) > 0
+    assert v.metadata.context_length == 512 and v.metadata.has_chat_template
+    assert v.metadata.dtype == "float32"
+    local = {p.name: p for p in tiny_model.iterdir() if p.is_file()}
+    assert {f.path for f in v.files} == set(local)
+    assert v.metadata.total_size_bytes == sum(p.stat().st_size for p in local.values())
+    assert v.lineage.source_uri == str(tiny_model) and v.labels["team"] == "a"
+
+    chunks = [r async for r in registry.DownloadFile(pb.DownloadFileRequest(name=v.name, path="config.json"))]
+    assert chunks[0].file.path == "config.json"
+    assert b"".join(c.chunk for c in chunks[1:]) == local["config.json"].read_bytes()
+
+    urls = (await registry.GetDownloadUrls(pb.GetDownloadUrlsRequest(name=v.name, verify_checksums=True))).urls
+    by_path = {u.file.path: u for u in urls}
+    body = httpx.get(by_path["model.safetensors"].url).content
+    assert hashlib.sha256(body).hexdigest() == by_path["model.safetensors"].file.sha256
+
+    model = (await registry.GetModel(pb.GetModelRequest(name="models/tiny"))).model
+    assert model.version_count == 1
+    updated = (await registry.UpdateModelVersion(pb.UpdateModelVersionRequest(
+        model_version=pb.ModelVersion(name=v.name, description="new", labels={"x": "y"}),
+        update_mask=field_mask_pb2.FieldMask(paths=["description"])))).model_version
+    assert updated.description == "new" and dict(updated.labels) == {"team": "a"}
+
+
+async def test_failed_imports_leave_no_version_and_name_the_problem(registry, tiny_model, tmp_path, store):
+    no_config = tmp_path / "no-config"
+    shutil.copytree(tiny_model, no_config)
+    (no_config / "config.json").unlink()
+    failed = await import_model(registry, "models/broken", str(no_config))
+    assert failed.state == pb.IMPORT_STATE_FAILED
+    assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "config.json" in failed.error.message
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    failed2 = await import_model(registry, "models/broken", str(truncated))
+    assert failed2.state == pb.IMPORT_STATE_FAILED
+    assert failed2.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "model.safetensors" in failed2.error.message and "truncated" in failed2.error.message
+    from google.rpc import error_details_pb2
+
+    info = error_details_pb2.ErrorInfo()
+    assert failed2.error.details[0].Unpack(info) and info.reason == "SAFETENSORS_TRUNCATED"
+
+    # Nothing is left behind: no version, no implicitly created model, no artifacts.
+    code, reason, _ = await rpc_error(registry.GetModel(pb.GetModelRequest(name="models/broken")))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    assert store.list("models") == []
+    imports = (await registry.ListImports(pb.ListImportsRequest(filter='state = FAILED'))).model_imports
+    assert {i.name for i in imports} == {failed.name, failed2.name}
+
+
+async def test_bad_requests_get_precise_codes_and_reasons(registry, tiny_model, store):
+    await create_base(registry, store, tiny_model)
+    cases = [
+        (registry.GetModel(pb.GetModelRequest(name="models/nope")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+        (registry.GetModelVersion(pb.GetModelVersionRequest(name="models/tiny/versions/nope")),
+         grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND"),
+        (registry.GetModel(pb.GetModelRequest(name="model/Bad Name")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_NAME"),
+        (registry.GetModelVersion(pb.GetModelVersionRequest(name="models/tiny/v1")),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_NAME"),
+        (registry.CreateModel(pb.CreateModelRequest(model_id="tiny")), grpc.StatusCode.ALREADY_EXISTS, "MODEL_EXISTS"),
+        (registry.CreateModelVersion(pb.CreateModelVersionRequest(
+            parent="models/tiny", version_id="base", model_version=pb.ModelVersion(artifact_prefix="uploads/models/tiny/base"))),
+         grpc.StatusCode.ALREADY_EXISTS, "VERSION_EXISTS"),
+        (registry.ListModelVersions(pb.ListModelVersionsRequest(parent="models/tiny", page_size=-1)),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (registry.ListModels(pb.ListModelsRequest(page_token="garbage")), grpc.StatusCode.INVALID_ARGUMENT,
+         "INVALID_ARGUMENT"),
+        (registry.ListModelVersions(pb.ListModelVersionsRequest(parent="models/-", filter="colour = red")),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (registry.ImportModel(pb.ImportModelRequest(parent="models/x", source_uri="/does/not/exist")),
+         grpc.StatusCode.INVALID_ARGUMENT, "SOURCE_NOT_FOUND"),
+        (registry.ImportModel(pb.ImportModelRequest(parent="models/x", source_uri="modelscope://qwen/Qwen2-0.5B")),
+         grpc.StatusCode.FAILED_PRECONDITION, "MODELSCOPE_NOT_INSTALLED"),
+        (registry.CreateModelVersion(pb.CreateModelVersionRequest(
+            parent="models/tiny", model_version=pb.ModelVersion(artifact_prefix="uploads/nothing-here"))),
+         grpc.StatusCode.INVALID_ARGUMENT, "MANIFEST_NOT_FOUND"),
+        (registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
+            parent="models/tiny", kind=pb.MODEL_KIND_ADAPTER, artifact_prefix="uploads/models/tiny/base",
+            lineage=pb.Lineage(base_model_version="models/tiny/versions/missing"))),
+         grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND"),
+        (registry.DownloadFile(pb.DownloadFileRequest(name="models/tiny/versions/base", path="nope.bin")).read(),
+         grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND"),
+    ]
+    for call, code, reason in cases:
+        got_code, got_reason, message = await rpc_error(call)
+        assert (got_code, got_reason) == (code, reason), message
+    _, _, message = await rpc_error(registry.ListModelVersions(pb.ListModelVersionsRequest(parent="models/tiny", page_size=-1)))
+    assert "page_size" in message
+
+
+async def test_paging_over_250_versions_visits_each_once(registry, tiny_model, store, tmp_path):
+    base = await create_base(registry, store, tiny_model)
+    store.upload_dir("uploads/adapter", make_adapter(tmp_path / "adapter"))
+    for i in range(250):
+        await registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
+            parent="models/tiny-lora", version_id=f"a{i:03d}", kind=pb.MODEL_KIND_ADAPTER,
+            artifact_prefix="uploads/adapter", labels={"parity": "even" if i % 2 == 0 else "odd"},
+            lineage=pb.Lineage(base_model_version=base.name, job=f"trainingJobs/j{i}")))
+    seen, token, pages = [], "", 0
+    while True:
+        resp = await registry.ListModelVersions(pb.ListModelVersionsRequest(
+            parent="models/tiny-lora", page_size=100, page_token=token, order_by="name desc"))
+        assert resp.total_size == 250
+        seen += [v.name for v in resp.model_versions]
+        pages += 1
+        token = resp.next_page_token
+        if not token:
+            break
+    assert pages == 3 and len(seen) == len(set(seen)) == 250
+    assert seen == sorted(seen, reverse=True)
+    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name=seen[0]))).model_version
+    assert v.format == pb.MODEL_FORMAT_PEFT_ADAPTER and v.metadata.parameter_count == 256
+
+    default = await registry.ListModelVersions(pb.ListModelVersionsRequest(parent="models/-", page_size=0))
+    assert len(default.model_versions) == 50 and default.total_size == 251
+    even = await registry.ListModelVersions(pb.ListModelVersionsRequest(
+        parent="models/-", filter='kind = ADAPTER AND labels.parity = "even"', page_size=1000))
+    assert even.total_size == 125 and not even.next_page_token
+    code, reason, _ = await rpc_error(registry.ListModelVersions(pb.ListModelVersionsRequest(
+        parent="models/tiny", page_token=default.next_page_token)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+async def test_lineage_guards_delete_and_force_removes_artifacts(registry, tiny_model, store, tmp_path):
+    base = await create_base(registry, store, tiny_model)
+    store.upload_dir("jobs/j1/adapter", make_adapter(tmp_path / "adapter"))
+    adapter = (await registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
+        parent="models/tiny-chat", kind=pb.MODEL_KIND_ADAPTER, artifact_prefix="jobs/j1/adapter",
+        lineage=pb.Lineage(base_model_version=base.name, job="trainingJobs/j1")))).model_version
+    assert adapter.name == "models/tiny-chat/versions/v1"
+    store.upload_dir("jobs/j2/merged", tiny_model)
+    merged = (await registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
+        parent="models/tiny-chat", kind=pb.MODEL_KIND_MERGED, artifact_prefix="jobs/j2/merged",
+        lineage=pb.Lineage(base_model_version=adapter.name, job="trainingJobs/j2")))).model_version
+
+    graph = await registry.GetLineage(pb.GetLineageRequest(name=merged.name, direction=pb.LINEAGE_DIRECTION_ANCESTORS))
+    assert [n.name for n in graph.nodes] == [merged.name, adapter.name, base.name]
+    assert {(e.parent, e.child, e.job) for e in graph.edges} == {
+        (base.name, adapter.name, "trainingJobs/j1"), (adapter.name, merged.name, "trainingJobs/j2")}
+    one_hop = await registry.GetLineage(pb.GetLineageRequest(name=base.name, direction=pb.LINEAGE_DIRECTION_DESCENDANTS,
+                                                             depth=1))
+    assert [n.name for n in one_hop.nodes] == [base.name, adapter.name]
+
+    code, reason, message = await rpc_error(registry.DeleteModelVersion(pb.DeleteModelVersionRequest(name=base.name)))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_HAS_DESCENDANTS")
+    assert adapter.name in message
+    await registry.SetDeploymentMarker(pb.SetDeploymentMarkerRequest(name=merged.name, deployment="deployments/chat",
+                                                                     deployed=True))
+    code, reason, _ = await rpc_error(registry.DeleteModelVersion(pb.DeleteModelVersionRequest(name=merged.name)))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_DEPLOYED")
+    assert store.list("uploads/models/tiny/base")
+
+    await registry.DeleteModelVersion(pb.DeleteModelVersionRequest(name=base.name, force=True))
+    assert store.list("uploads/models/tiny/base") == []
+    code, reason, _ = await rpc_error(registry.GetModelVersion(pb.GetModelVersionRequest(name=base.name)))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND")
+    history = await registry.GetLineage(pb.GetLineageRequest(name=adapter.name, direction=pb.LINEAGE_DIRECTION_ANCESTORS))
+    assert [(n.name, n.deleted) for n in history.nodes] == [(adapter.name, False), (base.name, True)]
+
+
+async def test_corrupted_artifact_is_data_loss_on_every_download_path(registry, tiny_model, store):
+    v = await create_base(registry, store, tiny_model)
+    key = file_key(v.artifact_prefix, "config.json")
+    original = store.get_bytes(key)
+    store.put_bytes(key, original.replace(b"{", b"[", 1))  # same size, different bytes
+    code, reason, _ = await rpc_error(registry.DownloadFile(pb.DownloadFileRequest(name=v.name, path="config.json")).read())
+    assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH")
+    code, reason, _ = await rpc_error(registry.GetDownloadUrls(pb.GetDownloadUrlsRequest(name=v.name, verify_checksums=True)))
+    assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH")
+    store.put_bytes(key, original + b" ")  # size change is caught without reading the bytes
+    code, reason, _ = await rpc_error(registry.GetDownloadUrls(pb.GetDownloadUrlsRequest(name=v.name)))
+    assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH")
+
+
+# ----------------------------------------------------------------------------- hub import
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """A tiny model repository in the hub's HTTP layout (the endpoints huggingface_hub uses)."""
+
+    repo = "acme/tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    files: dict[str, bytes] = {}
+    requests: list[str] = []
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _json(self, doc) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _file(self, send_body: bool) -> None:
+        prefix = f"/{self.repo}/resolve/"
+        rev, _, path = self.path[len(prefix):].partition("/")
+        data = self.files.get(path)
+        if data is None or rev not in ("main", self.commit):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", self.commit)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if send_body:
+            self.wfile.write(data)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.requests.append(f"HEAD {self.path}")
+        self._file(send_body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.requests.append(f"GET {self.path}")
+        path = self.path.split("?")[0]
+        if path in (f"/api/models/{self.repo}/revision/main", f"/api/models/{self.repo}/revision/{self.commit}"):
+            self._json({"id": self.repo, "modelId": self.repo, "sha": self.commit, "private": False,
+                        "siblings": [{"rfilename": name} for name in sorted(self.files)]})
+        elif path == f"/api/models/{self.repo}/tree/{self.commit}":
+            self._json([{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for name, data in sorted(self.files.items())])
+        elif path.startswith(f"/{self.repo}/resolve/"):
+            self._file(send_body=True)
+        else:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+
+@pytest.fixture
+def loopback_hub(tiny_model, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    _Hub.files = {p.name: p.read_bytes() for p in tiny_model.iterdir() if p.is_file()}
+    _Hub.files["pytorch_model.bin"] = b"pickle weights the registry must not fetch"
+    _Hub.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_hub_import_through_a_loopback_hub(registry, loopback_hub, tiny_model):
+    registry.app.settings.hf_endpoint = loopback_hub
+    done = await import_model(registry, "models/hub-tiny", "hf://acme/tiny@main")
+    assert done.state == pb.IMPORT_STATE_SUCCEEDED, done.error
+    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))).model_version
+    assert "pytorch_model.bin" not in {f.path for f in v.files}
+    assert {f.path for f in v.files} == {p.name for p in tiny_model.iterdir() if p.is_file()}
+    assert v.metadata.parameter_count == safetensors_param_count(tiny_model)
+    assert any(r.startswith("GET /acme/tiny/resolve/") and r.endswith("model.safetensors") for r in _Hub.requests)
+
+    missing = await import_model(registry, "models/hub-missing", "hf://acme/absent")
+    assert missing.state == pb.IMPORT_STATE_FAILED
+    assert missing.error.code == grpc.StatusCode.NOT_FOUND.value[0], missing.error.message
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _chat_rows(bad: set[int], n: int = 10) -> bytes:
+    lines = []
+    for i in range(1, n + 1):
+        if i in bad:
+            lines.append(json.dumps({"messages": [{"role": "wizard", "content": "?"}]}))
+        else:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                  {"role": "assistant", "content": f"answer {i}"}]}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def upload(stub, parent: str, filename: str, data: bytes, chunk: int = 7) -> pb.DatasetVersion:
+    async def messages():
+        yield pb.UploadDatasetRequest(metadata=pb.DatasetUploadMetadata(parent=parent, filename=filename))
+        for i in range(0, len(data), chunk):
+            yield pb.UploadDatasetRequest(chunk=data[i:i + chunk])
+
+    return (await stub.UploadDataset(messages())).dataset_version
+
+
+async def test_dataset_upload_hashes_content_and_validation_reports_exactly_the_bad_rows(registry, tiny_model, store,
+                                                                                         tmp_path):
+    data = _chat_rows({3, 7})
+    first = await upload(registry, "datasets/chat", "train.jsonl", data)
+    second = await upload(registry, "datasets/chat", "train.jsonl", data, chunk=1000)
+    assert first.name == "datasets/chat/versions/v1" and second.name == "datasets/chat/versions/v2"
+    assert first.sha256 == second.sha256 == hashlib.sha256(data).hexdigest()
+    assert (first.format, first.row_count, first.invalid_row_count) == ("messages", 10, 2)
+
+    report = await registry.ValidateDataset(pb.ValidateDatasetRequest(name=first.name))
+    assert sorted({e.row for e in report.errors}) == [3, 7]
+    assert report.valid_row_count == 8 and report.format == "messages"
+
+    base = await create_base(registry, store, tiny_model)
+    with_tokens = await registry.ValidateDataset(pb.ValidateDatasetRequest(name=first.name, model_version=base.name,
+                                                                           max_length=8))
+    assert with_tokens.token_stats.rows == 8 and with_tokens.token_stats.max_tokens >= with_tokens.token_stats.min_tokens > 0
+    assert with_tokens.token_stats.rows_over_max_length > 0
+
+    code, reason, _ = await rpc_error(upload(registry, "datasets/chat", "notes.txt", b"just some prose\n"))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_FORMAT_UNKNOWN")
+    listed = await registry.ListDatasetVersions(pb.ListDatasetVersionsRequest(parent="datasets/chat"))
+    assert listed.total_size == 2
+
+    store.upload_dir("jobs/j1/adapter", make_adapter(tmp_path / "adapter"))
+    adapter = (await registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
+        parent="models/tiny-chat", kind=pb.MODEL_KIND_ADAPTER, artifact_prefix="jobs/j1/adapter",
+        lineage=pb.Lineage(base_model_version=base.name, dataset_versions=[first.name], job="trainingJobs/j1",
+                           parameters={"lr": 1e-4, "method": "lora"})))).model_version
+    assert dict(adapter.lineage.parameters) == {"lr": 1e-4, "method": "lora"}
+    code, reason, _ = await rpc_error(registry.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(name=first.name)))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_HAS_DESCENDANTS")
+    graph = await registry.GetLineage(pb.GetLineageRequest(name=first.name))
+    assert {n.name for n in graph.nodes} == {first.name, adapter.name, base.name}
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2
+
+
+@pytest.mark.slow
+async def test_import_smollm2_from_gguf_counts_its_parameters(registry):
+    done = await import_model(registry, "models/smollm2-135m", str(smollm2_gguf_path()))
+    assert done.state == pb.IMPORT_STATE_SUCCEEDED, done.error
+    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))).model_version
+    # 134,515,008: the count of the model loaded with transformers (tied embeddings counted once).
+    assert abs(v.metadata.parameter_count - 134_515_008) <= 134_515_008 * 0.01
+    assert v.metadata.architecture == "LlamaForCausalLM" and v.metadata.context_length == 8192
+    assert v.metadata.has_chat_template and "model.safetensors" in {f.path for f in v.files}

@@ -1,0 +1,66 @@
+"""``python -m services.registry`` as its own process, driven by the ``yard models/datasets`` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.demo_models import build_tiny_model
+from cli.registry_cmds import datasets_app, models_app
+from cli.s3server import free_port
+
+
+@pytest.fixture
+def registry_process(tmp_path, s3_settings):
+    port = free_port()
+    env = dict(os.environ, YARD_REGISTRY_DATA_DIR=str(tmp_path / "data"), YARD_REGISTRY_GRPC__PORT=str(port),
+               YARD_REGISTRY_S3__ENDPOINT=s3_settings.endpoint, YARD_REGISTRY_S3__BUCKET=s3_settings.bucket,
+               YARD_REGISTRY_S3__ACCESS_KEY=s3_settings.access_key,
+               YARD_REGISTRY_S3__SECRET_KEY=s3_settings.secret_key.get_secret_value(),
+               YARD_REGISTRY_GRPC__METRICS_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "services.registry"], env=env, stderr=open(tmp_path / "log", "wb"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    assert proc.wait(30) == 0
+
+
+def test_cli_imports_lists_shows_and_reports_errors_without_traces(registry_process, tmp_path):
+    runner = CliRunner()
+    env = {"YARD_REGISTRY_ADDR": registry_process}
+    model = build_tiny_model(tmp_path / "tiny")
+    result = runner.invoke(models_app, ["import", str(model), "--name", "tiny"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "models/tiny/versions/v1" in result.output and "Qwen2ForCausalLM" in result.output
+
+    listed = runner.invoke(models_app, ["list", "tiny"], env=env)
+    assert listed.exit_code == 0 and "models/tiny/versions/v1" in listed.output
+
+    missing = runner.invoke(models_app, ["show", "tiny/v9"], env=env)
+    assert missing.exit_code == 1
+    assert "not found" in missing.output and "VERSION_NOT_FOUND" in missing.output and "Traceback" not in missing.output
+
+    (model / "config.json").unlink()
+    failed = runner.invoke(models_app, ["import", str(model), "--name", "broken"], env=env)
+    assert failed.exit_code == 1 and "CONFIG_MISSING" in failed.output
+
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 3
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"messages\": 5}\n")
+    up = runner.invoke(datasets_app, ["upload", str(data), "--name", "chat"], env=env)
+    assert up.exit_code == 0 and "datasets/chat/versions/v1" in up.output, up.output
+    local = runner.invoke(datasets_app, ["validate", str(data)])
+    assert local.exit_code == 1 and "4" in local.output and "messages" in local.output
