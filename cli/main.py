@@ -35,6 +35,11 @@ from cli.registry_cmds import datasets_app, models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 
+from cli.gateway_cmds import keys_app, usage  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+app.command("usage")(usage)
+
 
 @models_app.command("fetch-demo")
 def fetch_demo(

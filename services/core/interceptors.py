@@ -109,8 +109,12 @@ class RequestIdInterceptor(_WrappingInterceptor):
         try:
             yield
         finally:
-            structlog.contextvars.reset_contextvars(**bound)
-            request_id_var.reset(token)
+            # A stream cancelled by its client is finalised later, in another context: the tokens
+            # no longer apply there, and that context is discarded anyway.
+            with contextlib.suppress(ValueError):
+                structlog.contextvars.reset_contextvars(**bound)
+            with contextlib.suppress(ValueError):
+                request_id_var.reset(token)
 
 
 class AccessLogInterceptor(_WrappingInterceptor):
@@ -124,6 +128,8 @@ class AccessLogInterceptor(_WrappingInterceptor):
             service_log = False
         else:
             service_log = True
+        # Read the peer now: a cancelled stream's generator may be finalised after its call is freed.
+        peer = _peer(context)
         gauge = RPC_IN_FLIGHT.labels(self._service)
         gauge.inc()
         start = time.perf_counter()
@@ -146,7 +152,7 @@ class AccessLogInterceptor(_WrappingInterceptor):
             RPC_HANDLED.labels(service, method, code).inc()
             RPC_LATENCY.labels(service, method).observe(elapsed)
             if service_log:
-                log.info("rpc_finished", code=code, ms=round(elapsed * 1000, 2), peer=_peer(context))
+                log.info("rpc_finished", code=code, ms=round(elapsed * 1000, 2), peer=peer)
 
 
 class ErrorInterceptor(_WrappingInterceptor):

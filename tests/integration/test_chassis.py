@@ -87,6 +87,26 @@ async def test_error_mid_stream_arrives_after_the_items(echo_server):
     assert error_from_rpc_error(info.value).reason == "STREAM_ENDED_BADLY"
 
 
+async def test_client_cancelling_a_yielding_stream_leaves_the_server_healthy(echo_server):
+    import gc
+
+    async with make_channel(echo_server.address) as ch:
+        for size in ("", "big", "", "big"):
+            call = stub(ch, "Ticks", stream=True)(StringValue(value=size))
+            seen = 0
+            async for _item in call:
+                seen += 1
+                if seen == 3:
+                    break
+            await asyncio.sleep(0.3)  # the server fills the flow-control window and waits
+            call.cancel()
+        await asyncio.sleep(0.2)
+        gc.collect()  # finalises the abandoned server-side generators
+        await asyncio.sleep(0.2)
+        reply = json.loads((await stub(ch, "Echo")(StringValue(value="still here"))).value)
+    assert reply["value"] == "still here"
+
+
 async def test_request_id_propagates_across_two_hops():
     back = await _start()
     front = await _start(next_hop=back.address)

@@ -51,13 +51,25 @@ class EchoServicer:
         raise NotFound("ran out", reason="STREAM_ENDED_BADLY")
 
 
+    async def Ticks(self, request: StringValue, context):
+        """Yields forever (until the client cancels)."""
+        i = 0
+        pad = "x" * 65536 if request.value == "big" else ""
+        while True:
+            yield StringValue(value=f"{i}{pad}")  # big: blocks in flow control, paused at this yield
+            i += 1
+            if not pad:
+                await asyncio.sleep(0.01)
+
+
 def add_to_server(servicer: EchoServicer, server) -> None:
     def unary(fn):
         return grpc.unary_unary_rpc_method_handler(fn, StringValue.FromString, StringValue.SerializeToString)
 
     handlers = {name: unary(getattr(servicer, name)) for name in ("Echo", "Fail", "Crash", "Slow", "Relay")}
-    handlers["Count"] = grpc.unary_stream_rpc_method_handler(
-        servicer.Count, StringValue.FromString, StringValue.SerializeToString)
+    for name in ("Count", "Ticks"):
+        handlers[name] = grpc.unary_stream_rpc_method_handler(
+            getattr(servicer, name), StringValue.FromString, StringValue.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 

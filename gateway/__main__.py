@@ -1,0 +1,21 @@
+"""``python -m gateway``: the OpenAI-compatible REST gateway under uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.core.logging import configure_logging
+
+from .app import create_app
+from .settings import GatewaySettings
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging(level=settings.log_level, json=settings.log_json, service="gateway")
+    uvicorn.run(create_app(settings), host=settings.http.host, port=settings.http.port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=20)
+
+
+if __name__ == "__main__":
+    main()

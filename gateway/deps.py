@@ -1,0 +1,52 @@
+"""Request dependencies shared by the routes: the app's state, authentication, the call context."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from services.core.db import Database
+from services.core.errors import Unauthenticated
+
+from .auth.keys import ANONYMOUS, ApiKey, KeyCache, KeyStore
+from .serving import CallContext, Serving
+
+
+@dataclass
+class GatewayState:
+    serving: Serving
+    db: Database
+    keys: KeyStore
+    key_cache: KeyCache
+    admin_token: str
+    auth_required: bool
+
+
+def state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+async def api_key(request: Request) -> ApiKey:
+    """The caller's key (ANONYMOUS when auth is disabled). Cached: no database on a hit."""
+    st = state(request)
+    if not st.auth_required:
+        return ANONYMOUS
+    return await st.key_cache.authenticate(request.headers.get("authorization"))
+
+
+def admin(request: Request) -> None:
+    """Admin endpoints need ``Authorization: Bearer <admin token>``."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state(request).admin_token.encode()):
+        raise Unauthenticated("admin endpoints need 'Authorization: Bearer <admin token>' (YARD_GATEWAY_ADMIN_TOKEN "
+                              "or <data_dir>/admin_token)", reason="INVALID_ADMIN_TOKEN")
+
+
+def call_context(request: Request, key: ApiKey, model: str, endpoint: str) -> CallContext:
+    request.scope.setdefault("state", {})["model"] = model
+    return CallContext(request_id=request.scope["state"]["request_id"], key=key, model=model, endpoint=endpoint,
+                       started=request.scope["state"].get("started", time.perf_counter()))
