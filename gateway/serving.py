@@ -31,7 +31,7 @@ from services.core.logging import get_logger
 from . import protocol as p
 from .auth.keys import ApiKey
 from .content_filter import ContentFilter, OutputFilter
-from .errors import error_body, finite
+from .errors import error_body, finite, token_logprob
 from .metrics import STREAM_ERRORS, TOKENS, TTFT
 from .quota import QuotaLimiter, Reservation, UsageRecorder, estimate_tokens
 from .routing import Replica, Router, Target
@@ -145,7 +145,7 @@ def response_format(fmt: p.ResponseFormatIn | None) -> pb.ResponseFormat | None:
 
 def chat_logprobs(items) -> p.ChatLogprobs:
     return p.ChatLogprobs(content=[
-        p.TokenLogprobOut(token=lp.token, logprob=finite(lp.logprob), bytes=list(lp.bytes) if lp.bytes else None,
+        p.TokenLogprobOut(token=lp.token, logprob=token_logprob(lp), bytes=list(lp.bytes) if lp.bytes else None,
                           top_logprobs=[p.TopLogprobOut(token=t.token, logprob=finite(t.logprob),
                                                         bytes=list(t.bytes) if t.bytes else None)
                                         for t in lp.top_logprobs])
@@ -163,7 +163,7 @@ class _TextLogprobs:
         part = p.CompletionLogprobs()
         for lp in items:
             part.tokens.append(lp.token)
-            part.token_logprobs.append(finite(lp.logprob))
+            part.token_logprobs.append(token_logprob(lp))
             top = {t.token: finite(t.logprob) for t in lp.top_logprobs}
             part.top_logprobs.append({k: v for k, v in top.items() if v is not None} or None)
             part.text_offset.append(self.offset)

@@ -9,7 +9,7 @@ The last message (chat) or the prompt (completions) picks the script:
 - ``SAY_THE_WORD``: the reply ``This is forbidden stuff``;
 - ``REJECT``: INVALID_ARGUMENT on ``sampling.temperature`` before any chunk.
 Prompt tokens are whitespace-separated words. Completions with ``echo`` send the prompt first,
-with one logprob per prompt word (the first one NaN: nothing precedes it).
+with one logprob per prompt word (the first one unset: nothing precedes it).
 
 Chunks are sent with ``context.write`` rather than ``yield``: a cancelled call then cancels the
 handler while it awaits. A handler suspended at ``yield`` when its client cancels is finalized
@@ -23,7 +23,6 @@ Also here: ``BackgroundLoop`` (an event loop in a thread, for servers shared by 
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
 import threading
 from collections.abc import Coroutine
@@ -97,7 +96,7 @@ class FakeInference(pb_grpc.InferenceServiceServicer):
             words = request.prompt.split(" ")
             tokens = [w if i == 0 else " " + w for i, w in enumerate(words)]
             echo = pb.CompleteChoiceDelta(text=request.prompt, logprobs=[
-                pb.TokenLogprob(token=t, logprob=math.nan if i == 0 else -1.0 - i, bytes=t.encode(),
+                pb.TokenLogprob(token=t, logprob=None if i == 0 else -1.0 - i, bytes=t.encode(),
                                 top_logprobs=[] if i == 0 else [pb.TopLogprob(token=t, logprob=-1.0 - i)])
                 for i, t in enumerate(tokens)])
         async for chunk in self._generate(request.prompt, request.sampling, prompt_tokens, chat=False, echo=echo):

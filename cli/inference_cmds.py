@@ -1,0 +1,239 @@
+"""``yard deploy``, ``yard deployments ...`` and ``yard chat``: the inference service from the command line.
+
+Every command talks gRPC to the inference service at ``YARD_INFERENCE_ADDR`` (default
+127.0.0.1:50055); ``yard chat`` too (straight to the service, so it works without the gateway and
+without an API key). Errors print one line with the message and the ErrorInfo reason and exit 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import grpc
+import typer
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.console import Console
+from rich.table import Table
+
+from modelyard.inference.v1 import inference_pb2 as pb
+from modelyard.inference.v1 import inference_pb2_grpc
+from services.core.errors import DomainError
+from services.core.grpc_client import error_from_rpc_error, make_channel
+
+console = Console()
+err_console = Console(stderr=True)
+
+deploy_app = typer.Typer(help="Deploy a model version on an engine.", context_settings={"allow_interspersed_args": True})
+deployments_app = typer.Typer(help="Deployments: list, show, delete.", no_args_is_help=True)
+
+ENGINES = {"vllm": pb.ENGINE_VLLM, "transformers": pb.ENGINE_TRANSFORMERS}
+DTYPES = {"auto": pb.DTYPE_UNSPECIFIED, "bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16,
+          "float32": pb.DTYPE_FLOAT32}
+FINAL_STATES = {pb.DEPLOYMENT_STATE_READY, pb.DEPLOYMENT_STATE_FAILED}
+
+
+class InferenceClientSettings(BaseSettings):
+    """Where the CLI finds the inference service."""
+
+    model_config = SettingsConfigDict(env_prefix="YARD_INFERENCE_", extra="ignore")
+
+    addr: str = "127.0.0.1:50055"
+
+
+def _fail(message: str, reason: str | None = None) -> None:
+    suffix = f" [{reason}]" if reason else ""
+    err_console.print(f"[red]error:[/red] {message}{suffix}", highlight=False)
+    raise typer.Exit(1)
+
+
+def command(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async command with a stub; gRPC and domain errors become one line and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        addr = InferenceClientSettings().addr
+
+        async def run() -> None:
+            channel = make_channel(addr, default_timeout_s=None)
+            try:
+                await fn(inference_pb2_grpc.InferenceServiceStub(channel), *args, **kwargs)
+            finally:
+                await channel.close()
+
+        try:
+            asyncio.run(run())
+        except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc_error(exc)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE":
+                _fail(f"inference service at {addr} is unavailable: {err.message}", err.reason)
+            _fail(err.message, err.reason)
+        except DomainError as err:
+            _fail(err.message, err.reason)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    signature = inspect.signature(fn, eval_str=True)  # typer sees the options, not the stub
+    wrapper.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])  # type: ignore[attr-defined]
+    return wrapper
+
+
+def version_name(text: str) -> str:
+    """``models/m/versions/v`` or the short ``m/v``."""
+    if text.startswith("models/"):
+        return text
+    model, sep, version = text.partition("/")
+    if not sep or not model or not version or "/" in version:
+        _fail(f"model version {text!r}: expected MODEL/VERSION or models/MODEL/versions/VERSION")
+    return f"models/{model}/versions/{version}"
+
+
+def deployment_name(text: str) -> str:
+    return text if text.startswith("deployments/") else f"deployments/{text}"
+
+
+def _state(d: pb.Deployment) -> str:
+    return pb.DeploymentState.Name(d.state).removeprefix("DEPLOYMENT_STATE_")
+
+
+def _show(d: pb.Deployment) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_row("name", d.name)
+    table.add_row("state", _state(d))
+    table.add_row("model version", d.model_version)
+    table.add_row("engine", pb.Engine.Name(d.engine).removeprefix("ENGINE_").lower())
+    table.add_row("served as", d.served_model_name)
+    for a in d.adapters:
+        table.add_row("adapter", f"{a.alias} = {a.model_version}")
+    table.add_row("created", d.create_time.ToDatetime().isoformat(timespec="seconds") + "Z")
+    if d.error.message:
+        table.add_row("last error", d.error.message)
+    console.print(table)
+
+
+@deploy_app.callback(invoke_without_command=True)
+@command
+async def deploy(
+    stub,
+    model_version: Annotated[str, typer.Argument(help="MODEL/VERSION or models/MODEL/versions/VERSION.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Deployment id (lowercase, digits, hyphens).")],
+    engine: Annotated[str, typer.Option("--engine", help="vllm or transformers.")] = "vllm",
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="LoRA adapter ALIAS=MODEL/VERSION "
+                                                                         "(repeatable).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
+    max_model_len: Annotated[int, typer.Option("--max-model-len", help="Context length (0: the model's).")] = 0,
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Sequences batched together.")] = 0,
+    kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="KV cache size (0: engine default).")] = 0,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until READY or FAILED.")] = True,
+) -> None:
+    """Deploy MODEL_VERSION as deployment NAME and wait until it answers."""
+    if engine not in ENGINES:
+        _fail(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in DTYPES:
+        _fail(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    adapters = []
+    for item in adapter or []:
+        alias, sep, version = item.partition("=")
+        if not sep or not alias:
+            _fail(f"--adapter {item!r}: expected ALIAS=MODEL/VERSION")
+        adapters.append(pb.Adapter(alias=alias, model_version=version_name(version)))
+    d = await stub.Deploy(pb.DeployRequest(deployment_id=name, deployment=pb.Deployment(
+        model_version=version_name(model_version), engine=ENGINES[engine], adapters=adapters,
+        options=pb.EngineOptions(dtype=DTYPES[dtype], max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                 kv_cache_bytes=int(kv_cache_gib * 1024**3)))))
+    if not wait:
+        _show(d)
+        return
+    start = time.monotonic()
+    with console.status(f"{d.name}: starting the {engine} engine...") as status:
+        while d.state not in FINAL_STATES:
+            await asyncio.sleep(1)
+            d = await stub.GetDeployment(pb.GetDeploymentRequest(name=d.name))
+            detail = f" (last error: {d.error.message[:120]})" if d.error.message else ""
+            status.update(f"{d.name}: {_state(d)} {time.monotonic() - start:.0f}s{detail}")
+    _show(d)
+    if d.state == pb.DEPLOYMENT_STATE_FAILED:
+        raise typer.Exit(1)
+
+
+@deployments_app.command("list")
+@command
+async def list_deployments(
+    stub,
+    state: Annotated[str | None, typer.Option("--state", help="Only this state, e.g. READY.")] = None,
+) -> None:
+    """List deployments."""
+    flt = f"state = {state.upper()}" if state else ""
+    table = Table("name", "state", "engine", "model version", "adapters", "error")
+    token = ""
+    while True:
+        resp = await stub.ListDeployments(pb.ListDeploymentsRequest(filter=flt, page_token=token))
+        for d in resp.deployments:
+            table.add_row(d.name.removeprefix("deployments/"), _state(d),
+                          pb.Engine.Name(d.engine).removeprefix("ENGINE_").lower(), d.model_version,
+                          ", ".join(a.alias for a in d.adapters), d.error.message[:60])
+        token = resp.next_page_token
+        if not token:
+            break
+    console.print(table)
+
+
+@deployments_app.command("show")
+@command
+async def show_deployment(stub, name: Annotated[str, typer.Argument(help="Deployment id.")]) -> None:
+    """Show one deployment."""
+    _show(await stub.GetDeployment(pb.GetDeploymentRequest(name=deployment_name(name))))
+
+
+@deployments_app.command("delete")
+@command
+async def delete_deployment(stub, name: Annotated[str, typer.Argument(help="Deployment id.")]) -> None:
+    """Stop a deployment's engine and delete it."""
+    d = await stub.Undeploy(pb.UndeployRequest(name=deployment_name(name)))
+    console.print(f"deleted {d.name}")
+
+
+@command
+async def chat(
+    stub,
+    name: Annotated[str, typer.Argument(help="Deployment id.")],
+    adapter: Annotated[str, typer.Option("--adapter", help="Alias of one of the deployment's adapters.")] = "",
+    system: Annotated[str, typer.Option("--system", help="System prompt.")] = "",
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Send one message, print the answer "
+                                                                          "and exit (no prompt).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest answer in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 0.7,
+) -> None:
+    """Chat with deployment NAME (streaming). Empty line, /exit or Ctrl-D leaves."""
+    history: list[pb.ChatMessage] = []
+    if system:
+        history.append(pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content=system))
+    interactive = message is None
+    while True:
+        if interactive:
+            try:
+                text = await asyncio.to_thread(console.input, "[bold green]you>[/] ")
+            except EOFError:
+                return
+            if not text.strip() or text.strip() == "/exit":
+                return
+        else:
+            text = message
+        history.append(pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=text))
+        request = pb.ChatRequest(deployment=deployment_name(name), adapter=adapter, messages=history,
+                                 sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=temperature))
+        answer = []
+        if interactive:
+            console.print("[bold blue]model>[/] ", end="")
+        async for chunk in stub.Chat(request):
+            for choice in chunk.choices:
+                answer.append(choice.content)
+                console.print(choice.content, end="", markup=False, highlight=False, soft_wrap=True)
+        console.print()
+        history.append(pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, content="".join(answer)))
+        if not interactive:
+            return

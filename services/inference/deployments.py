@@ -1,0 +1,620 @@
+"""Deployments: a model version (plus LoRA adapters) served by a supervised engine process.
+
+``Deployments`` is the domain of the inference service. Deploy resolves the versions in the
+registry, stores the deployment (SQLite by default, so a restarted service redeploys it), marks
+the versions as deployed and returns at once in CREATING; a supervisor task per deployment pulls
+the files into the local cache, starts the engine and reports READY only when the engine answers
+its health check and a one-token generation. An engine that dies or stops answering is restarted
+with exponential backoff (DEGRADED meanwhile, READY again when it answers); after
+``max_start_failures`` failed starts in a row the deployment is FAILED with the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+from services.core.artifacts import FileEntry, Manifest
+from services.core.db import Database, utcnow
+from services.core.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from services.core.logging import get_logger
+
+from .cache import ModelCache
+from .engines.base import ENGINE_KINDS, Engine, EngineOptions, EngineSpec
+from .engines.transformers_engine import TransformersEngine
+from .engines.vllm_engine import VllmEngine, check_vllm_installed
+from .registry_client import ModelSource
+from .settings import InferenceSettings
+from .tables import DeploymentRow
+
+log = get_logger(__name__)
+
+DEPLOYMENT_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^models/[^/]+/versions/[^/]+$")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+READY_PROMPT = "Hello"
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# An engine that stayed up this long (s) restarts after the initial backoff again.
+STABLE_UPTIME_S = 60.0
+HEALTH_FAILURES_BEFORE_RESTART = 3
+
+
+class State(str, Enum):
+    CREATING = "CREATING"
+    READY = "READY"
+    DEGRADED = "DEGRADED"
+    FAILED = "FAILED"
+    DELETING = "DELETING"
+
+
+@dataclass
+class AdapterRecord:
+    alias: str
+    model_version: str
+    artifact_prefix: str = ""
+    files: list[dict[str, Any]] = field(default_factory=list)  # manifest entries {path, size, sha256}
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest([FileEntry(**f) for f in self.files])
+
+
+@dataclass
+class DeploymentRecord:
+    """What is stored about a deployment (everything needed to start it again)."""
+
+    name: str
+    model_version: str
+    engine: str
+    options: EngineOptions = field(default_factory=EngineOptions)
+    adapters: list[AdapterRecord] = field(default_factory=list)
+    replicas: int = 1
+    served_model_name: str = ""
+    artifact_prefix: str = ""
+    files: list[dict[str, Any]] = field(default_factory=list)
+    create_time: datetime = field(default_factory=utcnow)
+    update_time: datetime = field(default_factory=utcnow)
+
+    @property
+    def deployment_id(self) -> str:
+        return self.name.removeprefix("deployments/")
+
+    @property
+    def model_name(self) -> str:
+        """The name the engine serves the base model under (OpenAI ``model``)."""
+        return self.served_model_name or self.deployment_id
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest([FileEntry(**f) for f in self.files])
+
+    def spec_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("name", "create_time", "update_time"):
+            data.pop(key)
+        return data
+
+    @classmethod
+    def from_row(cls, row: DeploymentRow) -> "DeploymentRecord":
+        spec = dict(row.spec)
+        spec["options"] = EngineOptions(**spec.get("options", {}))
+        spec["adapters"] = [AdapterRecord(**a) for a in spec.get("adapters", [])]
+        return cls(name=row.name, create_time=_aware(row.create_time), update_time=_aware(row.update_time), **spec)
+
+
+@dataclass
+class DeploymentView:
+    """A deployment as callers see it: the record plus its live state."""
+
+    record: DeploymentRecord
+    state: State
+    endpoints: list[str]
+    error: DomainError | None
+    update_time: datetime
+
+
+EngineFactory = Callable[[str, EngineSpec], Engine]
+
+
+def _aware(dt: datetime) -> datetime:
+    """SQLite gives naive datetimes back; they were stored in UTC."""
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+def _files_of(manifest: Manifest) -> list[dict[str, Any]]:
+    return [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest.files]
+
+
+def parse_name(name: str, field_name: str = "name") -> str:
+    """``deployments/{id}`` -> id; InvalidArgument naming ``field_name`` otherwise."""
+    if not name.startswith("deployments/") or not DEPLOYMENT_ID_RE.match(name.removeprefix("deployments/")):
+        raise InvalidArgument.for_field(field_name, f"must be deployments/{{deployment}} with a lowercase id of "
+                                                    f"letters, digits and hyphens, got {name!r}")
+    return name.removeprefix("deployments/")
+
+
+class _Runner:
+    """Supervises the engine of one deployment (one replica)."""
+
+    def __init__(self, owner: "Deployments", record: DeploymentRecord) -> None:
+        self.owner = owner
+        self.record = record
+        self.state = State.CREATING
+        self.error: DomainError | None = None
+        self.engine: Engine | None = None
+        self.lora_enabled = bool(record.adapters) or record.options.max_loras > 0
+        self.update_time = utcnow()
+        self.lock = asyncio.Lock()  # serialises adapter changes
+        self.task: asyncio.Task | None = None
+
+    def set_state(self, state: State, error: DomainError | None = None) -> None:
+        if error is not None:
+            self.error = error
+        if state != self.state:
+            log.info("deployment_state", deployment=self.record.name, state=state.value,
+                     error=error.message if error else None)
+            self.state = state
+            self.update_time = utcnow()
+
+    def view(self) -> DeploymentView:
+        endpoints = [self.engine.endpoint] if self.engine is not None and self.state == State.READY else []
+        return DeploymentView(replace(self.record), self.state, endpoints, self.error,
+                              max(self.update_time, self.record.update_time))
+
+    async def run(self) -> None:
+        settings = self.owner.settings
+        delay = settings.restart_backoff_initial_s
+        failures = 0
+        ever_ready = False
+        while True:
+            engine: Engine | None = None
+            try:
+                engine = await self._start()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failed start is retried, then FAILED
+                failures += 1
+                err = exc if isinstance(exc, DomainError) else Internal(f"engine start failed: {exc}")
+                if not isinstance(exc, DomainError):
+                    log.exception("engine_start_failed", deployment=self.record.name)
+                if failures >= settings.max_start_failures:
+                    self.set_state(State.FAILED, err)
+                    return
+                self.set_state(State.DEGRADED if ever_ready else State.CREATING, err)
+                log.warning("engine_restart_scheduled", deployment=self.record.name, failures=failures,
+                            delay_s=delay, error=err.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, settings.restart_backoff_max_s)
+                continue
+            failures = 0
+            ever_ready = True
+            self.engine = engine
+            self.set_state(State.READY)
+            started = time.monotonic()
+            try:
+                err = await self._watch(engine)
+            finally:
+                self.engine = None
+                await engine.stop()
+            if time.monotonic() - started > STABLE_UPTIME_S:
+                delay = settings.restart_backoff_initial_s
+            self.set_state(State.DEGRADED, err)
+            log.warning("engine_restart_scheduled", deployment=self.record.name, delay_s=delay, error=err.message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.restart_backoff_max_s)
+
+    async def _start(self) -> Engine:
+        """Files into the cache, engine process started, answering: the engine; raises otherwise."""
+        owner, rec = self.owner, self.record
+        model_dir = await asyncio.to_thread(owner.cache.ensure, rec.artifact_prefix, rec.manifest)
+        adapters = {}
+        for a in rec.adapters:
+            adapters[a.alias] = await asyncio.to_thread(owner.cache.ensure, a.artifact_prefix, a.manifest)
+        spec = EngineSpec(
+            deployment=rec.deployment_id, model_dir=model_dir, served_model_name=rec.model_name,
+            port=owner.allocate_port(), workdir=owner.settings.engines_dir() / rec.deployment_id,
+            options=rec.options, adapters=adapters, omp_threads=owner.settings.omp_threads,
+            lora_enabled=self.lora_enabled,
+        )
+        engine = owner.engine_factory(rec.engine, spec)
+        try:
+            await engine.start()
+            await self._wait_ready(engine)
+        except BaseException:
+            await engine.stop()
+            raise
+        log.info("engine_ready", deployment=rec.name, endpoint=engine.endpoint)
+        return engine
+
+    async def _wait_ready(self, engine: Engine) -> None:
+        """Health, then a one-token generation; the process exiting or the timeout fails the start."""
+        deadline = time.monotonic() + self.owner.settings.engine_start_timeout_s
+        exited = asyncio.ensure_future(engine.wait_exit())
+        try:
+            while time.monotonic() < deadline:
+                if exited.done():
+                    raise Unavailable(f"engine exited with code {exited.result()} while starting: "
+                                      f"{engine.exit_summary()}", reason="ENGINE_EXITED")
+                if await engine.health():
+                    try:
+                        async for _ in engine.complete({"model": self.record.model_name, "prompt": READY_PROMPT,
+                                                        "max_tokens": 1, "temperature": 0}):
+                            pass
+                        return
+                    except Unavailable:
+                        pass
+                await asyncio.wait({exited}, timeout=0.5)
+            raise Unavailable(f"engine did not answer within {self.owner.settings.engine_start_timeout_s:.0f}s: "
+                              f"{engine.exit_summary()}", reason="ENGINE_START_TIMEOUT")
+        finally:
+            exited.cancel()
+
+    async def _watch(self, engine: Engine) -> DomainError:
+        """Wait until the engine dies or stops answering; why."""
+        exited = asyncio.ensure_future(engine.wait_exit())
+        misses = 0
+        try:
+            while True:
+                await asyncio.wait({exited}, timeout=self.owner.settings.health_interval_s)
+                if exited.done():
+                    return Unavailable(f"engine exited with code {exited.result()}: {engine.exit_summary()}",
+                                       reason="ENGINE_EXITED")
+                misses = 0 if await engine.health() else misses + 1
+                if misses >= HEALTH_FAILURES_BEFORE_RESTART:
+                    return Unavailable(f"engine stopped answering its health check ({misses} misses)",
+                                       reason="ENGINE_UNHEALTHY")
+        finally:
+            exited.cancel()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+
+class Deployments:
+    """Deploy / get / list / undeploy, adapters, and the engine behind each data-plane call."""
+
+    def __init__(self, db: Database, source: ModelSource, cache: ModelCache, settings: InferenceSettings,
+                 engine_factory: EngineFactory | None = None) -> None:
+        self.db = db
+        self.source = source
+        self.cache = cache
+        self.settings = settings
+        self.engine_factory = engine_factory or self._default_factory
+        self._runners: dict[str, _Runner] = {}
+        self._deleting: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def recover(self) -> int:
+        """Start every stored deployment (after a restart of the service); how many."""
+        with self.db.session() as s:
+            records = [DeploymentRecord.from_row(r) for r in s.scalars(select(DeploymentRow))]
+        for record in records:
+            self._launch(record)
+        if records:
+            log.info("deployments_recovered", count=len(records))
+        return len(records)
+
+    async def close(self) -> None:
+        """Stop every engine; the deployments stay stored and come back with ``recover``."""
+        await asyncio.gather(*(r.stop() for r in self._runners.values()))
+        self._runners.clear()
+
+    def _launch(self, record: DeploymentRecord) -> _Runner:
+        runner = _Runner(self, record)
+        runner.task = asyncio.create_task(runner.run(), name=f"deployment:{record.name}")
+        self._runners[record.name] = runner
+        return runner
+
+    def _default_factory(self, kind: str, spec: EngineSpec) -> Engine:
+        if kind == "vllm":
+            check_vllm_installed(self.settings.vllm_python)
+            return VllmEngine(spec, vllm_python=self.settings.vllm_python.absolute(),
+                              cpu_kv_cache_gib=self.settings.vllm_cpu_kv_cache_gib)
+        return TransformersEngine(spec, default_max_num_seqs=self.settings.transformers_max_num_seqs)
+
+    def allocate_port(self) -> int:
+        """A free loopback port in the configured range (any free port when the range is 0-0)."""
+        lo, hi = self.settings.engine_port_min, self.settings.engine_port_max
+        for port in [0] if not lo and not hi else range(lo, hi + 1):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:  # a running engine (or anything else) holds it
+                    continue
+                return sock.getsockname()[1]
+        raise Unavailable(f"no free engine port in {lo}-{hi}", reason="NO_ENGINE_PORT")
+
+    # ------------------------------------------------------------------ control plane
+
+    async def deploy(self, *, model_version: str, engine: str, options: EngineOptions | None = None,
+                     adapters: list[tuple[str, str]] | None = None, replicas: int = 0, served_model_name: str = "",
+                     deployment_id: str = "") -> DeploymentView:
+        options = options or EngineOptions()
+        adapters = adapters or []
+        self._validate(model_version, engine, options, adapters, deployment_id, served_model_name)
+        if engine == "vllm":
+            check_vllm_installed(self.settings.vllm_python)
+        base = await self.source.get_version(model_version)
+        if base.is_adapter:
+            raise InvalidArgument.for_field("deployment.model_version", f"{model_version} is an adapter; deploy its "
+                                            "base model and pass the adapter in deployment.adapters")
+        if not base.ready:
+            raise FailedPrecondition(f"model version {model_version} is not READY", reason="VERSION_NOT_READY")
+        adapter_records = []
+        for i, (alias, version) in enumerate(adapters):
+            info = await self.source.get_version(version)
+            if not info.is_adapter:
+                raise InvalidArgument.for_field(f"deployment.adapters[{i}].model_version",
+                                                f"{version} is not an adapter version")
+            adapter_records.append(AdapterRecord(alias, version, info.artifact_prefix, _files_of(info.manifest)))
+        async with self._lock:
+            deployment_id = deployment_id or f"d-{uuid.uuid4().hex[:10]}"
+            name = f"deployments/{deployment_id}"
+            if name in self._runners or name in self._deleting:
+                raise AlreadyExists(f"deployment {name} already exists", reason="DEPLOYMENT_EXISTS")
+            record = DeploymentRecord(
+                name=name, model_version=model_version, engine=engine, options=options, adapters=adapter_records,
+                replicas=max(1, replicas), served_model_name=served_model_name,
+                artifact_prefix=base.artifact_prefix, files=_files_of(base.manifest),
+            )
+            with self.db.session() as s:
+                s.add(DeploymentRow(name=name, spec=record.spec_json(), create_time=record.create_time,
+                                    update_time=record.update_time))
+            try:
+                for version in [model_version, *(a.model_version for a in adapter_records)]:
+                    await self.source.set_marker(version, name, True)
+            except DomainError:
+                with self.db.session() as s:
+                    s.delete(s.get(DeploymentRow, name))
+                raise
+            runner = self._launch(record)
+        log.info("deployment_created", deployment=name, model_version=model_version, engine=engine,
+                 adapters=[a.alias for a in adapter_records])
+        return runner.view()
+
+    def _validate(self, model_version: str, engine: str, options: EngineOptions, adapters: list[tuple[str, str]],
+                  deployment_id: str, served_model_name: str) -> None:
+        if not VERSION_RE.match(model_version):
+            raise InvalidArgument.for_field("deployment.model_version",
+                                            f"must be models/{{model}}/versions/{{version}}, got {model_version!r}")
+        if engine not in ENGINE_KINDS:
+            raise InvalidArgument.for_field("deployment.engine", f"must be one of {', '.join(ENGINE_KINDS)}")
+        if deployment_id and not DEPLOYMENT_ID_RE.match(deployment_id):
+            raise InvalidArgument.for_field("deployment_id", "lowercase letters, digits and hyphens, 1-63 "
+                                            f"characters, not starting or ending with a hyphen; got {deployment_id!r}")
+        if options.dtype not in DTYPES:
+            raise InvalidArgument.for_field("deployment.options.dtype", f"must be one of {', '.join(DTYPES)}")
+        for key in ("max_model_len", "max_num_seqs", "kv_cache_bytes", "tensor_parallel_size", "max_lora_rank",
+                    "max_loras"):
+            if getattr(options, key) < 0:
+                raise InvalidArgument.for_field(f"deployment.options.{key}", "must not be negative")
+        if options.tensor_parallel_size > 1 and engine != "vllm":
+            raise InvalidArgument.for_field("deployment.options.tensor_parallel_size",
+                                            "only the vllm engine runs tensor-parallel")
+        seen: set[str] = set()
+        for i, (alias, version) in enumerate(adapters):
+            self._check_alias(alias, f"deployment.adapters[{i}].alias", served_model_name)
+            if alias in seen:
+                raise InvalidArgument.for_field(f"deployment.adapters[{i}].alias", f"duplicate alias {alias!r}")
+            seen.add(alias)
+            if not VERSION_RE.match(version):
+                raise InvalidArgument.for_field(f"deployment.adapters[{i}].model_version",
+                                                f"must be models/{{model}}/versions/{{version}}, got {version!r}")
+        if served_model_name and not ALIAS_RE.match(served_model_name):
+            raise InvalidArgument.for_field("deployment.served_model_name",
+                                            "letters, digits, '.', '_' and '-', at most 64 characters")
+
+    @staticmethod
+    def _check_alias(alias: str, field_name: str, served_model_name: str) -> None:
+        if not ALIAS_RE.match(alias):
+            raise InvalidArgument.for_field(field_name, f"letters, digits, '.', '_' and '-', at most 64 characters, "
+                                                        f"got {alias!r}")
+        if alias == served_model_name:
+            raise InvalidArgument.for_field(field_name, "must differ from the served model name")
+
+    def _runner(self, name: str, field_name: str = "name") -> _Runner:
+        parse_name(name, field_name)
+        runner = self._runners.get(name)
+        if runner is None:
+            raise NotFound(f"deployment {name} not found", reason="DEPLOYMENT_NOT_FOUND", metadata={"name": name})
+        return runner
+
+    async def get(self, name: str) -> DeploymentView:
+        return self._runner(name).view()
+
+    async def list(self, *, page_size: int = 0, page_token: str = "", filter: str = "",
+                   order_by: str = "") -> tuple[list[DeploymentView], str]:
+        if page_size < 0:
+            raise InvalidArgument.for_field("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        offset = _decode_token(page_token)
+        views = [r.view() for r in self._runners.values()]
+        views = [v for v in views if _matches(v, _parse_filter(filter))]
+        key, reverse = _parse_order(order_by)
+        views.sort(key=key, reverse=reverse)
+        page = views[offset:offset + size]
+        next_token = _encode_token(offset + size) if offset + size < len(views) else ""
+        return page, next_token
+
+    async def undeploy(self, name: str) -> DeploymentView:
+        runner = self._runner(name)
+        async with self._lock:
+            self._runners.pop(name, None)
+            self._deleting.add(name)
+        try:
+            runner.set_state(State.DELETING)
+            view = runner.view()
+            await runner.stop()
+            with self.db.session() as s:
+                row = s.get(DeploymentRow, name)
+                if row is not None:
+                    s.delete(row)
+            for version in [runner.record.model_version, *(a.model_version for a in runner.record.adapters)]:
+                try:
+                    await self.source.set_marker(version, name, False)
+                except DomainError as err:
+                    log.warning("deployment_marker_not_removed", deployment=name, version=version,
+                                error=err.message)
+        finally:
+            self._deleting.discard(name)
+        log.info("deployment_deleted", deployment=name)
+        return view
+
+    async def load_adapter(self, name: str, alias: str, model_version: str) -> DeploymentView:
+        runner = self._runner(name)
+        rec = runner.record
+        self._check_alias(alias, "adapter.alias", rec.model_name)
+        if not VERSION_RE.match(model_version):
+            raise InvalidArgument.for_field("adapter.model_version",
+                                            f"must be models/{{model}}/versions/{{version}}, got {model_version!r}")
+        async with runner.lock:
+            if any(a.alias == alias for a in rec.adapters):
+                raise AlreadyExists(f"deployment {name} already has an adapter {alias!r}", reason="ADAPTER_EXISTS")
+            if rec.engine == "vllm" and not runner.lora_enabled:
+                raise FailedPrecondition(f"deployment {name} was started without LoRA support; deploy it with an "
+                                         "adapter or options.max_loras > 0", reason="LORA_NOT_ENABLED")
+            engine = self._ready_engine(runner)
+            info = await self.source.get_version(model_version)
+            if not info.is_adapter:
+                raise InvalidArgument.for_field("adapter.model_version", f"{model_version} is not an adapter version")
+            path = await asyncio.to_thread(self.cache.ensure, info.artifact_prefix, info.manifest)
+            await engine.load_adapter(alias, path)
+            adapter = AdapterRecord(alias, model_version, info.artifact_prefix, _files_of(info.manifest))
+            self._save(replace(rec, adapters=[*rec.adapters, adapter], update_time=utcnow()), runner)
+            await self.source.set_marker(model_version, name, True)
+        log.info("adapter_added", deployment=name, alias=alias, model_version=model_version)
+        return runner.view()
+
+    async def unload_adapter(self, name: str, alias: str) -> DeploymentView:
+        runner = self._runner(name)
+        async with runner.lock:
+            rec = runner.record
+            adapter = next((a for a in rec.adapters if a.alias == alias), None)
+            if adapter is None:
+                raise NotFound(f"deployment {name} has no adapter {alias!r}", reason="ADAPTER_NOT_FOUND")
+            engine = self._ready_engine(runner)
+            await engine.unload_adapter(alias)
+            self._save(replace(rec, adapters=[a for a in rec.adapters if a.alias != alias], update_time=utcnow()),
+                       runner)
+            if not any(a.model_version == adapter.model_version for a in runner.record.adapters):
+                try:
+                    await self.source.set_marker(adapter.model_version, name, False)
+                except DomainError as err:
+                    log.warning("deployment_marker_not_removed", deployment=name, version=adapter.model_version,
+                                error=err.message)
+        log.info("adapter_removed", deployment=name, alias=alias)
+        return runner.view()
+
+    def _save(self, record: DeploymentRecord, runner: _Runner) -> None:
+        with self.db.session() as s:
+            row = s.get(DeploymentRow, record.name)
+            row.spec = record.spec_json()
+            row.update_time = record.update_time
+        runner.record = record
+
+    def engine_pids(self, name: str) -> list[int]:
+        """Process ids of the running engines of ``name`` (diagnostics and tests)."""
+        engine = self._runner(name).engine
+        return [engine.pid] if engine is not None and engine.pid else []
+
+    # ------------------------------------------------------------------ data plane
+
+    @staticmethod
+    def _ready_engine(runner: _Runner) -> Engine:
+        engine = runner.engine
+        if engine is None or runner.state != State.READY:
+            detail = f": {runner.error.message}" if runner.error else ""
+            raise Unavailable(f"deployment {runner.record.name} is {runner.state.value}{detail}",
+                              reason="DEPLOYMENT_NOT_READY", metadata={"state": runner.state.value})
+        return engine
+
+    def engine_for(self, deployment: str, adapter: str = "") -> tuple[Engine, str]:
+        """The engine serving ``deployment`` and the model name to ask it for (the adapter's alias or
+        the base model's name). Unavailable while the deployment is not READY."""
+        runner = self._runner(deployment, "deployment")
+        if adapter and not any(a.alias == adapter for a in runner.record.adapters):
+            known = ", ".join(a.alias for a in runner.record.adapters) or "none"
+            raise InvalidArgument.for_field("adapter", f"deployment {deployment} has no adapter {adapter!r} "
+                                                       f"(adapters: {known})")
+        return self._ready_engine(runner), adapter or runner.record.model_name
+
+
+# ---------------------------------------------------------------------- list helpers
+
+_FILTER_FIELDS = {"state", "engine", "model_version"}
+
+
+def _parse_filter(text: str) -> list[tuple[str, str]]:
+    terms = []
+    for part in filter(None, (p.strip() for p in re.split(r"\s+AND\s+", text.strip()))):
+        m = re.fullmatch(r"(\w+)\s*=\s*\"?([^\"]*)\"?", part)
+        if not m or m.group(1) not in _FILTER_FIELDS:
+            raise InvalidArgument.for_field("filter", f"terms are `field = value` joined by AND with fields "
+                                                      f"{', '.join(sorted(_FILTER_FIELDS))}; got {part!r}")
+        value = m.group(2).removeprefix("DEPLOYMENT_STATE_").removeprefix("ENGINE_")
+        terms.append((m.group(1), value))
+    return terms
+
+
+def _matches(view: DeploymentView, terms: list[tuple[str, str]]) -> bool:
+    for key, value in terms:
+        actual = {"state": view.state.value, "engine": view.record.engine.upper(),
+                  "model_version": view.record.model_version}[key]
+        same = actual == value if key == "model_version" else actual.upper() == value.upper()
+        if not same:
+            return False
+    return True
+
+
+def _parse_order(text: str) -> tuple[Callable[[DeploymentView], Any], bool]:
+    text = text.strip() or "create_time desc"
+    parts = text.split()
+    keys = {"create_time": lambda v: v.record.create_time, "update_time": lambda v: v.update_time,
+            "name": lambda v: v.record.name}
+    if parts[0] not in keys or len(parts) > 2 or (len(parts) == 2 and parts[1].lower() not in ("asc", "desc")):
+        raise InvalidArgument.for_field("order_by", f"one of {', '.join(keys)} with optional asc/desc, got {text!r}")
+    return keys[parts[0]], len(parts) == 2 and parts[1].lower() == "desc"
+
+
+def _encode_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        assert kind == "o"
+        return int(value)
+    except Exception:  # noqa: BLE001 - any malformed token is the caller's
+        raise InvalidArgument.for_field("page_token", "not a token from a previous response") from None
+
+
+__all__ = ["Deployments", "DeploymentRecord", "DeploymentView", "AdapterRecord", "State", "parse_name"]

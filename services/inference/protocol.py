@@ -1,0 +1,244 @@
+"""Translation between the inference protos and the engines' OpenAI JSON (requests and chunks)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from modelyard.inference.v1 import inference_pb2 as pb
+from services.core.errors import InvalidArgument
+from services.core.status import to_status_proto
+
+from .deployments import DeploymentView
+from .engines.base import EngineOptions
+
+ROLE_NAMES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant",
+              pb.CHAT_ROLE_TOOL: "tool", pb.CHAT_ROLE_DEVELOPER: "developer"}
+ROLES = {v: k for k, v in ROLE_NAMES.items()}
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+          "content_filter": pb.FINISH_REASON_CONTENT_FILTER, "abort": pb.FINISH_REASON_STOP}
+ENGINES = {pb.ENGINE_VLLM: "vllm", pb.ENGINE_TRANSFORMERS: "transformers"}
+ENGINE_ENUMS = {v: k for k, v in ENGINES.items()}
+DTYPES = {pb.DTYPE_UNSPECIFIED: "auto", pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_FLOAT16: "float16",
+          pb.DTYPE_FLOAT32: "float32"}
+DTYPE_ENUMS = {v: k for k, v in DTYPES.items()}
+STATES = {"CREATING": pb.DEPLOYMENT_STATE_CREATING, "READY": pb.DEPLOYMENT_STATE_READY,
+          "DEGRADED": pb.DEPLOYMENT_STATE_DEGRADED, "FAILED": pb.DEPLOYMENT_STATE_FAILED,
+          "DELETING": pb.DEPLOYMENT_STATE_DELETING}
+
+
+# ---------------------------------------------------------------------- deployments
+
+
+def engine_name(engine: int) -> str:
+    if engine not in ENGINES:
+        raise InvalidArgument.for_field("deployment.engine", "required: ENGINE_VLLM or ENGINE_TRANSFORMERS")
+    return ENGINES[engine]
+
+
+def options_from_proto(o: pb.EngineOptions) -> EngineOptions:
+    return EngineOptions(dtype=DTYPES.get(o.dtype, "auto"), max_model_len=o.max_model_len,
+                         max_num_seqs=o.max_num_seqs, kv_cache_bytes=o.kv_cache_bytes,
+                         tensor_parallel_size=o.tensor_parallel_size, max_lora_rank=o.max_lora_rank,
+                         max_loras=o.max_loras)
+
+
+def _timestamp(dt) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def deployment_to_proto(view: DeploymentView) -> pb.Deployment:
+    rec, o = view.record, view.record.options
+    msg = pb.Deployment(
+        name=rec.name, model_version=rec.model_version,
+        adapters=[pb.Adapter(alias=a.alias, model_version=a.model_version) for a in rec.adapters],
+        engine=ENGINE_ENUMS[rec.engine],
+        options=pb.EngineOptions(dtype=DTYPE_ENUMS.get(o.dtype, pb.DTYPE_UNSPECIFIED), max_model_len=o.max_model_len,
+                                 max_num_seqs=o.max_num_seqs, kv_cache_bytes=o.kv_cache_bytes,
+                                 tensor_parallel_size=o.tensor_parallel_size, max_lora_rank=o.max_lora_rank,
+                                 max_loras=o.max_loras),
+        replicas=rec.replicas, state=STATES[view.state.value], engine_endpoints=view.endpoints,
+        create_time=_timestamp(rec.create_time), update_time=_timestamp(view.update_time),
+        served_model_name=rec.model_name,
+    )
+    if view.error is not None:
+        msg.error.CopyFrom(to_status_proto(view.error))
+    return msg
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def _json_field(text: str, field_name: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument.for_field(field_name, f"not valid JSON: {exc}") from None
+
+
+def _sampling(s: pb.SamplingParams, body: dict[str, Any], *, chat: bool) -> None:
+    for key in ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "presence_penalty", "frequency_penalty"):
+        if s.HasField(key):
+            body[key] = getattr(s, key)
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.logprobs:
+        top = s.top_logprobs if s.HasField("top_logprobs") else 0
+        if chat:
+            body["logprobs"] = True
+            body["top_logprobs"] = top
+        else:
+            body["logprobs"] = top
+
+
+def _response_format(rf: pb.ResponseFormat, body: dict[str, Any]) -> None:
+    if rf.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+        body["response_format"] = {"type": "json_object"}
+    elif rf.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        schema = _json_field(rf.json_schema, "response_format.json_schema")
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": rf.json_schema_name or "response", "schema": schema, "strict": rf.strict}}
+
+
+def _message(m: pb.ChatMessage, i: int) -> dict[str, Any]:
+    if m.role not in ROLE_NAMES:
+        raise InvalidArgument.for_field(f"messages[{i}].role", "required")
+    out: dict[str, Any] = {"role": ROLE_NAMES[m.role], "content": m.content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    return out
+
+
+def chat_body(req: pb.ChatRequest, model: str) -> dict[str, Any]:
+    if not req.messages:
+        raise InvalidArgument.for_field("messages", "at least one message is required")
+    body: dict[str, Any] = {"model": model, "messages": [_message(m, i) for i, m in enumerate(req.messages)]}
+    _sampling(req.sampling, body, chat=True)
+    _response_format(req.response_format, body)
+    if req.tools_json:
+        body["tools"] = _json_field(req.tools_json, "tools_json")
+    if req.tool_choice_json:
+        body["tool_choice"] = _json_field(req.tool_choice_json, "tool_choice_json")
+    return body
+
+
+def complete_body(req: pb.CompleteRequest, model: str) -> dict[str, Any]:
+    if not req.prompt:
+        raise InvalidArgument.for_field("prompt", "must not be empty")
+    body: dict[str, Any] = {"model": model, "prompt": req.prompt}
+    if req.echo:
+        body["echo"] = True
+    _sampling(req.sampling, body, chat=False)
+    _response_format(req.response_format, body)
+    return body
+
+
+def tokenize_body(req: pb.TokenizeRequest, model: str) -> dict[str, Any]:
+    if bool(req.prompt) == bool(req.messages):
+        raise InvalidArgument.for_field("prompt", "exactly one of prompt and messages is required")
+    if req.messages:
+        return {"model": model, "messages": [_message(m, i) for i, m in enumerate(req.messages)],
+                "add_generation_prompt": req.add_generation_prompt, "add_special_tokens": req.add_special_tokens}
+    return {"model": model, "prompt": req.prompt, "add_special_tokens": req.add_special_tokens}
+
+
+def embed_body(req: pb.EmbedRequest, model: str) -> dict[str, Any]:
+    if not req.inputs:
+        raise InvalidArgument.for_field("inputs", "at least one input is required")
+    for i, text in enumerate(req.inputs):
+        if not text:
+            raise InvalidArgument.for_field(f"inputs[{i}]", "must not be empty")
+    body: dict[str, Any] = {"model": model, "input": list(req.inputs)}
+    if req.HasField("dimensions"):
+        if req.dimensions < 1:
+            raise InvalidArgument.for_field("dimensions", "must be at least 1")
+        body["dimensions"] = req.dimensions
+    return body
+
+
+# ---------------------------------------------------------------------- responses
+
+
+def _bytes(entry: dict[str, Any], token: str) -> bytes:
+    raw = entry.get("bytes")
+    return bytes(raw) if raw else token.encode()
+
+
+def _chat_logprobs(logprobs: dict[str, Any] | None) -> list[pb.TokenLogprob]:
+    out = []
+    for e in (logprobs or {}).get("content") or []:
+        tops = [pb.TopLogprob(token=t["token"], logprob=t["logprob"], bytes=_bytes(t, t["token"]))
+                for t in e.get("top_logprobs") or []]
+        entry = pb.TokenLogprob(token=e["token"], bytes=_bytes(e, e["token"]), top_logprobs=tops)
+        if e.get("logprob") is not None:
+            entry.logprob = e["logprob"]
+        out.append(entry)
+    return out
+
+
+def _completion_logprobs(logprobs: dict[str, Any] | None) -> list[pb.TokenLogprob]:
+    if not logprobs:
+        return []
+    out = []
+    tops = logprobs.get("top_logprobs") or []
+    for i, (token, lp) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [])):
+        alternatives = tops[i] if i < len(tops) and tops[i] else {}
+        entry = pb.TokenLogprob(token=token, bytes=token.encode(), top_logprobs=[
+            pb.TopLogprob(token=t, logprob=v, bytes=t.encode())
+            for t, v in sorted(alternatives.items(), key=lambda kv: -kv[1])])
+        if lp is not None:
+            entry.logprob = lp
+        out.append(entry)
+    return out
+
+
+def _usage(chunk: dict[str, Any]) -> pb.Usage | None:
+    u = chunk.get("usage")
+    if not u:
+        return None
+    return pb.Usage(prompt_tokens=u.get("prompt_tokens") or 0, completion_tokens=u.get("completion_tokens") or 0)
+
+
+def chat_chunk(chunk: dict[str, Any]) -> pb.ChatChunk:
+    msg = pb.ChatChunk(id=chunk.get("id", ""), usage=_usage(chunk))
+    for c in chunk.get("choices") or []:
+        delta = c.get("delta") or {}
+        msg.choices.append(pb.ChatChoiceDelta(
+            index=c.get("index", 0), role=ROLES.get(delta.get("role") or "", pb.CHAT_ROLE_UNSPECIFIED),
+            content=delta.get("content") or "",
+            tool_calls=[pb.ToolCallDelta(index=t.get("index", 0), id=t.get("id") or "",
+                                         name=(t.get("function") or {}).get("name") or "",
+                                         arguments=(t.get("function") or {}).get("arguments") or "")
+                        for t in delta.get("tool_calls") or []],
+            finish_reason=FINISH.get(c.get("finish_reason") or "", pb.FINISH_REASON_UNSPECIFIED),
+            logprobs=_chat_logprobs(c.get("logprobs")),
+        ))
+    return msg
+
+
+def complete_chunk(chunk: dict[str, Any]) -> pb.CompleteChunk:
+    msg = pb.CompleteChunk(id=chunk.get("id", ""), usage=_usage(chunk))
+    for c in chunk.get("choices") or []:
+        msg.choices.append(pb.CompleteChoiceDelta(
+            index=c.get("index", 0), text=c.get("text") or "",
+            finish_reason=FINISH.get(c.get("finish_reason") or "", pb.FINISH_REASON_UNSPECIFIED),
+            logprobs=_completion_logprobs(c.get("logprobs")),
+        ))
+    return msg
+
+
+def embed_response(body: dict[str, Any]) -> pb.EmbedResponse:
+    data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
+    usage = body.get("usage") or {}
+    return pb.EmbedResponse(
+        embeddings=[pb.Embedding(index=d.get("index", i), values=d["embedding"]) for i, d in enumerate(data)],
+        usage=pb.Usage(prompt_tokens=usage.get("prompt_tokens") or 0))

