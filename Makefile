@@ -10,6 +10,8 @@ export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PIP_CONSTRAINT :=
+# DeepSpeed: no CUDA op builds at install time (ops are JIT-built only where CUDA exists).
+export DS_BUILD_OPS := 0
 
 .PHONY: engine-vllm setup demo test test-unit test-integration proto proto-check lint-proto bench up down status fetch-demo clean
 

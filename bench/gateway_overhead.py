@@ -1,16 +1,20 @@
 """Output tokens/s through the gateway vs straight to the engine's own OpenAI server.
 
-Runs the same streaming chat requests (max_tokens fixed, ignore_eos where the engine supports it)
-at concurrency 1, 16 and 64 against both URLs, in one run, alternating the order per level, and
-prints tokens/s, time to first token p50/p99, and the ratio gateway/engine (target >= 0.95 at 16
-and 64). Tokens are the engines' own counts (stream_options.include_usage).
+Runs the same streaming chat requests (max_tokens fixed, ``ignore_eos`` so both sides generate
+exactly max_tokens; the counts are checked) at concurrency 1, 16 and 64 against both URLs, in one
+run, alternating the order per level, and prints tokens/s, the ratio gateway/engine (target >=
+0.95 at 16 and 64) and the time to first token p50/p99 of each side with the latency the gateway
+adds. Tokens are the engines' own counts (stream_options.include_usage).
 
-Needs a running stack: an inference deployment and the gateway in front of it, plus the engine's
-endpoint (``GetDeployment``'s ``engine_endpoints``, e.g. vLLM's server). Starting the stack
-itself is not implemented yet (the inference service is being written).
+By default it starts what it needs: a local stack (nanio, registry, inference, gateway) on free
+ports in a temporary data dir, imports the model, deploys it (``--engine vllm`` when
+``.venv-vllm`` exists, else ``transformers``), creates a key, and finds the engine's own port in
+the deployment's ``engine_endpoints``. Or point it at a running one:
 
+    .venv/bin/python bench/gateway_overhead.py                      # self-contained
+    .venv/bin/python bench/gateway_overhead.py --engine transformers --model smollm2
     .venv/bin/python bench/gateway_overhead.py --gateway-url http://127.0.0.1:8000 \\
-        --engine-url http://127.0.0.1:41237 --model tiny [--engine-model NAME] [--api-key sk-yard-...]
+        --engine-url http://127.0.0.1:41237 --gateway-model tiny [--engine-model NAME] [--api-key sk-yard-...]
 """
 
 from __future__ import annotations
@@ -18,14 +22,112 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Target:
+    gateway_url: str
+    engine_url: str
+    gateway_model: str
+    engine_model: str
+    api_key: str
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _yard(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=900)
+    if result.returncode:
+        raise SystemExit(f"yard {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@contextmanager
+def own_stack(engine: str, model: str, max_num_seqs: int) -> Iterator[Target]:
+    """A stack with ``model`` deployed as ``bench`` on ``engine``; stopped on exit."""
+    import grpc
+
+    from cli.demo_models import build_smollm2, build_tiny_model
+    from cli.stack import StackSettings, start_stack
+    from modelyard.inference.v1 import inference_pb2 as pb
+    from modelyard.inference.v1 import inference_pb2_grpc
+
+    with tempfile.TemporaryDirectory(prefix="yard-bench-") as tmp:
+        data = Path(tmp) / "yard"
+        names = ("gateway", "registry", "training", "quantization", "evaluation", "inference", "s3")
+        ports = dict(zip(names, _free_ports(len(names))))
+        # the services inherit this process's environment (the stack's env contract on top)
+        os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                          YARD_INFERENCE_VLLM_PYTHON=str(VLLM_PYTHON))
+        settings = StackSettings(data_dir=data, only=["registry", "inference", "gateway"],
+                                 **{f"port_{k}": v for k, v in ports.items()})
+        print(f"starting registry + inference + gateway in {data} ...", flush=True)
+        stack = start_stack(settings)
+        try:
+            env = {**os.environ, "YARD_REGISTRY_ADDR": f"{HOST}:{ports['registry']}",
+                   "YARD_INFERENCE_ADDR": f"{HOST}:{ports['inference']}"}
+            folder = build_smollm2() if model == "smollm2" else build_tiny_model(Path(tmp) / "tiny")
+            _yard(env, "models", "import", str(folder), "--name", "bench", "--version", "v1")
+            started = time.monotonic()
+            print(f"deploying {model} on {engine} ...", flush=True)
+            _yard(env, "deploy", "bench/v1", "--name", "bench", "--engine", engine, "--max-model-len", "1024",
+                  "--max-num-seqs", str(max_num_seqs), *(["--kv-cache-gib", "2"] if engine == "vllm" else []))
+            print(f"deployment READY in {time.monotonic() - started:.0f}s", flush=True)
+            with grpc.insecure_channel(f"{HOST}:{ports['inference']}") as channel:
+                d = inference_pb2_grpc.InferenceServiceStub(channel).GetDeployment(
+                    pb.GetDeploymentRequest(name="deployments/bench"))
+            gateway = f"http://{HOST}:{ports['gateway']}"
+            token = (data / "gateway" / "admin_token").read_text().strip()
+            key = httpx.post(f"{gateway}/admin/keys", json={"name": "bench"},
+                             headers={"authorization": f"Bearer {token}"}).json()["key"]
+            deadline = time.monotonic() + 30  # the gateway's routing table picks the deployment up
+            while "bench" not in {m["id"] for m in httpx.get(f"{gateway}/v1/models", headers={
+                    "authorization": f"Bearer {key}"}).json()["data"]}:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the gateway never listed the deployment")
+                time.sleep(0.2)
+            yield Target(gateway, d.engine_endpoints[0], "bench", d.served_model_name, key)
+        finally:
+            stack.stop()
+
+
+# ----------------------------------------------------------------------------- measuring
+
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, headers: dict, max_tokens: int,
-                      ttfts: list[float]) -> int:
+                      ttfts: list[float], counts: list[int]) -> int:
     body = {"model": model, "messages": [{"role": "user", "content": "Count from one to one hundred."}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}
@@ -33,7 +135,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, headers: 
     first = None
     tokens = 0
     async with client.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -45,21 +148,27 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, headers: 
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     ttfts.append(first or 0.0)
+    counts.append(tokens)
     return tokens
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def level(url: str, model: str, headers: dict, concurrency: int, requests: int, max_tokens: int) -> dict:
     ttfts: list[float] = []
+    counts: list[int] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, url, model, headers, 4, [])  # warm the connection and the engine
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+        await one_request(client, url, model, headers, 4, [], [])  # warm the connection and the engine
         queue = list(range(requests))
 
         async def worker() -> int:
             total = 0
             while queue:
                 queue.pop()
-                total += await one_request(client, url, model, headers, max_tokens, ttfts)
+                total += await one_request(client, url, model, headers, max_tokens, ttfts, counts)
             return total
 
         start = time.perf_counter()
@@ -67,37 +176,64 @@ async def level(url: str, model: str, headers: dict, concurrency: int, requests:
         elapsed = time.perf_counter() - start
     ttfts.sort()
     return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+            "ttft_p99_ms": 1000 * _pct(ttfts, 0.99), "counts": sorted(set(counts))}
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gateway-url", required=True)
-    parser.add_argument("--engine-url", required=True)
-    parser.add_argument("--model", required=True, help="model name at the gateway")
-    parser.add_argument("--engine-model", help="model name at the engine (default: its first /v1/models entry)")
-    parser.add_argument("--api-key", default="", help="gateway key (not needed with auth disabled)")
-    parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--requests-per-stream", type=int, default=4, help="requests per concurrent stream")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    args = parser.parse_args()
-    engine_model = args.engine_model
-    if not engine_model:
-        engine_model = httpx.get(args.engine_url.rstrip("/") + "/v1/models").json()["data"][0]["id"]
-    gw_headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    print(f"{'conc':>5} {'engine tok/s':>13} {'gateway tok/s':>14} {'ratio':>6} "
-          f"{'ttft p50 e/g ms':>17} {'ttft p99 e/g ms':>17}")
-    for i, c in enumerate(int(x) for x in args.concurrency.split(",")):
-        n = c * args.requests_per_stream
-        runs = [("engine", args.engine_url, engine_model, {}), ("gateway", args.gateway_url, args.model, gw_headers)]
+async def measure(t: Target, concurrency: list[int], requests_per_stream: int, max_tokens: int) -> bool:
+    """Print the table; False when the two sides generated different token counts."""
+    gw_headers = {"authorization": f"Bearer {t.api_key}"} if t.api_key else {}
+    print(f"gateway {t.gateway_url} model {t.gateway_model!r} | engine {t.engine_url} model {t.engine_model!r} | "
+          f"max_tokens {max_tokens}, {requests_per_stream} requests per stream")
+    print(f"{'conc':>5} {'engine tok/s':>13} {'gateway tok/s':>14} {'ratio':>6} {'ttft p50 e/g ms':>17} "
+          f"{'ttft p99 e/g ms':>17} {'added p50/p99 ms':>17}")
+    same = True
+    for i, c in enumerate(concurrency):
+        runs = [("engine", t.engine_url, t.engine_model, {}), ("gateway", t.gateway_url, t.gateway_model, gw_headers)]
         if i % 2:
             runs.reverse()  # alternate the order so warm-up effects do not favour one side
-        results = {name: await level(url, model, h, c, n, args.max_tokens) for name, url, model, h in runs}
+        results = {name: await level(url, model, h, c, c * requests_per_stream, max_tokens)
+                   for name, url, model, h in runs}
         e, g = results["engine"], results["gateway"]
-        print(f"{c:>5} {e['tokens_per_s']:>13.1f} {g['tokens_per_s']:>14.1f} {g['tokens_per_s'] / e['tokens_per_s']:>6.3f} "
-              f"{e['ttft_p50_ms']:>8.1f}/{g['ttft_p50_ms']:<8.1f} {e['ttft_p99_ms']:>8.1f}/{g['ttft_p99_ms']:<8.1f}",
-              flush=True)
+        print(f"{c:>5} {e['tokens_per_s']:>13.1f} {g['tokens_per_s']:>14.1f} "
+              f"{g['tokens_per_s'] / e['tokens_per_s']:>6.3f} {e['ttft_p50_ms']:>8.1f}/{g['ttft_p50_ms']:<8.1f} "
+              f"{e['ttft_p99_ms']:>8.1f}/{g['ttft_p99_ms']:<8.1f} "
+              f"{g['ttft_p50_ms'] - e['ttft_p50_ms']:>8.1f}/{g['ttft_p99_ms'] - e['ttft_p99_ms']:<8.1f}", flush=True)
+        if e["counts"] != g["counts"] or e["counts"] != [max_tokens]:
+            same = False
+            print(f"      token counts per request differ: engine {e['counts']} gateway {g['counts']} "
+                  f"(max_tokens {max_tokens})")
+    return same
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["vllm", "transformers"],
+                        default="vllm" if VLLM_PYTHON.is_file() else "transformers",
+                        help="engine of the deployment it starts (default: vllm when .venv-vllm exists)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                        help="model it deploys: the tiny random model (fast) or SmolLM2-135M-Instruct")
+    parser.add_argument("--gateway-url", help="use a running gateway instead of starting a stack")
+    parser.add_argument("--engine-url", help="with --gateway-url: the engine's own OpenAI server")
+    parser.add_argument("--gateway-model", help="with --gateway-url: the model name at the gateway")
+    parser.add_argument("--engine-model", help="model name at the engine (default: its first /v1/models entry)")
+    parser.add_argument("--api-key", default="", help="with --gateway-url: a gateway key")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--requests-per-stream", type=int, default=2, help="requests per concurrent stream")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    concurrency = [int(x) for x in args.concurrency.split(",")]
+
+    if args.gateway_url:
+        if not (args.engine_url and args.gateway_model):
+            parser.error("--gateway-url needs --engine-url and --gateway-model")
+        engine_model = args.engine_model or httpx.get(args.engine_url.rstrip("/") + "/v1/models").json()["data"][0]["id"]
+        ok = asyncio.run(measure(Target(args.gateway_url, args.engine_url, args.gateway_model, engine_model,
+                                        args.api_key), concurrency, args.requests_per_stream, args.max_tokens))
+    else:
+        with own_stack(args.engine, args.model, max(concurrency)) as target:
+            ok = asyncio.run(measure(target, concurrency, args.requests_per_stream, args.max_tokens))
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -8,13 +8,9 @@ without an API key). Errors print one line with the message and the ErrorInfo re
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import time
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
-import grpc
 import typer
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
@@ -22,8 +18,7 @@ from rich.table import Table
 
 from modelyard.inference.v1 import inference_pb2 as pb
 from modelyard.inference.v1 import inference_pb2_grpc
-from services.core.errors import DomainError
-from services.core.grpc_client import error_from_rpc_error, make_channel
+from cli.common import fail, grpc_command
 
 console = Console()
 err_console = Console(stderr=True)
@@ -45,41 +40,9 @@ class InferenceClientSettings(BaseSettings):
     addr: str = "127.0.0.1:50055"
 
 
-def _fail(message: str, reason: str | None = None) -> None:
-    suffix = f" [{reason}]" if reason else ""
-    err_console.print(f"[red]error:[/red] {message}{suffix}", highlight=False)
-    raise typer.Exit(1)
-
-
-def command(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async command with a stub; gRPC and domain errors become one line and exit 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        addr = InferenceClientSettings().addr
-
-        async def run() -> None:
-            channel = make_channel(addr, default_timeout_s=None)
-            try:
-                await fn(inference_pb2_grpc.InferenceServiceStub(channel), *args, **kwargs)
-            finally:
-                await channel.close()
-
-        try:
-            asyncio.run(run())
-        except grpc.aio.AioRpcError as exc:
-            err = error_from_rpc_error(exc)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE":
-                _fail(f"inference service at {addr} is unavailable: {err.message}", err.reason)
-            _fail(err.message, err.reason)
-        except DomainError as err:
-            _fail(err.message, err.reason)
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-
-    signature = inspect.signature(fn, eval_str=True)  # typer sees the options, not the stub
-    wrapper.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])  # type: ignore[attr-defined]
-    return wrapper
+_fail = fail
+command = grpc_command("inference service", lambda: InferenceClientSettings().addr,
+                       inference_pb2_grpc.InferenceServiceStub, timeout_s=None)
 
 
 def version_name(text: str) -> str:

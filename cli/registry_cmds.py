@@ -7,15 +7,11 @@ and exit non-zero; no stack trace.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import grpc
 import typer
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
@@ -24,8 +20,8 @@ from rich.table import Table
 
 from modelyard.registry.v1 import registry_pb2 as pb
 from modelyard.registry.v1 import registry_pb2_grpc
+from cli.common import fail, grpc_command
 from services.core.errors import DomainError
-from services.core.grpc_client import error_from_rpc_error, make_channel
 from services.core.status import error_from_status_proto
 
 T = TypeVar("T")
@@ -46,37 +42,9 @@ class RegistryClientSettings(BaseSettings):
     addr: str = "127.0.0.1:50051"
 
 
-def _fail(message: str, reason: str | None = None) -> None:
-    suffix = f" [{reason}]" if reason else ""
-    err_console.print(f"[red]error:[/red] {message}{suffix}", highlight=False)
-    raise typer.Exit(1)
-
-
-def command(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async command with a stub; gRPC and domain errors become one line and exit 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def run() -> None:
-            channel = make_channel(RegistryClientSettings().addr, default_timeout_s=600)
-            try:
-                await fn(registry_pb2_grpc.RegistryServiceStub(channel), *args, **kwargs)
-            finally:
-                await channel.close()
-
-        try:
-            asyncio.run(run())
-        except grpc.aio.AioRpcError as exc:
-            err = error_from_rpc_error(exc)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                _fail(f"registry at {RegistryClientSettings().addr} is unavailable: {err.message}", err.reason)
-            _fail(err.message, err.reason)
-        except DomainError as err:
-            _fail(err.message, err.reason)
-
-    signature = inspect.signature(fn, eval_str=True)  # typer sees the options, not the stub
-    wrapper.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])  # type: ignore[attr-defined]
-    return wrapper
+_fail = fail
+command = grpc_command("registry", lambda: RegistryClientSettings().addr, registry_pb2_grpc.RegistryServiceStub,
+                       timeout_s=600)
 
 
 def _human(n: int) -> str:
@@ -328,7 +296,7 @@ def validate(
     show: Annotated[int, typer.Option("--show", help="Row errors to print.")] = 50,
 ) -> None:
     """Validate a local dataset file (no server needed); exit 1 when any row is bad."""
-    from services.registry.datasets import validate_dataset
+    from services.core.datasets import validate_dataset
 
     try:
         tokenizer = None

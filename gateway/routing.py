@@ -27,6 +27,9 @@ from .settings import RoutingSettings, TimeoutSettings
 log = get_logger("modelyard.gateway.routing")
 
 ON_DEMAND_REFRESH_S = 0.5  # an unknown model name triggers at most one refresh this often
+# UNAVAILABLE reasons the inference service gives when the replica answers but one deployment on it
+# cannot serve (not READY, its engine died): only that deployment leaves the table, not the replica.
+DEPLOYMENT_DOWN_REASONS = frozenset({"DEPLOYMENT_NOT_READY", "ENGINE_UNAVAILABLE"})
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,17 @@ class Router:
         replica.ejected_until = time.monotonic() + self._settings.eject_s
         replica.ready, replica.listed, replica.last_error = {}, False, error
         log.warning("replica_ejected", replica=replica.addr, error=error, for_s=self._settings.eject_s)
+
+    def unavailable(self, replica: Replica, target: Target, reason: str, error: str) -> None:
+        """After UNAVAILABLE from ``replica`` for ``target``: a deployment-level failure drops that
+        deployment's names from the replica's table until a refresh finds it READY again; any other
+        failure ejects the whole replica."""
+        if reason not in DEPLOYMENT_DOWN_REASONS:
+            self.eject(replica, error)
+            return
+        replica.ready = {name: t for name, t in replica.ready.items() if t.deployment != target.deployment}
+        log.warning("deployment_unrouted", replica=replica.addr, deployment=target.deployment, reason=reason,
+                    error=error)
 
     def models(self) -> list[Target]:
         """Every model name some routable replica serves now, once each."""

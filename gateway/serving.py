@@ -2,7 +2,8 @@
 
 Everything that can fail before the first chunk (auth, model, quota, content filter, routing,
 connect, first-token timeout) fails with its own HTTP status; a request that fails before its
-first chunk with UNAVAILABLE is retried on another replica (the failed one is ejected). After
+first chunk with UNAVAILABLE is retried on another replica (the failed one is ejected, or only the
+failed deployment when the replica itself answered). After
 the first chunk, a stream forwards each chunk as it arrives and an error becomes one final
 ``data: {"error": ...}`` event followed by ``data: [DONE]``. Usage is settled from the engine's
 counts (estimated only when the stream was cut before the engine reported them).
@@ -77,9 +78,10 @@ class CallContext:
 class Upstream:
     """A started Chat/Complete stream on one replica; its first chunk has been read already."""
 
-    def __init__(self, router: Router, replica: Replica, call, first, idle_s: float) -> None:
+    def __init__(self, router: Router, replica: Replica, target: Target, call, first, idle_s: float) -> None:
         self._router = router
         self.replica = replica
+        self._target = target
         self._call = call
         self._pending = [first]
         self._idle = idle_s
@@ -98,9 +100,10 @@ class Upstream:
             raise DeadlineExceeded(f"the engine sent nothing for {self._idle}s (idle_chunk_s)",
                                    reason="IDLE_CHUNK_TIMEOUT") from None
         except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc_error(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self._router.eject(self.replica, f"stream failed: {exc.details()}")
-            raise error_from_rpc_error(exc) from None
+                self._router.unavailable(self.replica, self._target, err.reason, f"stream failed: {err.message}")
+            raise err from None
         if msg is grpc.aio.EOF:
             raise StopAsyncIteration
         return msg
@@ -231,11 +234,11 @@ class Serving:
                                        "(first_token_s)", reason="FIRST_TOKEN_TIMEOUT") from None
             except (grpc.aio.AioRpcError, Unavailable) as exc:
                 replica.release()
+                err = error_from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
                 if isinstance(exc, grpc.aio.AioRpcError) and exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_rpc_error(exc) from None
-                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
-                self.router.eject(replica, detail or "unavailable")
-                log.info("request_retried", request_id=ctx.request_id, replica=replica.addr, error=detail)
+                    raise err from None
+                self.router.unavailable(replica, target, err.reason, err.message or "unavailable")
+                log.info("request_retried", request_id=ctx.request_id, replica=replica.addr, error=err.message)
                 continue
             except BaseException:
                 if call is not None:
@@ -246,7 +249,7 @@ class Serving:
                 replica.release()
                 raise Internal("the engine ended the stream without any output", reason="EMPTY_STREAM")
             TTFT.labels(ctx.model).observe(time.perf_counter() - ctx.started)
-            return Upstream(self.router, replica, call, first, self.timeouts.idle_chunk_s)
+            return Upstream(self.router, replica, target, call, first, self.timeouts.idle_chunk_s)
 
     async def unary(self, ctx: CallContext, method: str, build: Callable[[Target], Any]):
         """A unary call with the same replica choice, ejection and retry as streams."""
@@ -260,9 +263,10 @@ class Serving:
                 return await getattr(replica.stub, method)(build(target), timeout=self.timeouts.unary_s,
                                                            metadata=ctx.metadata)
             except grpc.aio.AioRpcError as exc:
+                err = error_from_rpc_error(exc)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_rpc_error(exc) from None
-                self.router.eject(replica, exc.details() or "unavailable")
+                    raise err from None
+                self.router.unavailable(replica, target, err.reason, err.message or "unavailable")
             except Unavailable as exc:
                 self.router.eject(replica, exc.message)
             finally:

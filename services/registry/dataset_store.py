@@ -1,7 +1,7 @@
 """Datasets as versioned, content-hashed resources (``datasets/{dataset}/versions/{version}``).
 
 An upload is spooled to a local file (it has to be read whole for validation), validated with
-:mod:`services.registry.datasets`, stored in S3 and recorded with its SHA-256. A file without
+:mod:`services.core.datasets`, stored in S3 and recorded with its SHA-256. A file without
 any recognisable row format is refused; bad rows of a recognisable file are counted at upload
 and reported row by row by ``validate``.
 """
@@ -26,7 +26,7 @@ from services.core.errors import AlreadyExists, FailedPrecondition, InvalidArgum
 from services.core.logging import get_logger
 
 from . import listing
-from .datasets import ValidationReport, validate_dataset
+from services.core.datasets import ValidationReport, validate_dataset
 from .domain import Page, Registry, check_labels
 from .names import check_id, parse_parent, parse_version
 from .records import Dataset, DatasetVersion

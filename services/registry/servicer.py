@@ -13,7 +13,7 @@ from modelyard.registry.v1 import registry_pb2_grpc
 from services.core.errors import DomainError, FieldViolation, InvalidArgument
 from services.core.status import to_status_proto
 
-from . import datasets as ds
+from services.core import datasets as ds
 from .dataset_store import Datasets
 from .domain import Registry
 from .imports import Imports

@@ -1,4 +1,4 @@
-"""Dataset detection, parsing and validation (services/registry/datasets.py)."""
+"""Dataset detection, parsing and validation (services/core/datasets.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.core.errors import InvalidArgument, NotFound
-from services.registry import datasets
-from services.registry.datasets import (
+from services.core import datasets
+from services.core.datasets import (
     DatasetFormat,
     RowError,
     detect_file_type,

@@ -53,6 +53,12 @@ class ZeroStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ZERO_STAGE_1: _ClassVar[ZeroStage]
     ZERO_STAGE_2: _ClassVar[ZeroStage]
     ZERO_STAGE_3: _ClassVar[ZeroStage]
+
+class TrainingJobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_JOB_KIND_UNSPECIFIED: _ClassVar[TrainingJobKind]
+    TRAINING_JOB_KIND_TRAIN: _ClassVar[TrainingJobKind]
+    TRAINING_JOB_KIND_MERGE: _ClassVar[TrainingJobKind]
 TRAINING_METHOD_UNSPECIFIED: TrainingMethod
 TRAINING_METHOD_FULL: TrainingMethod
 TRAINING_METHOD_LORA: TrainingMethod
@@ -80,9 +86,12 @@ ZERO_STAGE_UNSPECIFIED: ZeroStage
 ZERO_STAGE_1: ZeroStage
 ZERO_STAGE_2: ZeroStage
 ZERO_STAGE_3: ZeroStage
+TRAINING_JOB_KIND_UNSPECIFIED: TrainingJobKind
+TRAINING_JOB_KIND_TRAIN: TrainingJobKind
+TRAINING_JOB_KIND_MERGE: TrainingJobKind
 
 class TrainingJob(_message.Message):
-    __slots__ = ("name", "state", "error", "progress", "create_time", "start_time", "end_time", "attempt_count", "outputs", "display_name", "spec")
+    __slots__ = ("name", "state", "error", "progress", "create_time", "start_time", "end_time", "attempt_count", "outputs", "display_name", "spec", "kind", "preflight")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +103,8 @@ class TrainingJob(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PREFLIGHT_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: _common_pb2.JobState
     error: _status_pb2.Status
@@ -105,10 +116,28 @@ class TrainingJob(_message.Message):
     outputs: TrainingJobOutputs
     display_name: str
     spec: TrainingJobSpec
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.JobProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., outputs: _Optional[_Union[TrainingJobOutputs, _Mapping]] = ..., display_name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ...) -> None: ...
+    kind: TrainingJobKind
+    preflight: Preflight
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.JobProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., outputs: _Optional[_Union[TrainingJobOutputs, _Mapping]] = ..., display_name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., kind: _Optional[_Union[TrainingJobKind, str]] = ..., preflight: _Optional[_Union[Preflight, _Mapping]] = ...) -> None: ...
+
+class Preflight(_message.Message):
+    __slots__ = ("accelerator", "precision", "estimated_memory_bytes", "available_memory_bytes", "parameter_count", "trainable_parameter_count")
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    accelerator: str
+    precision: Precision
+    estimated_memory_bytes: int
+    available_memory_bytes: int
+    parameter_count: int
+    trainable_parameter_count: int
+    def __init__(self, accelerator: _Optional[str] = ..., precision: _Optional[_Union[Precision, str]] = ..., estimated_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., parameter_count: _Optional[int] = ..., trainable_parameter_count: _Optional[int] = ...) -> None: ...
 
 class TrainingJobSpec(_message.Message):
-    __slots__ = ("base_model_version", "dataset_versions", "validation_dataset_version", "method", "hyperparameters", "launcher", "checkpoint_every_steps", "eval_every_steps", "output_model", "merge_adapter", "full_weights")
+    __slots__ = ("base_model_version", "dataset_versions", "validation_dataset_version", "method", "hyperparameters", "launcher", "checkpoint_every_steps", "eval_every_steps", "output_model", "merge_adapter", "full_weights", "log_every_steps")
     BASE_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +149,7 @@ class TrainingJobSpec(_message.Message):
     OUTPUT_MODEL_FIELD_NUMBER: _ClassVar[int]
     MERGE_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     FULL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    LOG_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     base_model_version: str
     dataset_versions: _containers.RepeatedScalarFieldContainer[str]
     validation_dataset_version: str
@@ -131,7 +161,8 @@ class TrainingJobSpec(_message.Message):
     output_model: str
     merge_adapter: bool
     full_weights: bool
-    def __init__(self, base_model_version: _Optional[str] = ..., dataset_versions: _Optional[_Iterable[str]] = ..., validation_dataset_version: _Optional[str] = ..., method: _Optional[_Union[TrainingMethod, str]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., launcher: _Optional[_Union[Launcher, _Mapping]] = ..., checkpoint_every_steps: _Optional[int] = ..., eval_every_steps: _Optional[int] = ..., output_model: _Optional[str] = ..., merge_adapter: _Optional[bool] = ..., full_weights: _Optional[bool] = ...) -> None: ...
+    log_every_steps: int
+    def __init__(self, base_model_version: _Optional[str] = ..., dataset_versions: _Optional[_Iterable[str]] = ..., validation_dataset_version: _Optional[str] = ..., method: _Optional[_Union[TrainingMethod, str]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., launcher: _Optional[_Union[Launcher, _Mapping]] = ..., checkpoint_every_steps: _Optional[int] = ..., eval_every_steps: _Optional[int] = ..., output_model: _Optional[str] = ..., merge_adapter: _Optional[bool] = ..., full_weights: _Optional[bool] = ..., log_every_steps: _Optional[int] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
     __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "seed", "packing", "precision", "gradient_checkpointing", "beta", "simpo_gamma", "validation_split")
@@ -194,12 +225,23 @@ class Launcher(_message.Message):
     def __init__(self, type: _Optional[_Union[LauncherType, str]] = ..., num_processes: _Optional[int] = ..., zero_stage: _Optional[_Union[ZeroStage, str]] = ..., offload_optimizer: _Optional[bool] = ..., offload_parameters: _Optional[bool] = ...) -> None: ...
 
 class TrainingJobOutputs(_message.Message):
-    __slots__ = ("model_version", "merged_model_version")
+    __slots__ = ("model_version", "merged_model_version", "final_metrics", "checkpoint_count")
+    class FinalMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MERGED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_COUNT_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     merged_model_version: str
-    def __init__(self, model_version: _Optional[str] = ..., merged_model_version: _Optional[str] = ...) -> None: ...
+    final_metrics: _containers.ScalarMap[str, float]
+    checkpoint_count: int
+    def __init__(self, model_version: _Optional[str] = ..., merged_model_version: _Optional[str] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., checkpoint_count: _Optional[int] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("name", "step", "create_time", "artifact_prefix", "size_bytes", "metrics")
@@ -295,17 +337,19 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class MergeAdapterRequest(_message.Message):
-    __slots__ = ("name", "checkpoint", "output_model")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("adapter_version", "output_model", "training_job_id", "display_name")
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_MODEL_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    checkpoint: str
+    TRAINING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    adapter_version: str
     output_model: str
-    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., output_model: _Optional[str] = ...) -> None: ...
+    training_job_id: str
+    display_name: str
+    def __init__(self, adapter_version: _Optional[str] = ..., output_model: _Optional[str] = ..., training_job_id: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
 
 class MergeAdapterResponse(_message.Message):
-    __slots__ = ("merged_model_version",)
-    MERGED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    merged_model_version: str
-    def __init__(self, merged_model_version: _Optional[str] = ...) -> None: ...
+    __slots__ = ("training_job",)
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    training_job: TrainingJob
+    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...

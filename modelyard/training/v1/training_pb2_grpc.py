@@ -125,8 +125,10 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MergeAdapter(self, request, context):
-        """Merges the adapter of a finished (or checkpointed) LoRA-family job into
-        its base model and registers the merged weights as a new model version.
+        """Starts a merge job (kind TRAINING_JOB_KIND_MERGE, same collection, same
+        Get/List/Watch/Cancel) that merges a registered adapter version into its
+        base model and registers the merged weights as a new MERGED version with
+        lineage. Returns the job at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,4 +1,4 @@
-"""Dataset library of the registry: file-type and format detection, streaming parsing, validation.
+"""Dataset library shared by the registry (upload, validation) and training (loading rows): file-type and format detection, streaming parsing, validation.
 
 Pure domain code (no gRPC, no S3). Rules:
 

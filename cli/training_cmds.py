@@ -1,0 +1,332 @@
+"""``yard train ...`` and ``yard jobs ...``: the training service from the command line.
+
+Commands talk to the training service at ``YARD_TRAINING_ADDR`` (default 127.0.0.1:50052). Errors
+print one line with the message and the ErrorInfo reason (and the fields at fault) and exit 1; no
+stack trace. ``--watch`` / ``yard jobs watch`` show a live progress bar (step/total, loss, eta).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from google.protobuf import json_format
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from modelyard.common.v1 import common_pb2 as cpb
+from modelyard.training.v1 import training_pb2 as pb
+from modelyard.training.v1 import training_pb2_grpc
+from cli.common import CliError, fail, grpc_command
+from services.core.status import error_from_status_proto
+
+console = Console()
+err_console = Console(stderr=True)
+train_app = typer.Typer(help="Fine-tune a registry model: sft (lora, qlora, dora, full), dpo, orpo, kto, simpo, cpo.",
+                        no_args_is_help=True)
+jobs_app = typer.Typer(help="Training jobs: list, show, watch, logs, cancel.", no_args_is_help=True)
+
+Stub = training_pb2_grpc.TrainingServiceStub
+HYPERPARAMETERS = {f.name for f in pb.Hyperparameters.DESCRIPTOR.fields}
+# Short enum values accepted in --config / --set: field name -> enum value prefix.
+ENUM_PREFIXES = {"method": "TRAINING_METHOD_", "lr_scheduler": "LR_SCHEDULER_", "precision": "PRECISION_",
+                 "type": "LAUNCHER_TYPE_", "zero_stage": "ZERO_STAGE_"}
+TERMINAL = {cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED}
+
+
+class TrainingClientSettings(BaseSettings):
+    """Where the CLI finds the training service."""
+
+    model_config = SettingsConfigDict(env_prefix="YARD_TRAINING_", extra="ignore")
+
+    addr: str = "127.0.0.1:50052"
+
+
+_fail = fail
+command = grpc_command("training service", lambda: TrainingClientSettings().addr, Stub, timeout_s=60)
+
+
+def job_name(name: str) -> str:
+    return name if name.startswith("trainingJobs/") else f"trainingJobs/{name}"
+
+
+def _resource(name: str, collection: str) -> str:
+    """``m/v`` -> ``{collection}/m/versions/v``; full names pass through."""
+    if name.startswith(f"{collection}/"):
+        return name
+    model, sep, version = name.partition("/")
+    if not sep or not version:
+        raise CliError(f"{name!r}: expected NAME/VERSION or {collection}/NAME/versions/VERSION")
+    return f"{collection}/{model}/versions/{version}"
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def _set(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) == 1 and parts[0] in HYPERPARAMETERS:
+        parts = ["hyperparameters", *parts]
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def _enums(value: Any, key: str = "") -> Any:
+    """Short enum spellings (``bf16``, ``deepspeed``, ``2``) -> proto JSON names, recursively."""
+    if isinstance(value, dict):
+        return {k: _enums(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_enums(v, key) for v in value]
+    prefix = ENUM_PREFIXES.get(key)
+    if prefix and not str(value).upper().startswith(prefix):
+        return prefix + str(value).upper()
+    return value
+
+
+def build_spec(config: Path | None, overrides: list[str], **fields: Any) -> pb.TrainingJobSpec:
+    """The spec from a YAML file (TrainingJobSpec fields), then ``fields``, then ``--set key=value``."""
+    data: dict[str, Any] = {}
+    if config is not None:
+        try:
+            loaded = yaml.safe_load(config.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise CliError(f"--config {config}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise CliError(f"--config {config}: expected a mapping of TrainingJobSpec fields")
+        data = loaded
+    for key, value in fields.items():
+        if value not in (None, [], ""):
+            _set(data, key, value)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--set {item!r}: expected KEY=VALUE (e.g. learning_rate=2e-4, launcher.type=deepspeed)")
+        _set(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return json_format.ParseDict(_enums(data), pb.TrainingJobSpec())
+    except json_format.ParseError as exc:
+        raise CliError(f"invalid job spec: {exc}") from None
+
+
+async def _create(stub: Stub, kind: str, model: str, datasets: list[str], method: str, config: Path | None,
+                  overrides: list[str], validation: str | None, output_model: str | None, merge: bool,
+                  job_id: str | None, display_name: str | None, watch: bool) -> None:
+    if kind == "sft":
+        if method not in ("lora", "qlora", "dora", "full"):
+            raise CliError(f"--method {method!r}: sft takes lora, qlora, dora or full")
+        proto_method, full_weights = method, None
+    else:
+        if method not in ("lora", "full"):
+            raise CliError(f"--method {method!r}: {kind} takes lora or full")
+        proto_method, full_weights = kind, method == "full" or None
+    spec = build_spec(
+        config, overrides, base_model_version=_resource(model, "models"),
+        dataset_versions=[_resource(d, "datasets") for d in datasets], method=proto_method,
+        validation_dataset_version=_resource(validation, "datasets") if validation else None,
+        output_model=(output_model if output_model.startswith("models/") else f"models/{output_model}")
+        if output_model else None,
+        merge_adapter=merge or None, full_weights=full_weights)
+    job = await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(
+        training_job=pb.TrainingJob(spec=spec, display_name=display_name or ""), training_job_id=job_id or ""))
+    pre = job.preflight
+    console.print(f"[green]queued[/green] {job.name}  ({_enum_name(pb.TrainingMethod, job.spec.method, 'TRAINING_METHOD_')}"
+                  f" on {pre.accelerator}, {_enum_name(pb.Precision, pre.precision, 'PRECISION_')}, "
+                  f"~{pre.estimated_memory_bytes / 2**30:.2f} GiB of {pre.available_memory_bytes / 2**30:.2f} GiB)",
+                  highlight=False)
+    if watch:
+        await _watch(stub, job.name)
+
+
+def _train_command(kind: str, default_method: str) -> None:
+    @train_app.command(kind, help=f"Start a {kind} job (preflight runs first; nothing is queued if it fails).")
+    @command
+    async def train(
+        stub: Stub,
+        model: Annotated[str, typer.Option("--model", "-m", help="Base model version: NAME/VERSION or models/NAME/versions/V.")],
+        dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset version (repeatable): NAME/VERSION.")],
+        method: Annotated[str, typer.Option("--method", help="sft: lora|qlora|dora|full; preference: lora|full.")] = default_method,
+        config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of TrainingJobSpec fields.")] = None,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. learning_rate=2e-4.")] = None,
+        validation_dataset: Annotated[str | None, typer.Option("--validation-dataset", help="Validation dataset version.")] = None,
+        output_model: Annotated[str | None, typer.Option("--output-model", help="Registry model for the result.")] = None,
+        merge: Annotated[bool, typer.Option("--merge", help="Also merge the adapter into the base model.")] = False,
+        name: Annotated[str | None, typer.Option("--name", help="Job id (trainingJobs/ID).")] = None,
+        display_name: Annotated[str | None, typer.Option("--display-name", help="Free-form description.")] = None,
+        watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow the job with a live progress bar.")] = False,
+    ) -> None:
+        await _create(stub, kind, model, dataset, method, config, set_ or [], validation_dataset, output_model, merge,
+                      name, display_name, watch)
+
+
+for _kind in ("sft", "dpo", "orpo", "kto", "simpo", "cpo"):
+    _train_command(_kind, "lora")
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def _state(value: int) -> str:
+    return _enum_name(cpb.JobState, value, "JOB_STATE_")
+
+
+def _method(job: pb.TrainingJob) -> str:
+    if job.kind == pb.TRAINING_JOB_KIND_MERGE:
+        return "merge"
+    return _enum_name(pb.TrainingMethod, job.spec.method, "TRAINING_METHOD_")
+
+
+def _progress_text(job: pb.TrainingJob) -> str:
+    p = job.progress
+    if not p.total_steps:
+        return f"{p.fraction:.0%}" if p.fraction else ""
+    loss = p.metrics.get("loss")
+    return f"{p.step}/{p.total_steps}" + (f" loss {loss:.4f}" if loss is not None else "")
+
+
+@jobs_app.command("list")
+@command
+async def list_jobs(
+    stub: Stub,
+    state: Annotated[str | None, typer.Option("--state", help="queued, running, succeeded, failed or cancelled.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="lora, full, dpo, ... or merge.")] = None,
+    page_size: Annotated[int, typer.Option("--page-size", help="Jobs per request.")] = 50,
+    all_pages: Annotated[bool, typer.Option("--all", help="Fetch every page.")] = False,
+) -> None:
+    """List training jobs, newest first."""
+    terms = [f"{key} = {value}" for key, value in (("state", state), ("method", method)) if value]
+    table = Table("name", "method", "state", "progress", "created", "output")
+    token = ""
+    while True:
+        resp = await stub.ListTrainingJobs(pb.ListTrainingJobsRequest(filter=" AND ".join(terms), page_size=page_size,
+                                                                      page_token=token))
+        for job in resp.training_jobs:
+            table.add_row(job.name.removeprefix("trainingJobs/"), _method(job), _state(job.state), _progress_text(job),
+                          job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                          job.outputs.model_version or job.outputs.merged_model_version)
+        token = resp.next_page_token
+        if not (all_pages and token):
+            break
+    console.print(table)
+    if token:
+        console.print(f"more: --all, or page token {token}", style="dim")
+
+
+@jobs_app.command("show")
+@command
+async def show_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+    """Show one job: spec, preflight, progress, outputs, error."""
+    job = await stub.GetTrainingJob(pb.GetTrainingJobRequest(name=job_name(name)))
+    spec, hp, pre = job.spec, job.spec.hyperparameters, job.preflight
+    rows = [
+        ("name", job.name), ("kind", "merge" if job.kind == pb.TRAINING_JOB_KIND_MERGE else "train"),
+        ("method", _method(job)), ("state", _state(job.state)), ("attempts", str(job.attempt_count)),
+        ("base model", spec.base_model_version), ("datasets", ", ".join(spec.dataset_versions)),
+        ("output model", spec.output_model),
+        ("created", job.create_time.ToDatetime().isoformat(sep=" ", timespec="seconds")),
+    ]
+    if job.kind == pb.TRAINING_JOB_KIND_TRAIN:
+        rows += [
+            ("hyperparameters", f"lr {hp.learning_rate:g}, {_enum_name(pb.LrScheduler, hp.lr_scheduler, 'LR_SCHEDULER_')}"
+                                f", batch {hp.batch_size} x {hp.gradient_accumulation_steps}, max_length {hp.max_length}"
+                                f", lora r{hp.lora_rank}/a{hp.lora_alpha}"),
+            ("preflight", f"{pre.accelerator}, {_enum_name(pb.Precision, pre.precision, 'PRECISION_')}, "
+                          f"~{pre.estimated_memory_bytes / 2**30:.2f} GiB of {pre.available_memory_bytes / 2**30:.2f} GiB, "
+                          f"{pre.trainable_parameter_count:,} of {pre.parameter_count:,} parameters trained"),
+        ]
+    rows.append(("progress", _progress_text(job)))
+    if job.outputs.model_version:
+        rows.append(("model version", job.outputs.model_version))
+    if job.outputs.merged_model_version:
+        rows.append(("merged version", job.outputs.merged_model_version))
+    if job.HasField("error"):
+        err = error_from_status_proto(job.error)
+        rows.append(("error", f"{err.message} [{err.reason}]"))
+    table = Table(show_header=False, box=None)
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", value)
+    console.print(table, highlight=False)
+
+
+@jobs_app.command("cancel")
+@command
+async def cancel_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+    """Cancel a queued or running job."""
+    job = await stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=job_name(name)))
+    console.print(f"cancel requested for {job.name} (state {_state(job.state)})", highlight=False)
+
+
+@jobs_app.command("logs")
+@command
+async def job_logs(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+    """Print the job's log lines, following them until the job ends."""
+    async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=job_name(name)), timeout=None):
+        if event.WhichOneof("payload") == "log":
+            console.print(event.log.line, highlight=False, markup=False)
+
+
+@jobs_app.command("watch")
+@command
+async def watch_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+    """Follow a job with a live progress bar (step/total, loss, eta); exit 1 unless it succeeds."""
+    await _watch(stub, job_name(name))
+
+
+async def _watch(stub: Stub, name: str) -> None:
+    progress = Progress(TextColumn("[bold]{task.fields[state]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("eta {task.fields[eta]}"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    with progress:
+        task = progress.add_task(name, total=None, state="queued", loss="-", eta="-")
+        async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=name), timeout=None):
+            which = event.WhichOneof("payload")
+            if which == "metrics":
+                values, update = event.metrics.values, {}
+                if "total_steps" in values:
+                    update["total"] = int(values["total_steps"])
+                if "eta_seconds" in values:
+                    update["eta"] = str(timedelta(seconds=int(values["eta_seconds"])))
+                if "loss" in values:
+                    update["loss"] = f"{values['loss']:.4f}"
+                if event.metrics.step:
+                    update["completed"] = event.metrics.step
+                progress.update(task, **update)
+            elif which == "state_change":
+                progress.update(task, state=_state(event.state_change.state))
+            elif which == "log" and event.log.line.startswith(("checkpoint saved", "version registered")):
+                progress.console.print(event.log.line, style="dim", highlight=False, markup=False)
+    job = await stub.GetTrainingJob(pb.GetTrainingJobRequest(name=name))
+    if job.state == cpb.JOB_STATE_SUCCEEDED:
+        for label, value in (("model version", job.outputs.model_version),
+                             ("merged version", job.outputs.merged_model_version)):
+            if value:
+                console.print(f"{label}: {value}", highlight=False)
+        return
+    if job.HasField("error"):
+        err = error_from_status_proto(job.error)
+        _fail(f"{name} {_state(job.state)}: {err.message}", err.reason)
+    _fail(f"{name} {_state(job.state)}")
+
+
+@jobs_app.command("merge")
+@command
+async def merge_job(
+    stub: Stub,
+    adapter: Annotated[str, typer.Argument(help="Adapter version: NAME/VERSION or models/NAME/versions/V.")],
+    output_model: Annotated[str | None, typer.Option("--output-model", help="Registry model for the merged version.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow the merge job.")] = False,
+) -> None:
+    """Merge a registered adapter into its base model (a merge job)."""
+    resp = await stub.MergeAdapter(pb.MergeAdapterRequest(
+        adapter_version=_resource(adapter, "models"),
+        output_model=(output_model if output_model.startswith("models/") else f"models/{output_model}")
+        if output_model else ""))
+    console.print(f"[green]queued[/green] {resp.training_job.name}", highlight=False)
+    if watch:
+        await _watch(stub, resp.training_job.name)

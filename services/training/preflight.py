@@ -1,0 +1,244 @@
+"""Preflight of CreateTrainingJob: every check that can fail a job runs here, before anything is queued.
+
+Order: the request itself -> base model (exists, READY) -> datasets (exist, format fits the method,
+every row valid per the registry's ValidateDataset) -> hardware (method, precision, launcher) ->
+memory estimate against what this node has. The result is the complete job spec for the recipes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from services.core.artifacts import ArtifactStore
+from services.core.errors import (
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from services.core.logging import get_logger
+from services.core.settings import S3Settings
+
+from .hardware import Hardware, choose_precision
+from .memory import MemoryEstimate, MemoryRequest, ModelShape, estimate_memory, gib
+from .registry_client import DatasetVersionInfo, ModelVersionInfo, RegistryClient
+from .spec import METHOD_FORMATS, TrainingRequest, check_request, file_type_of, resolve_hyperparameters
+
+log = get_logger(__name__)
+
+HARDWARE_UNSUPPORTED = "HARDWARE_UNSUPPORTED"
+MAX_ROW_VIOLATIONS = 50  # violations listed per refusal (the message gives the total)
+
+
+@dataclass(frozen=True)
+class PreflightOptions:
+    """The service settings preflight reads."""
+
+    s3: S3Settings
+    registry_addr: str
+    default_checkpoint_every_steps: int = 500
+    max_processes: int = 0
+    memory_headroom: float = 0.9
+    memory_check: bool = True
+    omp_num_threads: int = 1
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    spec: dict[str, Any]  # the job spec (contract with the recipes)
+    summary: dict[str, Any]  # accelerator, precision, memory numbers (stored with the job)
+
+
+class Preflight:
+    def __init__(self, registry: RegistryClient, store: ArtifactStore, hardware: Hardware, options: PreflightOptions) -> None:
+        self.registry = registry
+        self.store = store
+        self.hardware = hardware
+        self.options = options
+
+    async def check(self, req: TrainingRequest) -> PreflightResult:
+        """The job spec, or the typed error that refuses the job."""
+        check_request(req)
+        base = await self._base_model(req.base_model_version, "spec.base_model_version")
+        datasets = [await self._dataset(name, f"spec.dataset_versions[{i}]", req.method)
+                    for i, name in enumerate(req.dataset_versions)]
+        validation = (await self._dataset(req.validation_dataset_version, "spec.validation_dataset_version", req.method)
+                      if req.validation_dataset_version else None)
+        await self._check_rows(datasets, validation)
+        processes = self._processes(req)
+        precision = self._precision(req)
+        shape = await self._shape(base)
+        hp = resolve_hyperparameters(req, precision=precision, context_length=base.context_length,
+                                     num_processes=processes)
+        launcher = req.launcher.kind
+        zero = (req.launcher.zero_stage or 2) if launcher == "deepspeed" else 0
+        estimate = estimate_memory(shape, MemoryRequest(
+            method=req.method, use_lora=req.use_lora, precision=precision, batch_size=hp["batch_size"],
+            max_length=hp["max_length"], lora_rank=hp["lora_rank"], gradient_checkpointing=hp["gradient_checkpointing"],
+            accelerator=self.hardware.accelerator, num_processes=processes, zero_stage=zero,
+            offload_optimizer=req.launcher.offload_optimizer, offload_parameters=req.launcher.offload_parameters))
+        available = self._check_memory(estimate, processes, req)
+        checkpoint_every = req.checkpoint_every_steps or self.options.default_checkpoint_every_steps
+        has_eval = validation is not None or bool(req.hyperparameters.get("validation_split"))
+        output_model = req.output_model or f"models/{base.name.split('/')[1]}-{req.method}"
+        spec = {
+            "method": req.method,
+            "use_lora": req.use_lora,
+            "base_model": {"name": base.name, "artifact_prefix": base.artifact_prefix, "files": base.files},
+            "datasets": [self._dataset_ref(d) for d in datasets],
+            "validation_dataset": self._dataset_ref(validation) if validation else None,
+            "validation_split": float(req.hyperparameters.get("validation_split") or 0.0),
+            "hyperparameters": hp,
+            "launcher": {"kind": launcher, "num_processes": processes, "zero_stage": zero,
+                         "offload": req.launcher.offload_optimizer,
+                         "offload_parameters": req.launcher.offload_parameters},
+            "log_every_steps": req.log_every_steps or 1,
+            "eval_every_steps": req.eval_every_steps or (checkpoint_every if has_eval else 0),  # 0: at checkpoints
+            "checkpoint_every_steps": checkpoint_every,
+            "output": {"model": output_model, "merge": req.merge_adapter, "description": req.display_name},
+            "s3": {"endpoint": self.options.s3.endpoint, "bucket": self.options.s3.bucket,
+                   "secure": self.options.s3.secure},
+            "registry_addr": self.options.registry_addr,
+            "omp_num_threads": self.options.omp_num_threads,
+        }
+        summary = {"accelerator": self.hardware.accelerator, "precision": precision,
+                   "estimated_memory_bytes": estimate.total, "available_memory_bytes": available,
+                   "parameter_count": shape.parameter_count, "trainable_parameter_count": estimate.trainable_parameters,
+                   "memory": estimate.describe()}
+        return PreflightResult(spec, summary)
+
+    # ------------------------------------------------------------------ registry inputs
+
+    async def _base_model(self, name: str, field_name: str) -> ModelVersionInfo:
+        base = await self.model_version(name, field_name)
+        if base.kind not in ("base", "merged"):
+            raise InvalidArgument.for_field(field_name, f"{name} is a {base.kind} version; train from a base or merged "
+                                            "model", reason="NOT_A_BASE_MODEL")
+        return base
+
+    async def model_version(self, name: str, field_name: str) -> ModelVersionInfo:
+        """A READY registry model version, errors naming ``field_name``."""
+        try:
+            version = await self.registry.model_version(name)
+        except DomainError as err:
+            raise _naming(err, field_name) from None
+        if not version.ready:
+            raise FailedPrecondition(f"{field_name}: model version {name} is not READY", reason="MODEL_VERSION_NOT_READY",
+                                     metadata={"name": name}, violations=[FieldViolation(field_name, "not READY")])
+        return version
+
+    async def _dataset(self, name: str, field_name: str, method: str) -> DatasetVersionInfo:
+        try:
+            info = await self.registry.dataset_version(name)
+        except DomainError as err:
+            raise _naming(err, field_name) from None
+        allowed = METHOD_FORMATS[method]
+        if info.format not in allowed:
+            raise InvalidArgument(
+                f"{field_name}: {name} is a {info.format} dataset; method {method} trains on {' or '.join(allowed)} data",
+                reason="DATASET_FORMAT_MISMATCH", metadata={"dataset": name, "format": info.format, "method": method},
+                violations=[FieldViolation(field_name, f"format {info.format} does not fit method {method}")])
+        return info
+
+    async def _check_rows(self, datasets: list[DatasetVersionInfo], validation: DatasetVersionInfo | None) -> None:
+        """Every row of every dataset must be valid: one refusal listing the bad rows of all of them."""
+        targets = [(f"datasets[{i}]", d) for i, d in enumerate(datasets)]
+        if validation:
+            targets.append(("validation_dataset", validation))
+        violations: list[FieldViolation] = []
+        for prefix, info in targets:
+            _, problems = await self.registry.validate_dataset(info.name, info.format)
+            for p in problems:
+                path = f"{prefix}.rows[{p.row}]" + (f".{p.field}" if p.field else "")
+                violations.append(FieldViolation(path, f"{info.name} row {p.row}: {p.reason}"))
+        if violations:
+            shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+            more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
+            raise InvalidArgument(f"{len(violations)} invalid dataset row(s): {shown}{more}",
+                                  reason="DATASET_INVALID_ROWS", violations=violations[:MAX_ROW_VIOLATIONS],
+                                  metadata={"invalid_rows": str(len(violations))})
+
+    @staticmethod
+    def _dataset_ref(d: DatasetVersionInfo) -> dict[str, Any]:
+        return {"name": d.name, "key": d.key, "sha256": d.sha256, "format": d.format, "file_type": file_type_of(d.filename)}
+
+    async def _shape(self, base: ModelVersionInfo) -> ModelShape:
+        """Layer sizes from the version's config.json (in S3); the parameter count from registry metadata."""
+        config: dict[str, Any] = {}
+        if any(f["path"] == "config.json" for f in base.files):
+            raw = await asyncio.to_thread(self.store.get_bytes, f"{base.artifact_prefix}/files/config.json")
+            config = json.loads(raw)
+        params = base.parameter_count or sum(f["size"] for f in base.files if f["path"].endswith(".safetensors")) // 2
+        return ModelShape.from_config(config, params)
+
+    # ------------------------------------------------------------------ hardware and memory
+
+    def _processes(self, req: TrainingRequest) -> int:
+        hw, launcher = self.hardware, req.launcher
+        on_gpu = hw.accelerator in ("cuda", "npu")
+        wanted = launcher.num_processes or (hw.device_count if on_gpu else 1)
+        if launcher.kind == "local":
+            return 1
+        if launcher.kind == "deepspeed" and not (on_gpu and hw.deepspeed):
+            why = "the deepspeed package is not installed" if not hw.deepspeed else f"this node has no GPU ({hw.accelerator})"
+            raise _unsupported(f"launcher deepspeed needs CUDA/NPU GPUs and deepspeed: {why}", launcher="deepspeed")
+        allowed = self.options.max_processes or (hw.device_count if on_gpu else hw.cpu_cores)
+        if wanted > allowed:
+            raise _unsupported(f"launcher {launcher.kind} asks for {wanted} processes; this node allows {allowed} "
+                               f"({hw.device_count} {hw.accelerator} device(s), {hw.cpu_cores} CPU cores)",
+                               launcher=launcher.kind, num_processes=str(wanted), allowed=str(allowed))
+        return wanted
+
+    def _precision(self, req: TrainingRequest) -> str:
+        hw = self.hardware
+        if req.method == "qlora" and not (hw.accelerator == "cuda" and hw.bitsandbytes):
+            missing = [] if hw.accelerator == "cuda" else [f"a CUDA GPU (this node: {hw.accelerator})"]
+            missing += [] if hw.bitsandbytes else ["bitsandbytes"]
+            raise _unsupported(f"qlora needs a CUDA GPU with bitsandbytes; missing: {', '.join(missing)}",
+                               method="qlora", accelerator=hw.accelerator)
+        precision = choose_precision(req.hyperparameters.get("precision") or "auto", hw)
+        if precision == "fp16" and hw.accelerator not in ("cuda", "npu"):
+            raise _unsupported(f"precision fp16 needs a CUDA or NPU device (this node: {hw.accelerator}); use fp32 or bf16",
+                               precision="fp16", accelerator=hw.accelerator)
+        if precision == "bf16" and hw.accelerator == "cuda" and not hw.supports_bf16():
+            raise _unsupported("precision bf16 needs CUDA compute capability >= 8.0 (Ampere); use fp16",
+                               precision="bf16", accelerator=hw.accelerator)
+        return precision
+
+    def _check_memory(self, estimate: MemoryEstimate, processes: int, req: TrainingRequest) -> int:
+        """Bytes available per process; ResourceExhausted when the estimate does not fit."""
+        hw = self.hardware
+        if hw.devices:
+            available = min(d.free_memory_bytes for d in hw.devices[:processes])
+            where = f"{hw.accelerator} device memory free per device"
+        else:
+            available = hw.ram_available_bytes // max(1, processes)
+            where = "RAM available" + (f" per process ({processes} processes)" if processes > 1 else "")
+        budget = int(available * self.options.memory_headroom)
+        if self.options.memory_check and estimate.total > budget:
+            raise ResourceExhausted(
+                f"job needs about {gib(estimate.total)} per process ({estimate.describe()}) but {where} is "
+                f"{gib(available)} (budget {gib(budget)} at headroom {self.options.memory_headroom:g}); lower "
+                "batch_size or max_length, use LoRA/QLoRA, gradient checkpointing or ZeRO across more processes",
+                reason="INSUFFICIENT_MEMORY",
+                metadata={"estimated_bytes": str(estimate.total), "available_bytes": str(available),
+                          "accelerator": hw.accelerator, "method": req.method})
+        return available
+
+
+def _unsupported(message: str, **metadata: str) -> FailedPrecondition:
+    return FailedPrecondition(message, reason=HARDWARE_UNSUPPORTED, metadata=metadata)
+
+
+def _naming(err: DomainError, field_name: str) -> DomainError:
+    """The registry's error, its message prefixed with the request field it is about."""
+    description = err.message
+    if isinstance(err, NotFound):
+        description = f"{err.message} (not found in the registry)"
+    return type(err)(f"{field_name}: {description}", reason=err.reason, domain=err.domain, metadata=err.metadata,
+                     violations=[FieldViolation(field_name, err.message)])

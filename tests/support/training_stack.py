@@ -1,0 +1,108 @@
+"""An in-process registry + training service pair on loopback (port 0), for the training tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from modelyard.registry.v1 import registry_pb2 as rpb
+from modelyard.registry.v1 import registry_pb2_grpc
+from modelyard.training.v1 import training_pb2 as tpb
+from modelyard.training.v1 import training_pb2_grpc
+from services.core.grpc_client import error_from_rpc_error, make_channel
+from services.core.settings import GrpcServerSettings, S3Settings
+from services.registry.app import build_app as build_registry
+from services.registry.settings import RegistrySettings
+from services.training.app import TrainingApp
+from services.training.app import build_app as build_training
+from services.training.settings import TrainingSettings
+
+
+@dataclass
+class Stack:
+    registry: registry_pb2_grpc.RegistryServiceStub
+    training: training_pb2_grpc.TrainingServiceStub
+    training_addr: str
+    app: TrainingApp
+
+
+@asynccontextmanager
+async def training_stack(data_dir: Path, s3: S3Settings, *, worker: bool = True, **training) -> AsyncIterator[Stack]:
+    """Registry and training servers (training's worker runs jobs in child processes when ``worker``)."""
+    reg_app = build_registry(RegistrySettings(data_dir=data_dir / "registry", s3=s3, grpc=GrpcServerSettings(port=0),
+                                              import_workers=1, watch_interval_s=0.05), metrics=False, default_port=0)
+    await reg_app.start()
+    registry_addr = f"127.0.0.1:{reg_app.server.port}"
+    settings = TrainingSettings(
+        data_dir=data_dir / "training", s3=s3, grpc=GrpcServerSettings(port=0), registry_addr=registry_addr,
+        worker_enabled=worker, worker_poll_interval_s=0.1, heartbeat_s=0.5, heartbeat_timeout_s=10,
+        cancel_grace_s=5, **training)
+    app = build_training(settings, metrics=False, default_port=0)
+    await app.start()
+    reg_channel = make_channel(registry_addr, default_timeout_s=120)
+    channel = make_channel(app.server.address, default_timeout_s=120)
+    try:
+        yield Stack(registry_pb2_grpc.RegistryServiceStub(reg_channel), training_pb2_grpc.TrainingServiceStub(channel),
+                    app.server.address, app)
+    finally:
+        await channel.close()
+        await reg_channel.close()
+        await app.stop(grace=1)
+        await reg_app.stop(grace=1)
+
+
+async def import_model(stub: registry_pb2_grpc.RegistryServiceStub, folder: Path, parent: str = "models/tiny",
+                       version_id: str = "base") -> str:
+    """Import a local model folder into the registry; its version name once READY."""
+    started = (await stub.ImportModel(rpb.ImportModelRequest(parent=parent, version_id=version_id,
+                                                             source_uri=str(folder)))).model_import
+    last = started
+    async for event in stub.WatchImport(rpb.WatchImportRequest(name=started.name), timeout=300):
+        last = event.model_import
+    assert last.state == rpb.IMPORT_STATE_SUCCEEDED, last.error
+    return last.model_version
+
+
+async def upload_dataset(stub: registry_pb2_grpc.RegistryServiceStub, parent: str, path: Path) -> str:
+    data = path.read_bytes()
+
+    async def messages():
+        yield rpb.UploadDatasetRequest(metadata=rpb.DatasetUploadMetadata(parent=parent, filename=path.name))
+        for i in range(0, len(data), 1 << 16):
+            yield rpb.UploadDatasetRequest(chunk=data[i:i + (1 << 16)])
+
+    return (await stub.UploadDataset(messages())).dataset_version.name
+
+
+async def rpc_error(call) -> tuple[grpc.StatusCode, object]:
+    """Await ``call`` expecting a failure: (code, the typed DomainError with reason and violations)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), error_from_rpc_error(info.value)
+
+
+def lora_job(base: str, datasets: list[str], method: int = tpb.TRAINING_METHOD_LORA, **spec) -> tpb.TrainingJob:
+    """A small LoRA job on the tiny model (overrides go to the spec; ``hyperparameters`` is a dict)."""
+    hp = {"max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 64, "learning_rate": 1e-3,
+          "lora_rank": 4, "precision": tpb.PRECISION_FP32, **spec.pop("hyperparameters", {})}
+    return tpb.TrainingJob(display_name=spec.pop("display_name", "test job"), spec=tpb.TrainingJobSpec(
+        base_model_version=base, dataset_versions=datasets, method=method, hyperparameters=tpb.Hyperparameters(**hp),
+        **spec))
+
+
+async def wait_state(stub: training_pb2_grpc.TrainingServiceStub, name: str, states: set[int],
+                     timeout: float = 120) -> tpb.TrainingJob:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        job = await stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=name))
+        if job.state in states:
+            return job
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{name} still in state {job.state} after {timeout}s")
+        await asyncio.sleep(0.1)
