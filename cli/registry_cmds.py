@@ -287,10 +287,45 @@ async def upload(
                   f"({v.invalid_row_count} invalid), sha256 {v.sha256}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "config.json")
+
+
+def _load_tokenizer(model: str):
+    """The tokenizer of a local folder, or of a registry version (only its tokenizer files are fetched)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = Path(model)
+    with tempfile.TemporaryDirectory(prefix="yard-tokenizer-") as tmp:
+        if not folder.is_dir():
+            folder = Path(tmp)
+            _fetch_tokenizer_files(_version_name(model), folder)
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means no usable tokenizer
+            _fail(f"--model {model!r}: cannot load its tokenizer: {exc}")
+
+
+@command
+async def _fetch_tokenizer_files(stub, name: str, dest: Path) -> None:
+    version = (await stub.GetModelVersion(pb.GetModelVersionRequest(name=name))).model_version
+    wanted = [f.path for f in version.files if f.path in TOKENIZER_FILES]
+    if not wanted:
+        _fail(f"--model {name}: the version has no tokenizer files")
+    for path in wanted:
+        with open(dest / path, "wb") as out:
+            async for part in stub.DownloadFile(pb.DownloadFileRequest(name=name, path=path)):
+                out.write(part.chunk)
+
+
 @datasets_app.command("validate")
 def validate(
     file: Annotated[Path, typer.Argument(help="Local JSONL / JSON / Parquet file.")],
-    model: Annotated[str, typer.Option("--model", help="Local model folder or hub id whose tokenizer counts tokens.")] = "",
+    model: Annotated[str, typer.Option(
+        "--model", help="Registry model version (MODEL/VERSION) or a local model folder whose tokenizer counts tokens.")] = "",
     max_length: Annotated[int, typer.Option("--max-length", help="Count rows longer than this many tokens.")] = 0,
     format: Annotated[str, typer.Option("--format", help="Expected format (default: detect).")] = "",
     show: Annotated[int, typer.Option("--show", help="Row errors to print.")] = 50,
@@ -299,14 +334,7 @@ def validate(
     from services.core.datasets import validate_dataset
 
     try:
-        tokenizer = None
-        if model:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(model)
-            except Exception as exc:  # noqa: BLE001 - any failure means no tokenizer
-                _fail(f"--model {model!r}: cannot load its tokenizer: {exc}")
+        tokenizer = _load_tokenizer(model) if model else None
         report = validate_dataset(file, expected_format=format or None, tokenizer=tokenizer,
                                   max_length=max_length or None)
     except DomainError as err:

@@ -48,6 +48,7 @@ class TrainingClientSettings(BaseSettings):
 
 
 _fail = fail
+WATCH_TIMEOUT_S = 7 * 24 * 3600.0  # a Watch follows a job to its end: a deadline, but a far one
 command = grpc_command("training service", lambda: TrainingClientSettings().addr, Stub, timeout_s=60)
 
 
@@ -266,7 +267,7 @@ async def cancel_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job i
 @command
 async def job_logs(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
     """Print the job's log lines, following them until the job ends."""
-    async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=job_name(name)), timeout=None):
+    async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=job_name(name)), timeout=WATCH_TIMEOUT_S):
         if event.WhichOneof("payload") == "log":
             console.print(event.log.line, highlight=False, markup=False)
 
@@ -284,7 +285,7 @@ async def _watch(stub: Stub, name: str) -> None:
                         TimeRemainingColumn(), console=console, transient=False)
     with progress:
         task = progress.add_task(name, total=None, state="queued", loss="-", eta="-")
-        async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=name), timeout=None):
+        async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=name), timeout=WATCH_TIMEOUT_S):
             which = event.WhichOneof("payload")
             if which == "metrics":
                 values, update = event.metrics.values, {}

@@ -10,7 +10,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 YARD=(.venv/bin/yard)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ENGINE="${DEMO_ENGINE:-$([ -x .venv-vllm/bin/python ] && echo vllm || echo transformers)}"
 STEPS="${DEMO_STEPS:-40}"
 
