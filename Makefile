@@ -49,7 +49,7 @@ test-unit: setup
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
 
-demo: setup
+demo: setup engine-vllm
 	bash scripts/demo.sh
 
 up: setup
