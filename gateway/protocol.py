@@ -73,6 +73,7 @@ class _Sampling(_Request):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past an end-of-sequence token
 
     @field_validator("stop")
     @classmethod
@@ -107,7 +108,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -116,19 +117,20 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _text_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and not all(isinstance(p, str) for p in value):
-            raise ValueError("token-id prompts are not supported; send the prompt as text")
-        if isinstance(value, list) and not value:
-            raise ValueError("at least one prompt")
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("at least one prompt, and no empty token list")
         return value
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text or token ids (a flat list of ints is one prompt)."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class EmbeddingRequest(_Request):

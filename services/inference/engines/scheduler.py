@@ -45,6 +45,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -328,7 +329,7 @@ class Scheduler:
         seq.req.completion_tokens += 1
         if seq.counts is not None:
             seq.counts[token] += 1
-        if token in self.eos_ids:
+        if token in self.eos_ids and not s.ignore_eos:
             self._flush(seq, len(seq.text))
             self._finish(seq, "stop")
             return

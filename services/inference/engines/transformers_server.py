@@ -60,6 +60,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past an end-of-sequence token
 
 
 class ChatBody(_Body):
@@ -223,7 +224,7 @@ class TransformersEngineServer:
             max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=-1 if body.top_k is None else body.top_k, seed=body.seed, stop=[s for s in stop if s],
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            logprobs=logprobs, top_logprobs=top_logprobs,
+            logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=body.ignore_eos,
         )
 
     async def generate(self, req: GenRequest) -> AsyncIterator[Event]:
