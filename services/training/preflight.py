@@ -184,9 +184,10 @@ class Preflight:
         wanted = launcher.num_processes or (hw.device_count if on_gpu else 1)
         if launcher.kind == "local":
             return 1
-        if launcher.kind == "deepspeed" and not (on_gpu and hw.deepspeed):
-            why = "the deepspeed package is not installed" if not hw.deepspeed else f"this node has no GPU ({hw.accelerator})"
-            raise _unsupported(f"launcher deepspeed needs CUDA/NPU GPUs and deepspeed: {why}", launcher="deepspeed")
+        if launcher.kind == "deepspeed" and not hw.deepspeed:
+            # Without GPUs DeepSpeed runs on its CPU accelerator over gloo (fp32; checked by the recipe).
+            raise _unsupported("launcher deepspeed needs the deepspeed package, which this node lacks",
+                               launcher="deepspeed")
         allowed = self.options.max_processes or (hw.device_count if on_gpu else hw.cpu_cores)
         if wanted > allowed:
             raise _unsupported(f"launcher {launcher.kind} asks for {wanted} processes; this node allows {allowed} "

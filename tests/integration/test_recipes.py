@@ -275,16 +275,25 @@ async def test_qlora_on_a_cpu_node_fails_with_the_capability_message(jobs, worke
     assert done.error["message"].startswith("qlora needs a CUDA GPU with bitsandbytes; this node has: cpu")
 
 
-async def test_two_process_run_over_gloo_completes_and_only_rank0_reports(jobs, worker, store, s3_settings, tiny_inputs):
+@pytest.mark.parametrize("zero_stage,offload", [(2, False), (3, True)])
+async def test_two_process_run_over_gloo_completes_and_only_rank0_reports(zero_stage, offload, jobs, worker, store,
+                                                                         s3_settings, tiny_inputs):
     base, datasets = tiny_inputs
     spec = make_spec(s3_settings, base, datasets, hyperparameters={"max_steps": 4},
-                     launcher={"kind": "deepspeed", "num_processes": 2, "zero_stage": 2, "offload": False})
-    done = await run_job(jobs, worker, spec, "trainingJobs/ddp-1")
+                     launcher={"kind": "deepspeed", "num_processes": 2, "zero_stage": zero_stage, "offload": offload})
+    name = f"zero{zero_stage}-1"
+    done = await run_job(jobs, worker, spec, f"trainingJobs/{name}")
     assert done.outputs["final_metrics"]["global_step"] == 4
-    assert store.exists("training/ddp-1/outputs/adapter/manifest.json")
+    assert store.exists(f"training/{name}/outputs/adapter/manifest.json")
     metrics = [e.data for e in events_of(jobs, done.name, "metrics") if "loss" in e.data]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # rank 0 only, relayed once per step
-    assert any(e.message == "ranks launched" and e.data["processes"] == 2 for e in jobs.events(done.name))
-    # CPU node: the HF Trainer cannot run DeepSpeed without CUDA, so the ranks run DDP over gloo and say so
-    fallback = [e.data for e in jobs.events(done.name) if e.message == "deepspeed needs CUDA here: DDP over gloo instead"]
-    assert fallback == [{"processes": 2, "zero_stage": 2}]
+    assert all(m["loss"] == m["loss"] for m in metrics)
+    logs = {e.message: e.data for e in jobs.events(done.name) if e.type.value == "log"}
+    assert logs["ranks launched"]["processes"] == 2
+    # CPU node: DeepSpeed's own engine over gloo, not a DDP fallback
+    assert logs["training engine"] == {"engine": f"deepspeed zero-{zero_stage} over gloo, 2 ranks"}
+    used = logs["deepspeed engine used"]
+    assert (used["zero_stage"], used["world_size"], used["offload"]) == (zero_stage, 2, offload)
+    # ZeRO shards the optimizer: rank 0's fp32 partition is half of the trainable (LoRA) weights, up to padding
+    assert used["trainable_params"] > 0
+    assert used["trainable_params"] / 2 <= used["optimizer_partition_params"] <= used["trainable_params"] / 2 + 64

@@ -122,10 +122,41 @@ def test_bad_spec_names_each_field():
 
 def test_deepspeed_config_follows_the_launcher_spec():
     from services.training.recipes.distributed import deepspeed_config
-    from services.training.recipes.spec import Launcher
+    from services.training.recipes.spec import Hyperparameters, Launcher
 
-    z2 = deepspeed_config(Launcher(kind="deepspeed", num_processes=2, zero_stage=2))["zero_optimization"]
-    assert z2["stage"] == 2 and "offload_optimizer" not in z2 and "offload_param" not in z2
-    z3 = deepspeed_config(Launcher(kind="deepspeed", num_processes=4, zero_stage=3, offload=True))["zero_optimization"]
-    assert z3["stage"] == 3 and z3["offload_optimizer"]["device"] == z3["offload_param"]["device"] == "cpu"
-    assert z3["stage3_gather_16bit_weights_on_model_save"] is True
+    hp = Hyperparameters(batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    z2 = deepspeed_config(Launcher(kind="deepspeed", num_processes=2, zero_stage=2), hp)
+    zero = z2["zero_optimization"]
+    assert zero["stage"] == 2 and "offload_optimizer" not in zero and "offload_param" not in zero
+    assert (z2["train_micro_batch_size_per_gpu"], z2["gradient_accumulation_steps"]) == (3, 4)
+    assert z2["train_batch_size"] == 3 * 4 * 2 and z2["gradient_clipping"] == 0.5
+    assert z2["bf16"] == z2["fp16"] == {"enabled": False}  # fp32
+    assert z2["zero_allow_untested_optimizer"] is True and z2["zero_force_ds_cpu_optimizer"] is False
+    z3 = deepspeed_config(Launcher(kind="deepspeed", num_processes=4, zero_stage=3, offload=True),
+                          Hyperparameters(precision="bf16"))
+    zero = z3["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert z3["train_batch_size"] == 1 * 1 * 4 and z3["bf16"] == {"enabled": True}
+    z2_offload = deepspeed_config(Launcher(kind="deepspeed", num_processes=2, zero_stage=2, offload=True), hp)
+    assert "offload_optimizer" in z2_offload["zero_optimization"]
+    assert "offload_param" not in z2_offload["zero_optimization"]  # parameter offload is ZeRO-3 only
+
+
+def test_deepspeed_config_matches_the_trainer_arguments(tmp_path):
+    """The Trainer compares every concrete value with its own arguments and fails on a mismatch."""
+    from transformers import TrainingArguments
+
+    from services.training.recipes.distributed import deepspeed_config
+    from services.training.recipes.spec import Hyperparameters, Launcher
+
+    config = deepspeed_config(Launcher(kind="deepspeed", num_processes=1, zero_stage=2),
+                              Hyperparameters(batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.7))
+
+    def mismatches(accumulation: int) -> list[str]:
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_grad_norm=0.7,
+                                 gradient_accumulation_steps=accumulation, deepspeed=config, report_to=[])
+        return args.hf_deepspeed_config.mismatches
+
+    assert mismatches(3) == []
+    assert any("gradient_accumulation_steps" in m for m in mismatches(2))  # the check is live

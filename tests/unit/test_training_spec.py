@@ -73,8 +73,13 @@ def test_hardware_refusals_say_why():
         preflight(two_gpus)._processes(request(launcher=deepspeed))
     assert info.value.reason == "HARDWARE_UNSUPPORTED"
     assert preflight(two_gpus)._processes(request(launcher=LauncherRequest(kind="deepspeed"))) == 2
-    with pytest.raises(FailedPrecondition, match="deepspeed needs CUDA/NPU GPUs"):
-        preflight(CPU)._processes(request(launcher=LauncherRequest(kind="deepspeed", num_processes=1)))
+    without_package = Hardware("cpu", (), cpu_cores=2, deepspeed=False)
+    with pytest.raises(FailedPrecondition, match="needs the deepspeed package"):
+        preflight(without_package)._processes(request(launcher=LauncherRequest(kind="deepspeed", num_processes=1)))
+    cpu_with_deepspeed = Hardware("cpu", (), cpu_cores=2, deepspeed=True)  # ZeRO over gloo on CPU cores
+    assert preflight(cpu_with_deepspeed)._processes(request(launcher=LauncherRequest(kind="deepspeed", num_processes=2))) == 2
+    with pytest.raises(FailedPrecondition, match="asks for 3 processes; this node allows 2"):
+        preflight(cpu_with_deepspeed)._processes(request(launcher=LauncherRequest(kind="deepspeed", num_processes=3)))
 
 
 def test_filters_and_names():

@@ -34,6 +34,14 @@ def check_capabilities(spec: TrainingSpec) -> None:
     if spec.hyperparameters.precision == "fp16" and not cuda:
         raise FailedPrecondition(f"precision fp16 needs a CUDA GPU; this node has: {describe_node()} (use fp32 or bf16)",
                                  reason="HARDWARE_UNSUPPORTED", metadata={"precision": "fp16"})
-    if spec.launcher.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+    if spec.launcher.kind != "deepspeed":
+        return
+    if importlib.util.find_spec("deepspeed") is None:
         raise FailedPrecondition("launcher deepspeed needs the deepspeed package on this node",
                                  reason="HARDWARE_UNSUPPORTED", metadata={"launcher": "deepspeed"})
+    if not cuda and spec.hyperparameters.precision != "fp32":
+        # ZeRO-2/3 (with or without CPU offload) run on DeepSpeed's CPU accelerator over gloo, tested in fp32 only
+        raise FailedPrecondition(
+            f"launcher deepspeed on a node without CUDA trains in fp32 only; this node has: {describe_node()}",
+            reason="HARDWARE_UNSUPPORTED",
+            metadata={"launcher": "deepspeed", "precision": spec.hyperparameters.precision})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,12 +154,43 @@ def _common_args(spec: TrainingSpec, plan: Plan, has_eval: bool, distributed: bo
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         gradient_checkpointing=spec.method == "qlora",
     )
-    if distributed:
+    if spec.launcher.kind == "deepspeed":  # always a launched rank (see run.py)
+        args["deepspeed"] = deepspeed_config(spec.launcher, hp)
+        if not cuda:
+            args["use_cpu"] = False  # use_cpu would make the ranks plain DDP and drop the DeepSpeed config
+            args["accelerator_config"] = {"use_configured_state": True}
+            _deepspeed_state_on_cpu()
+    elif distributed:
         args["ddp_backend"] = "nccl" if cuda else "gloo"
-        if spec.launcher.kind == "deepspeed" and cuda:
-            args["deepspeed"] = deepspeed_config(spec.launcher)
-        # On a CPU node the HF Trainer runs its ranks as MULTI_CPU (DDP over gloo) and would ignore a DeepSpeed
-        # config, so none is passed there; train() reports the fallback.
+    return args
+
+
+def _deepspeed_state_on_cpu() -> None:
+    """Set up the ranks' accelerate state for DeepSpeed on a node without CUDA, before any TrainingArguments.
+
+    accelerate 1.15 picks no process-group backend for DeepSpeed when there is no accelerator device, and then
+    counts one process per rank (every rank trains on all the data and acts as the main one); given the CPU
+    accelerator's backend (gloo without oneCCL) it sets up a real DEEPSPEED state over the WORLD_SIZE ranks.
+    DeepSpeed's shared-memory all-reduce op (a C++ JIT build; it serves only tensor-parallel inference) is
+    switched off, so a ZeRO run compiles nothing."""
+    import deepspeed.ops
+    from accelerate import PartialState
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # deepspeed keeps edits to this dict
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as `accelerate launch` sets it for DeepSpeed ranks
+    PartialState(backend=get_accelerator().communication_backend_name())
+
+
+def describe_engine(trainer: Trainer, world_size: int) -> str:
+    """Which engine trains, e.g. ``deepspeed zero-2 over gloo, 2 ranks`` or ``ddp over gloo, 2 ranks``."""
+    import torch.distributed as dist
+
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    if trainer.is_deepspeed_enabled:
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        return f"deepspeed zero-{stage} over {backend}, {world_size} ranks"
+    return f"ddp over {backend}, {world_size} ranks" if world_size > 1 else "single process"
     return args
 
 
@@ -270,15 +302,21 @@ def train(plan: Plan, sink: EventSink, *, rank: int = 0, world_size: int = 1) ->
                                             is_main=is_main, distributed=distributed))
     reporting = ReportingCallback(sink, counter, distributed=distributed, scale=world_size)
     trainer.add_callback(reporting)  # after the uploader: a cancel also clears its end-of-run save
-    if is_main and distributed and spec.launcher.kind == "deepspeed" and not torch.cuda.is_available():
-        sink.log("deepspeed needs CUDA here: DDP over gloo instead", processes=world_size,
-                 zero_stage=spec.launcher.zero_stage)
+    if is_main and world_size > 1:
+        sink.log("training engine", engine=describe_engine(trainer, world_size))
     if plan.resume_from:
         sink.log("resuming from checkpoint", checkpoint=Path(plan.resume_from).name)
     output = trainer.train(resume_from_checkpoint=plan.resume_from)
     if is_main and trainer.is_deepspeed_enabled:
         engine = trainer.model_wrapped
-        sink.log("deepspeed engine used", zero_stage=engine.zero_optimization_stage(), world_size=engine.world_size)
+        # this rank's fp32 master partition (ZeRO-3, else ZeRO-1/2): ~1/world_size of the trainable weights
+        zero = engine.optimizer
+        flat = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+        partition = sum(t.numel() for t in flat)
+        sink.log("deepspeed engine used", zero_stage=engine.zero_optimization_stage(), world_size=engine.world_size,
+                 offload=spec.launcher.offload, optimizer_partition_params=partition,
+                 trainable_params=sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves each rank a stub
+                                      for p in trainer.model.parameters() if p.requires_grad))
     step = trainer.state.global_step
     if reporting.stopped_by_cancel:
         return TrainResult(step, True, {})
