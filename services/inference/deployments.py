@@ -12,7 +12,6 @@ with exponential backoff (DEGRADED meanwhile, READY again when it answers); afte
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import re
 import socket
@@ -27,6 +26,7 @@ from sqlalchemy import select
 
 from services.core.artifacts import FileEntry, Manifest
 from services.core.db import Database, utcnow
+from services.core.paging import decode_page_token, encode_page_token
 from services.core.errors import (
     AlreadyExists,
     DomainError,
@@ -453,13 +453,13 @@ class Deployments:
         if page_size < 0:
             raise InvalidArgument.for_field("page_size", "must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = _decode_token(page_token)
+        offset = decode_page_token(page_token, [filter, order_by])
         views = [r.view() for r in self._runners.values()]
         views = [v for v in views if _matches(v, _parse_filter(filter))]
         key, reverse = _parse_order(order_by)
         views.sort(key=key, reverse=reverse)
         page = views[offset:offset + size]
-        next_token = _encode_token(offset + size) if offset + size < len(views) else ""
+        next_token = encode_page_token(offset + size, [filter, order_by]) if offset + size < len(views) else ""
         return page, next_token
 
     async def undeploy(self, name: str) -> DeploymentView:
@@ -600,21 +600,6 @@ def _parse_order(text: str) -> tuple[Callable[[DeploymentView], Any], bool]:
     if parts[0] not in keys or len(parts) > 2 or (len(parts) == 2 and parts[1].lower() not in ("asc", "desc")):
         raise InvalidArgument.for_field("order_by", f"one of {', '.join(keys)} with optional asc/desc, got {text!r}")
     return keys[parts[0]], len(parts) == 2 and parts[1].lower() == "desc"
-
-
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        assert kind == "o"
-        return int(value)
-    except Exception:  # noqa: BLE001 - any malformed token is the caller's
-        raise InvalidArgument.for_field("page_token", "not a token from a previous response") from None
 
 
 __all__ = ["Deployments", "DeploymentRecord", "DeploymentView", "AdapterRecord", "State", "parse_name"]

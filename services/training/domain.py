@@ -8,18 +8,15 @@ and checkpoints found in S3 under ``training/{id}/checkpoints/step-{N:08d}/`` (m
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from services.core.artifacts import ArtifactStore
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from services.core.paging import decode_page_token, encode_page_token
 from services.core.jobs import EventType, JobEvent, JobRecord, JobState, JobStore, watch
 from services.core.logging import get_logger
 
@@ -148,12 +145,12 @@ class TrainingJobs:
         if key not in _ORDER_BY:
             raise InvalidArgument.for_field("order_by", f"{order_by!r} must be one of: create_time [asc|desc], name [asc|desc]")
         fingerprint = [sorted(s.value for s in states), method, kind, _ORDER_BY[key]]
-        offset = _decode_token(page_token, fingerprint)
+        offset = decode_page_token(page_token, fingerprint)
         matching = await asyncio.to_thread(self._all, kind, states, _ORDER_BY[key], method)
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         page = matching[offset:offset + size]
         more = offset + size < len(matching)
-        return page, _encode_token(offset + size, fingerprint) if more else ""
+        return page, encode_page_token(offset + size, fingerprint) if more else ""
 
     def _all(self, kind: str | None, states: list[JobState], order: str, method: str | None) -> list[JobRecord]:
         out, token = [], ""
@@ -186,10 +183,10 @@ class TrainingJobs:
             found = [c for c in found if op(c.step, value)]
         found.sort(key=lambda c: c.step, reverse=key == "step desc")
         fingerprint = [filter.strip(), key]
-        offset = _decode_token(page_token, fingerprint)
+        offset = decode_page_token(page_token, fingerprint)
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         more = offset + size < len(found)
-        return found[offset:offset + size], _encode_token(offset + size, fingerprint) if more else ""
+        return found[offset:offset + size], encode_page_token(offset + size, fingerprint) if more else ""
 
     def _checkpoints(self, job: JobRecord) -> list[Checkpoint]:
         prefix = checkpoints_prefix(job.name)
@@ -250,18 +247,3 @@ def _parse_filter(text: str) -> tuple[list[JobState], str | None, str | None]:
     return states, method, kind
 
 
-def _encode_token(offset: int, fingerprint: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"o": offset, "f": fingerprint}).encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str, fingerprint: list[Any]) -> int:
-    if not token:
-        return 0
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        offset = int(data["o"])
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        raise InvalidArgument.for_field("page_token", "is not a token returned by this list") from None
-    if data.get("f") != fingerprint or offset < 0:
-        raise InvalidArgument.for_field("page_token", "was issued for a different filter or order")
-    return offset

@@ -8,8 +8,6 @@ change and its ``state`` event are written in the same transaction.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import uuid
@@ -39,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from ..db import Database, Migration, create_tables, utcnow
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..paging import decode_page_token, encode_page_token
 from ..logging import get_logger
 from .records import (
     JOB_ATTEMPTS_EXHAUSTED,
@@ -217,7 +216,7 @@ class JobStore:
         column, desc = _ORDER_BY[key]
         state_values = sorted(JobState(st).value for st in states) if states else []
         fingerprint = [kind, state_values, key]
-        offset = self._decode_token(page_token, fingerprint)
+        offset = decode_page_token(page_token, fingerprint)
         q = select(jobs)
         if kind:
             q = q.where(jobs.c.kind == kind)
@@ -227,26 +226,8 @@ class JobStore:
         q = q.order_by(col.desc() if desc else col.asc(), jobs.c.name.desc() if desc else jobs.c.name.asc())
         with self.db.session() as s:
             rows = s.execute(q.offset(offset).limit(size + 1)).all()
-        token = self._encode_token(offset + size, fingerprint) if len(rows) > size else ""
+        token = encode_page_token(offset + size, fingerprint) if len(rows) > size else ""
         return [_record(r) for r in rows[:size]], token
-
-    @staticmethod
-    def _encode_token(offset: int, fingerprint: list) -> str:
-        raw = json.dumps({"o": offset, "f": fingerprint}).encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @staticmethod
-    def _decode_token(token: str, fingerprint: list) -> int:
-        if not token:
-            return 0
-        try:
-            data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-            offset = int(data["o"])
-        except (binascii.Error, ValueError, KeyError, TypeError):
-            raise InvalidArgument.for_field("page_token", "is not a token returned by this list") from None
-        if data.get("f") != fingerprint or offset < 0:
-            raise InvalidArgument.for_field("page_token", "was issued for a different filter or order")
-        return offset
 
     # ----------------------------------------------------------------- worker side
 
