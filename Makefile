@@ -61,8 +61,11 @@ down:
 status:
 	$(VENV)/bin/yard status
 
-bench: setup
+bench: setup engine-vllm
 	$(PY) bench/artifact_throughput.py
+	$(PY) bench/registry_import.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/gateway_overhead.py
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
