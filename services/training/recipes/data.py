@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +161,9 @@ def cached_sft(cache_dir: Path, sha256: str, tokenizer: PreTrainedTokenizerBase,
     else:
         data = tokenize_sft(tokenizer, rows_fn(), max_length)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # Every rank of a multi-process run may tokenize at once: each writes its own temp file and the
+        # atomic rename makes the last identical copy win, so no reader ever sees a partial file.
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps({"examples": data.examples, "truncated_rows": data.truncated_rows,
                                    "empty_rows": data.empty_rows}))
         tmp.replace(path)
