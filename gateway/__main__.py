@@ -14,7 +14,7 @@ def main() -> None:
     settings = GatewaySettings()
     configure_logging(level=settings.log_level, json=settings.log_json, service="gateway")
     uvicorn.run(create_app(settings), host=settings.http.host, port=settings.http.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=20)
+                access_log=False, timeout_graceful_shutdown=20, timeout_keep_alive=int(settings.http.keep_alive_s))
 
 
 if __name__ == "__main__":

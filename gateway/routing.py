@@ -82,7 +82,8 @@ class Router:
         self._settings = settings
         self.replicas: list[Replica] = []
         for addr in addrs:
-            channel = make_channel(addr, default_timeout_s=None, retry_attempts=1)
+            # the data path passes its own deadline and request id: streams skip the interceptor hop
+            channel = make_channel(addr, default_timeout_s=None, retry_attempts=1, intercept_streams=False)
             self.replicas.append(Replica(addr, channel, pb_grpc.InferenceServiceStub(channel)))
         self._task: asyncio.Task | None = None
         self._last_on_demand = 0.0

@@ -17,6 +17,10 @@ from services.core.settings import DEFAULT_DATA_DIR, DEFAULT_PORTS
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORTS["gateway"]
+    # Idle keep-alive connections are closed after this. Longer than the clients' own expiry (httpx,
+    # and so the OpenAI SDK: 5 s), so that a client never sends a request on a connection the
+    # gateway is closing at that moment (uvicorn's 5 s default races with it: ReadError).
+    keep_alive_s: float = 75.0
 
 
 class AuthSettings(BaseModel):

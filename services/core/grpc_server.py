@@ -9,6 +9,7 @@ graceful SIGTERM: health goes NOT_SERVING, new calls are refused, in-flight call
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from .errors import Unavailable
-from .interceptors import AccessLogInterceptor, ErrorInterceptor, RequestIdInterceptor
+from .interceptors import AccessLogInterceptor, ChainInterceptor, ErrorInterceptor, RequestIdInterceptor
 from .logging import get_logger
 from .settings import GrpcServerSettings
 
@@ -72,11 +73,11 @@ class GrpcServer:
     async def start(self) -> None:
         s = self.settings
         server = grpc.aio.server(
-            interceptors=[
+            interceptors=[ChainInterceptor(
                 RequestIdInterceptor(),
                 AccessLogInterceptor(self.service),
                 ErrorInterceptor(f"modelyard.{self.service}"),
-            ],
+            )],
             options=server_options(s.max_message_bytes),
             maximum_concurrent_rpcs=None,
         )
@@ -148,6 +149,18 @@ class GrpcServer:
         await self.stop()
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (as for the gateway under uvicorn): a cheaper loop iteration for every
+    message of a stream. ``YARD_EVENT_LOOP=asyncio`` keeps the standard loop."""
+    if os.environ.get("YARD_EVENT_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run_service(main: Callable[[], Awaitable[None]]) -> None:
     """Entry point helper for ``__main__``: run ``main`` and turn startup errors into one clear line."""
     import sys
@@ -155,7 +168,8 @@ def run_service(main: Callable[[], Awaitable[None]]) -> None:
     from .errors import DomainError
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(main())
     except DomainError as err:
         log.error("service_failed_to_start", error=err.message, reason=err.reason)
         print(f"error: {err.message}", file=sys.stderr)

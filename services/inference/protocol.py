@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -240,6 +241,57 @@ def complete_chunk(chunk: dict[str, Any]) -> pb.CompleteChunk:
             logprobs=_completion_logprobs(c.get("logprobs")),
         ))
     return msg
+
+
+def _merged(msgs: list[Any], can_extend: Callable[[Any], bool], can_continue: Callable[[Any], bool],
+            extend: Callable[[Any, Any], None]) -> list[Any]:
+    """Messages of one choice each (what the engines send), merged per choice: a delta is appended
+    to the open message of its choice while ``can_extend(open choice)`` and ``can_continue(delta)``.
+    Choices keep their own order; a message with several choices or with usage is passed as is."""
+    out: list[Any] = []
+    open_by_index: dict[int, Any] = {}
+    for msg in msgs:
+        if msg.HasField("usage") or len(msg.choices) != 1:
+            out.append(msg)
+            open_by_index.clear()  # nothing after this may move before it
+            continue
+        c = msg.choices[0]
+        acc = open_by_index.get(c.index)
+        if acc is not None and can_extend(acc.choices[0]) and can_continue(c):
+            extend(acc.choices[0], c)
+            continue
+        out.append(msg)
+        open_by_index[c.index] = msg
+    return out
+
+
+def _extend_chat(acc: pb.ChatChoiceDelta, c: pb.ChatChoiceDelta) -> None:
+    acc.content += c.content
+    acc.logprobs.extend(c.logprobs)
+    acc.finish_reason = c.finish_reason
+
+
+def _extend_completion(acc: pb.CompleteChoiceDelta, c: pb.CompleteChoiceDelta) -> None:
+    acc.text += c.text
+    acc.logprobs.extend(c.logprobs)
+    acc.finish_reason = c.finish_reason
+
+
+def chat_chunks(chunks: list[dict[str, Any]]) -> list[pb.ChatChunk]:
+    """Messages for a run of engine chunks (a reader that fell behind, or a paced stream, gets several
+    at once): the deltas of each choice are merged (content and logprobs concatenated), so each gRPC
+    message and each SSE event downstream carries every token of that choice that was ready. Every
+    message still holds one choice, as OpenAI streams do; tool-call deltas and a finished choice end
+    a run; the usage chunk is never merged (it stays last, without choices)."""
+    return _merged([chat_chunk(c) for c in chunks],
+                   lambda acc: not acc.finish_reason and not acc.tool_calls,
+                   lambda c: not c.tool_calls and not c.role, _extend_chat)
+
+
+def complete_chunks(chunks: list[dict[str, Any]]) -> list[pb.CompleteChunk]:
+    """``chat_chunks`` for text completions (a finished choice and the usage chunk end a run)."""
+    return _merged([complete_chunk(c) for c in chunks], lambda acc: not acc.finish_reason, lambda c: True,
+                   _extend_completion)
 
 
 def embed_response(body: dict[str, Any]) -> pb.EmbedResponse:

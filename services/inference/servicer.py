@@ -9,11 +9,13 @@ from modelyard.inference.v1 import inference_pb2_grpc
 
 from . import protocol
 from .deployments import Deployments
+from .streaming import Pacer
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, deployments: Deployments) -> None:
+    def __init__(self, deployments: Deployments, pacer: Pacer | None = None) -> None:
         self._deployments = deployments
+        self._pacer = pacer or Pacer(0.0, 1)
 
     # ------------------------------------------------------------------ control plane
 
@@ -51,19 +53,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ChatChunk]:
         engine, model = self._deployments.engine_for(request.deployment, request.adapter)
-        stream = engine.chat(protocol.chat_body(request, model))
+        stream = self._pacer.stream(engine.chat(protocol.chat_body(request, model)))
         try:
-            async for chunk in stream:
-                yield protocol.chat_chunk(chunk)
+            async for batch in stream:
+                for msg in protocol.chat_chunks(batch):
+                    yield msg
         finally:
             await stream.aclose()  # a cancelled call closes the engine stream: the engine aborts
 
     async def Complete(self, request: pb.CompleteRequest, context) -> AsyncIterator[pb.CompleteChunk]:
         engine, model = self._deployments.engine_for(request.deployment, request.adapter)
-        stream = engine.complete(protocol.complete_body(request, model))
+        stream = self._pacer.stream(engine.complete(protocol.complete_body(request, model)))
         try:
-            async for chunk in stream:
-                yield protocol.complete_chunk(chunk)
+            async for batch in stream:
+                for msg in protocol.complete_chunks(batch):
+                    yield msg
         finally:
             await stream.aclose()
 

