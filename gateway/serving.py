@@ -62,7 +62,15 @@ class CallContext:
     reservation: Reservation | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    content_deltas: int = 0  # fallback count when the engine's usage never arrived
+    # fallback count when the engine's usage never arrived (a cut stream): a delta may carry several
+    # tokens (the inference service merges the ready ones), so at least ~4 characters a token
+    content_deltas: int = 0
+    content_chars: int = 0
+
+    def count_delta(self, text: str) -> None:
+        if text:
+            self.content_deltas += 1
+            self.content_chars += len(text)
     usage_reported: bool = False
 
     @property
@@ -200,7 +208,8 @@ class Serving:
     def settle(self, ctx: CallContext) -> None:
         """Bill the engine's usage (or the estimate of a cut stream) once, by request id."""
         if not ctx.usage_reported and ctx.content_deltas:
-            ctx.prompt_tokens, ctx.completion_tokens = ctx.prompt_estimate, ctx.content_deltas
+            ctx.prompt_tokens = ctx.prompt_estimate
+            ctx.completion_tokens = max(ctx.content_deltas, estimate_tokens(ctx.content_chars))
             log.info("usage_estimated", request_id=ctx.request_id, completion_tokens=ctx.completion_tokens)
         total = ctx.prompt_tokens + ctx.completion_tokens
         if ctx.reservation is not None:
@@ -339,8 +348,7 @@ class Serving:
                     continue
                 out_filter = filters.setdefault(d.index, self.filter.output())
                 content = out_filter.feed(d.content)
-                if d.content:
-                    ctx.content_deltas += 1
+                ctx.count_delta(d.content)
                 finish = "content_filter" if out_filter.blocked else FINISH.get(d.finish_reason)
                 tool_calls = [p.ToolCallDeltaOut(index=t.index, id=t.id or None, type="function" if t.id else None,
                                                  function=p.FunctionDelta(name=t.name or None, arguments=t.arguments))
@@ -456,8 +464,7 @@ class Serving:
                         continue
                     out_filter = filters.setdefault(d.index, self.filter.output())
                     text = out_filter.feed(d.text)
-                    if d.text:
-                        ctx.content_deltas += 1
+                    ctx.count_delta(d.text)
                     finish = "content_filter" if out_filter.blocked else FINISH.get(d.finish_reason)
                     if finish:
                         done.add(d.index)

@@ -274,6 +274,22 @@ def test_usage_is_recorded_once_per_request_id(stack):
                      "completion_tokens": 8, "total_tokens": 11}]
 
 
+def test_stream_cut_before_usage_is_billed_an_estimate(stack):
+    """No usage from the engine (it failed mid-stream): prompt ~4 characters a token, completion the
+    larger of the deltas seen (2) and ~4 characters a token of their text ("Hello from": 3)."""
+    admin = stack["admin"]
+    created = admin.post("/admin/keys", json={"name": "cut"}).json()
+    with httpx.Client(base_url=stack["url"], headers={"authorization": f"Bearer {created['key']}"}) as c:
+        with c.stream("POST", "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "FAIL_MIDSTREAM"}], "stream": True}) as r:
+            assert r.status_code == 200
+            r.read()
+    assert '"engine_crashed"' in r.text
+    rows = admin.get("/admin/usage", params={"key": created["id"]}).json()["data"]
+    assert rows == [{"key_id": created["id"], "model": "tiny", "requests": 1, "prompt_tokens": 4,
+                     "completion_tokens": 3, "total_tokens": 7}]
+
+
 def test_rate_limits_answer_429_with_headers(stack):
     admin = stack["admin"]
     limited = admin.post("/admin/keys", json={"name": "rpm", "rpm": 2}).json()
