@@ -14,6 +14,7 @@ the deployment's ``engine_endpoints``. Or point it at a running one:
     .venv/bin/python bench/gateway_overhead.py                      # self-contained
     .venv/bin/python bench/gateway_overhead.py --engine transformers --model smollm2
     .venv/bin/python bench/gateway_overhead.py --engine vllm --model tiny64     # a fast vLLM engine
+    .venv/bin/python bench/gateway_overhead.py --split    # + straight to the inference service (per hop)
     .venv/bin/python bench/gateway_overhead.py --gateway-url http://127.0.0.1:8000 \\
         --engine-url http://127.0.0.1:41237 --gateway-model tiny [--engine-model NAME] [--api-key sk-yard-...]
 """
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ class Target:
     gateway_model: str
     engine_model: str
     api_key: str
+    inference_addr: str = ""  # host:port of the inference service (for --split)
+    deployment: str = "deployments/bench"
 
 
 # ----------------------------------------------------------------------------- the stack
@@ -122,7 +125,8 @@ def own_stack(engine: str, model: str, max_num_seqs: int) -> Iterator[Target]:
                 if time.monotonic() > deadline:
                     raise SystemExit("the gateway never listed the deployment")
                 time.sleep(0.2)
-            yield Target(gateway, d.engine_endpoints[0], "bench", d.served_model_name, key)
+            yield Target(gateway, d.engine_endpoints[0], "bench", d.served_model_name, key,
+                         inference_addr=f"{HOST}:{ports['inference']}")
         finally:
             stack.stop()
 
@@ -156,8 +160,59 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, headers: 
     return tokens
 
 
+async def grpc_level(addr: str, deployment: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """``level`` straight to the inference service's Chat RPC (the gateway hop left out)."""
+    import grpc
+
+    from modelyard.inference.v1 import inference_pb2 as pb
+    from modelyard.inference.v1 import inference_pb2_grpc
+
+    ttfts: list[float] = []
+    counts: list[int] = []
+    request = pb.ChatRequest(deployment=deployment, messages=[
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="Count from one to one hundred.")],
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+        async def one(record: bool) -> int:
+            start, first, tokens = time.perf_counter(), None, 0
+            async for msg in stub.Chat(request):
+                if first is None and msg.choices:
+                    first = time.perf_counter() - start
+                if msg.HasField("usage"):
+                    tokens = msg.usage.completion_tokens
+            if record:
+                ttfts.append(first or 0.0)
+                counts.append(tokens)
+            return tokens
+
+        await one(False)
+        return await closed_loop(lambda: one(True), concurrency, requests, ttfts, counts)
+
+
 def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def closed_loop(request: Callable[[], Awaitable[int]], concurrency: int, requests: int,
+                      ttfts: list[float], counts: list[int]) -> dict:
+    """``concurrency`` workers sending ``requests`` requests back to back; tokens/s and time to first token."""
+    queue = list(range(requests))
+
+    async def worker() -> int:
+        total = 0
+        while queue:
+            queue.pop()
+            total += await request()
+        return total
+
+    start = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+    elapsed = time.perf_counter() - start
+    ttfts.sort()
+    return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "ttft_p99_ms": 1000 * _pct(ttfts, 0.99), "counts": sorted(set(counts))}
 
 
 async def level(url: str, model: str, headers: dict, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -166,25 +221,14 @@ async def level(url: str, model: str, headers: dict, concurrency: int, requests:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         await one_request(client, url, model, headers, 4, [], [])  # warm the connection and the engine
-        queue = list(range(requests))
-
-        async def worker() -> int:
-            total = 0
-            while queue:
-                queue.pop()
-                total += await one_request(client, url, model, headers, max_tokens, ttfts, counts)
-            return total
-
-        start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
-        elapsed = time.perf_counter() - start
-    ttfts.sort()
-    return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "ttft_p99_ms": 1000 * _pct(ttfts, 0.99), "counts": sorted(set(counts))}
+        return await closed_loop(lambda: one_request(client, url, model, headers, max_tokens, ttfts, counts),
+                                 concurrency, requests, ttfts, counts)
 
 
-async def measure(t: Target, concurrency: list[int], requests_per_stream: int, max_tokens: int) -> bool:
-    """Print the table; False when the two sides generated different token counts."""
+async def measure(t: Target, concurrency: list[int], requests_per_stream: int, max_tokens: int,
+                  split: bool = False) -> bool:
+    """Print the table; False when the two sides generated different token counts. ``split`` adds a
+    line per level straight to the inference service over gRPC (which hop costs what)."""
     gw_headers = {"authorization": f"Bearer {t.api_key}"} if t.api_key else {}
     print(f"gateway {t.gateway_url} model {t.gateway_model!r} | engine {t.engine_url} model {t.engine_model!r} | "
           f"max_tokens {max_tokens}, {requests_per_stream} requests per stream")
@@ -202,6 +246,11 @@ async def measure(t: Target, concurrency: list[int], requests_per_stream: int, m
               f"{g['tokens_per_s'] / e['tokens_per_s']:>6.3f} {e['ttft_p50_ms']:>8.1f}/{g['ttft_p50_ms']:<8.1f} "
               f"{e['ttft_p99_ms']:>8.1f}/{g['ttft_p99_ms']:<8.1f} "
               f"{g['ttft_p50_ms'] - e['ttft_p50_ms']:>8.1f}/{g['ttft_p99_ms'] - e['ttft_p99_ms']:<8.1f}", flush=True)
+        if split and t.inference_addr:
+            n = await grpc_level(t.inference_addr, t.deployment, c, c * requests_per_stream, max_tokens)
+            print(f"{'':>5} {'inference gRPC':>14} {n['tokens_per_s']:>13.1f} {n['tokens_per_s'] / e['tokens_per_s']:>6.3f}"
+                  f" ttft p50 {n['ttft_p50_ms']:.1f} ms (straight to the inference service: the gateway hop left out)",
+                  flush=True)
         if e["counts"] != g["counts"] or e["counts"] != [max_tokens]:
             same = False
             print(f"      token counts per request differ: engine {e['counts']} gateway {g['counts']} "
@@ -226,6 +275,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--requests-per-stream", type=int, default=2, help="requests per concurrent stream")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--split", action="store_true",
+                        help="also measure straight to the inference service over gRPC (own stack only)")
     args = parser.parse_args()
     concurrency = [int(x) for x in args.concurrency.split(",")]
 
@@ -239,7 +290,7 @@ def main() -> None:
     else:
         model = args.model or ("smollm2" if args.engine == "vllm" else "tiny")
         with own_stack(args.engine, model, max(concurrency)) as target:
-            ok = asyncio.run(measure(target, concurrency, args.requests_per_stream, args.max_tokens))
+            ok = asyncio.run(measure(target, concurrency, args.requests_per_stream, args.max_tokens, args.split))
     sys.exit(0 if ok else 1)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import uvicorn
 
 from services.core.logging import configure_logging
@@ -14,7 +16,8 @@ def main() -> None:
     settings = GatewaySettings()
     configure_logging(level=settings.log_level, json=settings.log_json, service="gateway")
     uvicorn.run(create_app(settings), host=settings.http.host, port=settings.http.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=20, timeout_keep_alive=int(settings.http.keep_alive_s))
+                access_log=False, timeout_graceful_shutdown=20, timeout_keep_alive=int(settings.http.keep_alive_s),
+                loop="asyncio" if os.environ.get("YARD_EVENT_LOOP") == "asyncio" else "auto")
 
 
 if __name__ == "__main__":
