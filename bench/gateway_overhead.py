@@ -160,6 +160,32 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, headers: 
     return tokens
 
 
+async def one_request_lean(client, model: str, headers: dict, max_tokens: int, ttfts: list[float],
+                           counts: list[int]) -> int:
+    """``one_request`` on the lean SSE reader the inference service uses for engines (asyncio protocol +
+    httptools): a few times less client CPU per event than httpx, which matters when the client shares
+    the machine's cores with what it measures."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Count from one to one hundred."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async for status, batch in client.stream("/v1/chat/completions", body, headers):
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {batch[:300]!r}")
+        for event in batch:
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            if first is None and event.get("choices"):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    ttfts.append(first or 0.0)
+    counts.append(tokens)
+    return tokens
+
+
 async def grpc_level(addr: str, deployment: str, concurrency: int, requests: int, max_tokens: int) -> dict:
     """``level`` straight to the inference service's Chat RPC (the gateway hop left out)."""
     import grpc
@@ -191,6 +217,32 @@ async def grpc_level(addr: str, deployment: str, concurrency: int, requests: int
         return await closed_loop(lambda: one(True), concurrency, requests, ttfts, counts)
 
 
+def _role(cmdline: list[str]) -> str | None:
+    text = " ".join(cmdline)
+    for needle, role in (("transformers_server", "engine"), ("vllm.entrypoints", "engine"), ("services.inference", "inference"),
+                         ("-m gateway", "gateway"), ("gateway", "gateway")):
+        if needle in text:
+            return role
+    return None
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process (the client) and by each role of the stack
+    it started: engine (with its children), inference service, gateway."""
+    import psutil
+
+    me = psutil.Process()
+    out = {"client": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        try:
+            role = _role(child.cmdline())
+            if role:
+                out[role] = out.get(role, 0.0) + sum(child.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
@@ -211,13 +263,27 @@ async def closed_loop(request: Callable[[], Awaitable[int]], concurrency: int, r
     tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
     elapsed = time.perf_counter() - start
     ttfts.sort()
-    return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+    return {"tokens": tokens, "tokens_per_s": tokens / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts),
             "ttft_p99_ms": 1000 * _pct(ttfts, 0.99), "counts": sorted(set(counts))}
 
 
-async def level(url: str, model: str, headers: dict, concurrency: int, requests: int, max_tokens: int) -> dict:
+async def level(url: str, model: str, headers: dict, concurrency: int, requests: int, max_tokens: int,
+                client: str = "lean") -> dict:
     ttfts: list[float] = []
     counts: list[int] = []
+    if client == "lean":
+        from urllib.parse import urlsplit
+
+        from services.inference.engines.sse_client import SseClient
+
+        parts = urlsplit(url)
+        sse = SseClient(parts.hostname or HOST, parts.port or 80, max_idle=concurrency)
+        try:
+            await one_request_lean(sse, model, headers, 4, [], [])
+            return await closed_loop(lambda: one_request_lean(sse, model, headers, max_tokens, ttfts, counts),
+                                     concurrency, requests, ttfts, counts)
+        finally:
+            await sse.aclose()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         await one_request(client, url, model, headers, 4, [], [])  # warm the connection and the engine
@@ -226,26 +292,56 @@ async def level(url: str, model: str, headers: dict, concurrency: int, requests:
 
 
 async def measure(t: Target, concurrency: list[int], requests_per_stream: int, max_tokens: int,
-                  split: bool = False) -> bool:
-    """Print the table; False when the two sides generated different token counts. ``split`` adds a
-    line per level straight to the inference service over gRPC (which hop costs what)."""
+                  split: bool = False, show_cpu: bool = False, client: str = "lean", rounds: int = 3) -> bool:
+    """Print the table; False when the two sides generated different token counts. Each level runs
+    ``rounds`` times, engine and gateway back to back (alternating who goes first); the table shows
+    the medians, and the ratio is the median of the rounds' ratios (each measured side by side).
+    ``split`` adds a line per level straight to the inference service over gRPC (which hop costs what)."""
     gw_headers = {"authorization": f"Bearer {t.api_key}"} if t.api_key else {}
     print(f"gateway {t.gateway_url} model {t.gateway_model!r} | engine {t.engine_url} model {t.engine_model!r} | "
-          f"max_tokens {max_tokens}, {requests_per_stream} requests per stream")
+          f"max_tokens {max_tokens}, {requests_per_stream} requests per stream, {rounds} rounds")
     print(f"{'conc':>5} {'engine tok/s':>13} {'gateway tok/s':>14} {'ratio':>6} {'ttft p50 e/g ms':>17} "
           f"{'ttft p99 e/g ms':>17} {'added p50/p99 ms':>17}")
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the client's own startup heap out of its collector's scans (as the services do)
     same = True
     for i, c in enumerate(concurrency):
-        runs = [("engine", t.engine_url, t.engine_model, {}), ("gateway", t.gateway_url, t.gateway_model, gw_headers)]
-        if i % 2:
-            runs.reverse()  # alternate the order so warm-up effects do not favour one side
-        results = {name: await level(url, model, h, c, c * requests_per_stream, max_tokens)
-                   for name, url, model, h in runs}
-        e, g = results["engine"], results["gateway"]
+        sides = {"engine": (t.engine_url, t.engine_model, {}), "gateway": (t.gateway_url, t.gateway_model, gw_headers)}
+        rounds_out: list[dict[str, dict]] = []
+        cpu: dict[str, dict[str, float]] = {"engine": {}, "gateway": {}}
+        for r in range(rounds):
+            order = ["engine", "gateway"] if (i + r) % 2 == 0 else ["gateway", "engine"]  # alternate who goes first
+            results = {}
+            for name in order:
+                url, model, h = sides[name]
+                before = cpu_seconds()
+                results[name] = await level(url, model, h, c, c * requests_per_stream, max_tokens, client)
+                after = cpu_seconds()
+                for k in after:
+                    cpu[name][k] = cpu[name].get(k, 0.0) + after[k] - before.get(k, 0.0)
+            rounds_out.append(results)
+        ratios = sorted(x["gateway"]["tokens_per_s"] / x["engine"]["tokens_per_s"] for x in rounds_out)
+
+        def med(side: str, key: str) -> float:
+            return statistics.median(x[side][key] for x in rounds_out)
+
+        e = {k: med("engine", k) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
+        g = {k: med("gateway", k) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
+        e["counts"] = sorted({n for x in rounds_out for n in x["engine"]["counts"]})
+        g["counts"] = sorted({n for x in rounds_out for n in x["gateway"]["counts"]})
+        spread = f"  (rounds {ratios[0]:.3f}..{ratios[-1]:.3f})" if rounds > 1 else ""
         print(f"{c:>5} {e['tokens_per_s']:>13.1f} {g['tokens_per_s']:>14.1f} "
-              f"{g['tokens_per_s'] / e['tokens_per_s']:>6.3f} {e['ttft_p50_ms']:>8.1f}/{g['ttft_p50_ms']:<8.1f} "
+              f"{statistics.median(ratios):>6.3f} {e['ttft_p50_ms']:>8.1f}/{g['ttft_p50_ms']:<8.1f} "
               f"{e['ttft_p99_ms']:>8.1f}/{g['ttft_p99_ms']:<8.1f} "
-              f"{g['ttft_p50_ms'] - e['ttft_p50_ms']:>8.1f}/{g['ttft_p99_ms'] - e['ttft_p99_ms']:<8.1f}", flush=True)
+              f"{g['ttft_p50_ms'] - e['ttft_p50_ms']:>8.1f}/{g['ttft_p99_ms'] - e['ttft_p99_ms']:<8.1f}{spread}",
+              flush=True)
+        if show_cpu:
+            for name in ("engine", "gateway"):
+                tokens = sum(x[name]["tokens"] for x in rounds_out)
+                print(f"{'':>5} cpu ms per 1k tokens, via {name}: " + ", ".join(
+                    f"{k} {1e6 * v / tokens:.0f}" for k, v in sorted(cpu[name].items())), flush=True)
         if split and t.inference_addr:
             n = await grpc_level(t.inference_addr, t.deployment, c, c * requests_per_stream, max_tokens)
             print(f"{'':>5} {'inference gRPC':>14} {n['tokens_per_s']:>13.1f} {n['tokens_per_s'] / e['tokens_per_s']:>6.3f}"
@@ -273,10 +369,16 @@ def main() -> None:
     parser.add_argument("--engine-model", help="model name at the engine (default: its first /v1/models entry)")
     parser.add_argument("--api-key", default="", help="with --gateway-url: a gateway key")
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--requests-per-stream", type=int, default=2, help="requests per concurrent stream")
+    parser.add_argument("--requests-per-stream", type=int, default=4, help="requests per concurrent stream")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--split", action="store_true",
                         help="also measure straight to the inference service over gRPC (own stack only)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="print the CPU time each process (client, gateway, inference, engine) spent per 1k tokens")
+    parser.add_argument("--client", choices=["lean", "httpx"], default="lean",
+                        help="HTTP client of the measuring side: lean (asyncio + httptools, the default: on a small "
+                             "machine the client shares the cores with what it measures) or httpx")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per level (medians are shown)")
     args = parser.parse_args()
     concurrency = [int(x) for x in args.concurrency.split(",")]
 
@@ -286,11 +388,13 @@ def main() -> None:
         engine_model = args.engine_model or \
             httpx.get(args.engine_url.rstrip("/") + "/v1/models").json()["data"][0]["id"]
         ok = asyncio.run(measure(Target(args.gateway_url, args.engine_url, args.gateway_model, engine_model,
-                                        args.api_key), concurrency, args.requests_per_stream, args.max_tokens))
+                                        args.api_key), concurrency, args.requests_per_stream, args.max_tokens,
+                                        show_cpu=args.cpu, client=args.client, rounds=args.rounds))
     else:
         model = args.model or ("smollm2" if args.engine == "vllm" else "tiny")
         with own_stack(args.engine, model, max(concurrency)) as target:
-            ok = asyncio.run(measure(target, concurrency, args.requests_per_stream, args.max_tokens, args.split))
+            ok = asyncio.run(measure(target, concurrency, args.requests_per_stream, args.max_tokens, args.split,
+                                   args.cpu, args.client, args.rounds))
     sys.exit(0 if ok else 1)
 
 

@@ -7,6 +7,7 @@ import os
 import uvicorn
 
 from services.core.logging import configure_logging
+from services.core.runtime import freeze_startup_heap
 
 from .app import create_app
 from .settings import GatewaySettings
@@ -15,7 +16,9 @@ from .settings import GatewaySettings
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(level=settings.log_level, json=settings.log_json, service="gateway")
-    uvicorn.run(create_app(settings), host=settings.http.host, port=settings.http.port, log_level="warning",
+    app = create_app(settings)
+    freeze_startup_heap()
+    uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=20, timeout_keep_alive=int(settings.http.keep_alive_s),
                 loop="asyncio" if os.environ.get("YARD_EVENT_LOOP") == "asyncio" else "auto")
 

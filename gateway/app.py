@@ -27,7 +27,7 @@ from .metrics import LATENCY, REQUESTS
 from .quota import QuotaLimiter, UsageRecorder
 from .routes import admin, generation, health, models
 from .routing import Router
-from .serving import Serving
+from .serving import Serving, labelled
 from .settings import GatewaySettings
 from .store import open_database
 
@@ -35,6 +35,7 @@ log = get_logger("modelyard.gateway")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+_requests, _latency = labelled(REQUESTS), labelled(LATENCY)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
 
 
@@ -85,8 +86,8 @@ class RequestIdMiddleware:
             path = scope["path"]
             endpoint = path if path in _ENDPOINTS else "other"
             model = state.get("model", "")
-            REQUESTS.labels(endpoint, model, str(status)).inc()
-            LATENCY.labels(endpoint, model).observe(time.perf_counter() - state["started"])
+            _requests(endpoint, model, str(status)).inc()
+            _latency(endpoint, model).observe(time.perf_counter() - state["started"])
 
 
 def _param(loc: tuple) -> str | None:

@@ -8,9 +8,11 @@ with every field OpenAI always sends (nulls included).
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import to_json
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -298,3 +300,58 @@ class EmbeddingList(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: Usage
+
+
+# ---------------------------------------------------------------- pre-serialized stream chunks
+# A stream sends one chunk per engine message; serializing each through the models above costs more
+# than the rest of the message's path. The bytes are instead joined from parts that pydantic
+# serialized once (the envelope once per stream, each choice shape once per process), so they are
+# exactly what ``model_dump_json`` of the whole chunk gives.
+
+_SLOT = "\x00"  # a value pydantic writes as "\u0000", which nothing else in a choice's JSON contains
+_SLOT_JSON = b'"\\u0000"'
+
+
+def _around(data: bytes, marker: bytes) -> tuple[bytes, bytes]:
+    """``data`` before and after its first ``marker`` (which must be there)."""
+    at = data.index(marker)
+    return data[:at], data[at + len(marker):]
+
+
+class ChunkEnvelope:
+    """One stream's chunk JSON around its choices, as an SSE event (``data: ...\\n\\n``)."""
+
+    def __init__(self, empty: ChatCompletionChunk | Completion, exclude: set[str] | None) -> None:
+        data = b"data: " + empty.model_dump_json(exclude=exclude).encode() + b"\n\n"
+        # the first '"choices":[]' is the field: inside a JSON string a quote is always escaped
+        head, tail = _around(data, b'"choices":[]')
+        self._head, self._tail = head + b'"choices":[', b"]" + tail
+
+    def event(self, choices: list[bytes]) -> bytes:
+        """The event of the chunk with these choices (each its ``model_dump_json`` bytes)."""
+        return self._head + b",".join(choices) + self._tail
+
+
+@lru_cache(maxsize=4096)
+def _chat_choice_parts(index: int, role: bool, finish: FinishReason | None) -> tuple[bytes, bytes]:
+    choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant" if role else None, content=_SLOT),
+                             finish_reason=finish)
+    return _around(choice.model_dump_json().encode(), _SLOT_JSON)
+
+
+def chat_choice_json(index: int, role: bool, content: str | None, finish: FinishReason | None) -> bytes:
+    """A ChatChunkChoice without tool calls or logprobs, as its ``model_dump_json()`` bytes."""
+    head, tail = _chat_choice_parts(index, role, finish)
+    return head + to_json(content) + tail
+
+
+@lru_cache(maxsize=4096)
+def _completion_choice_parts(index: int, finish: FinishReason | None) -> tuple[bytes, bytes]:
+    choice = CompletionChoice(index=index, text=_SLOT, logprobs=None, finish_reason=finish)
+    return _around(choice.model_dump_json().encode(), _SLOT_JSON)
+
+
+def completion_choice_json(index: int, text: str, finish: FinishReason | None) -> bytes:
+    """A CompletionChoice without logprobs, as its ``model_dump_json()`` bytes."""
+    head, tail = _completion_choice_parts(index, finish)
+    return head + to_json(text) + tail

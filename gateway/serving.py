@@ -17,8 +17,9 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import grpc
@@ -47,6 +48,15 @@ FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.F
           pb.FINISH_REASON_CONTENT_FILTER: "content_filter"}
 FORMATS = {"text": pb.RESPONSE_FORMAT_TYPE_TEXT, "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
            "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA}
+
+
+def labelled(metric):
+    """``metric.labels`` memoized: the lookup takes a lock and builds the key on every call, and the
+    request path asks for the same few children all the time."""
+    return lru_cache(maxsize=1024)(metric.labels)
+
+
+_ttft, _tokens = labelled(TTFT), labelled(TOKENS)
 
 
 @dataclass
@@ -84,7 +94,13 @@ class CallContext:
 
 
 class Upstream:
-    """A started Chat/Complete stream on one replica; its first chunk has been read already."""
+    """A started Chat/Complete stream on one replica; its first chunk has been read already.
+
+    A read that waits ``idle_s`` fails with IDLE_CHUNK_TIMEOUT. One watchdog timer per stream
+    enforces it rather than an ``asyncio.timeout`` per read (a timer armed and cancelled for every
+    message): when it fires it re-arms itself for the read pending now, and cancels that read only
+    when it is the one the timer was armed for.
+    """
 
     def __init__(self, router: Router, replica: Replica, target: Target, call, first, idle_s: float) -> None:
         self._router = router
@@ -94,6 +110,12 @@ class Upstream:
         self._pending = [first]
         self._idle = idle_s
         self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self._reads = 0  # reads started
+        self._reader: asyncio.Task | None = None  # the task of the read in progress
+        self._read_at = 0.0  # when (loop time) that read started
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._expired = False
 
     def __aiter__(self) -> "Upstream":
         return self
@@ -101,26 +123,50 @@ class Upstream:
     async def __anext__(self):
         if self._pending:
             return self._pending.pop()
+        task = asyncio.current_task()
+        cancelling = task.cancelling()
+        self._reads += 1
+        self._reader, self._read_at = task, self._loop.time()
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(self._read_at + self._idle, self._check_idle, self._reads)
         try:
-            async with asyncio.timeout(self._idle):
-                msg = await self._call.read()
-        except TimeoutError:
-            raise DeadlineExceeded(f"the engine sent nothing for {self._idle}s (idle_chunk_s)",
-                                   reason="IDLE_CHUNK_TIMEOUT") from None
+            msg = await self._call.read()
+        except asyncio.CancelledError:
+            if self._expired and task.uncancel() <= cancelling:
+                raise DeadlineExceeded(f"the engine sent nothing for {self._idle}s (idle_chunk_s)",
+                                       reason="IDLE_CHUNK_TIMEOUT") from None
+            raise
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc_error(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._router.unavailable(self.replica, self._target, err.reason, f"stream failed: {err.message}")
             raise err from None
+        finally:
+            self._reader = None
         if msg is grpc.aio.EOF:
             raise StopAsyncIteration
         return msg
+
+    def _check_idle(self, armed_for: int) -> None:
+        """The watchdog: cancel the read it was armed for if that one is still waiting, else watch
+        the read in progress now (the next read arms it when none is)."""
+        self._watchdog = None
+        if self._reader is None:
+            return
+        if self._reads == armed_for:
+            self._expired = True
+            self._reader.cancel()
+        else:
+            self._watchdog = self._loop.call_at(self._read_at + self._idle, self._check_idle, self._reads)
 
     def close(self) -> None:
         """Cancel the call if it is still running (the inference service aborts the engine request)."""
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self._call.done():
             self._call.cancel()
         self.replica.release()
@@ -215,8 +261,8 @@ class Serving:
         if ctx.reservation is not None:
             ctx.reservation.settle(total)
         if total:
-            TOKENS.labels(ctx.model, "in").inc(ctx.prompt_tokens)
-            TOKENS.labels(ctx.model, "out").inc(ctx.completion_tokens)
+            _tokens(ctx.model, "in").inc(ctx.prompt_tokens)
+            _tokens(ctx.model, "out").inc(ctx.completion_tokens)
             self.usage.record(ctx.request_id, ctx.key.id, ctx.model, ctx.endpoint, ctx.prompt_tokens,
                               ctx.completion_tokens)
 
@@ -257,7 +303,7 @@ class Serving:
             if first is grpc.aio.EOF:
                 replica.release()
                 raise Internal("the engine ended the stream without any output", reason="EMPTY_STREAM")
-            TTFT.labels(ctx.model).observe(time.perf_counter() - ctx.started)
+            _ttft(ctx.model).observe(time.perf_counter() - ctx.started)
             return Upstream(self.router, replica, target, call, first, self.timeouts.idle_chunk_s)
 
     async def unary(self, ctx: CallContext, method: str, build: Callable[[Target], Any]):
@@ -281,7 +327,8 @@ class Serving:
             finally:
                 replica.release()
 
-    async def sse(self, ctx: CallContext, events: AsyncIterator[bytes], upstreams: list[Upstream]) -> AsyncIterator[bytes]:
+    async def sse(self, ctx: CallContext, events: AsyncIterator[bytes],
+                  upstreams: list[Upstream]) -> AsyncGenerator[bytes, None]:
         """Forward events; an error becomes an error event and [DONE]. Always closes the upstreams
         (a client disconnect cancels this generator and so the gRPC calls) and settles usage."""
         try:
@@ -334,40 +381,47 @@ class Serving:
                           upstream: Upstream) -> AsyncIterator[bytes]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         exclude = None if req.include_usage else {"usage"}
+        envelope = p.ChunkEnvelope(p.ChatCompletionChunk(id=cid, created=created, model=ctx.model, choices=[]),
+                                   exclude)
         filters: dict[int, OutputFilter] = {}
         done: set[int] = set()
-
-        def event(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> bytes:
-            chunk = p.ChatCompletionChunk(id=cid, created=created, model=ctx.model, choices=choices, usage=usage)
-            return b"data: " + chunk.model_dump_json(exclude=exclude).encode() + b"\n\n"
-
         async for msg in upstream:
-            choices = []
+            choices: list[bytes] = []
             for d in msg.choices:
                 if d.index in done:
                     continue
-                out_filter = filters.setdefault(d.index, self.filter.output())
+                out_filter = filters.get(d.index) or filters.setdefault(d.index, self.filter.output())
                 content = out_filter.feed(d.content)
                 ctx.count_delta(d.content)
                 finish = "content_filter" if out_filter.blocked else FINISH.get(d.finish_reason)
-                tool_calls = [p.ToolCallDeltaOut(index=t.index, id=t.id or None, type="function" if t.id else None,
-                                                 function=p.FunctionDelta(name=t.name or None, arguments=t.arguments))
-                              for t in d.tool_calls] or None
                 if finish:
                     done.add(d.index)
-                delta = p.ChatDelta(role="assistant" if d.role else None,
-                                    content=content if (content or d.role) else None, tool_calls=tool_calls)
-                choices.append(p.ChatChunkChoice(index=d.index, delta=delta, finish_reason=finish,
-                                                 logprobs=chat_logprobs(d.logprobs) if req.logprobs else None))
+                content = content if (content or d.role) else None
+                if d.tool_calls or req.logprobs:
+                    choices.append(self._chat_choice(d, content, finish, req.logprobs))
+                else:
+                    choices.append(p.chat_choice_json(d.index, bool(d.role), content, finish))
             if choices:
-                yield event(choices)
+                yield envelope.event(choices)
             if msg.HasField("usage"):
                 ctx.add_usage(msg.usage)
             if filters and len(done) == req.n and any(f.blocked for f in filters.values()):
                 break  # every choice is finished and the filter cut one: stop the engine
         if req.include_usage:
-            yield event([], p.Usage.of(ctx.prompt_tokens, ctx.completion_tokens))
+            chunk = p.ChatCompletionChunk(id=cid, created=created, model=ctx.model, choices=[],
+                                          usage=p.Usage.of(ctx.prompt_tokens, ctx.completion_tokens))
+            yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
         yield DONE
+
+    @staticmethod
+    def _chat_choice(d: pb.ChatChoiceDelta, content: str | None, finish: str | None, logprobs: bool) -> bytes:
+        """A choice with tool calls or logprobs, through its model (the plain ones are pre-serialized)."""
+        tool_calls = [p.ToolCallDeltaOut(index=t.index, id=t.id or None, type="function" if t.id else None,
+                                         function=p.FunctionDelta(name=t.name or None, arguments=t.arguments))
+                      for t in d.tool_calls] or None
+        delta = p.ChatDelta(role="assistant" if d.role else None, content=content, tool_calls=tool_calls)
+        return p.ChatChunkChoice(index=d.index, delta=delta, finish_reason=finish,
+                                 logprobs=chat_logprobs(d.logprobs) if logprobs else None).model_dump_json().encode()
 
     async def chat_collect(self, ctx: CallContext, req: p.ChatCompletionRequest,
                            upstream: Upstream) -> p.ChatCompletion:
@@ -452,29 +506,32 @@ class Serving:
                                 upstreams: list[Upstream]) -> AsyncIterator[bytes]:
         """Chunks of every prompt in turn (choice index = prompt index * n + choice)."""
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        exclude = None if req.include_usage else {"usage"}
+        envelope = p.ChunkEnvelope(p.Completion(id=cid, created=created, model=ctx.model, choices=[]),
+                                   None if req.include_usage else {"usage"})
         for prompt_index, upstream in enumerate(upstreams):
             filters: dict[int, OutputFilter] = {}
             offsets: dict[int, _TextLogprobs] = {}
             done: set[int] = set()
             async for msg in upstream:
-                choices = []
+                choices: list[bytes] = []
                 for d in msg.choices:
                     if d.index in done:
                         continue
-                    out_filter = filters.setdefault(d.index, self.filter.output())
+                    out_filter = filters.get(d.index) or filters.setdefault(d.index, self.filter.output())
                     text = out_filter.feed(d.text)
                     ctx.count_delta(d.text)
                     finish = "content_filter" if out_filter.blocked else FINISH.get(d.finish_reason)
                     if finish:
                         done.add(d.index)
-                    lp = offsets.setdefault(d.index, _TextLogprobs()).add(d.logprobs) \
-                        if req.logprobs is not None else None
-                    choices.append(p.CompletionChoice(index=prompt_index * req.n + d.index, text=text, logprobs=lp,
-                                                      finish_reason=finish))
+                    index = prompt_index * req.n + d.index
+                    if req.logprobs is None:
+                        choices.append(p.completion_choice_json(index, text, finish))
+                    else:
+                        lp = offsets.setdefault(d.index, _TextLogprobs()).add(d.logprobs)
+                        choices.append(p.CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish)
+                                       .model_dump_json().encode())
                 if choices:
-                    chunk = p.Completion(id=cid, created=created, model=ctx.model, choices=choices)
-                    yield b"data: " + chunk.model_dump_json(exclude=exclude).encode() + b"\n\n"
+                    yield envelope.event(choices)
                 if msg.HasField("usage"):
                     ctx.add_usage(msg.usage)
                 if filters and len(done) == req.n and any(f.blocked for f in filters.values()):

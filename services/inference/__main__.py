@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.core.grpc_server import run_service
 from services.core.logging import configure_logging
+from services.core.runtime import freeze_startup_heap
 
 from .app import build_app
 from .settings import InferenceSettings
@@ -14,6 +15,7 @@ async def main() -> None:
     configure_logging(level=settings.log_level, json=settings.log_json, service="inference")
     app = build_app(settings)
     await app.start()
+    freeze_startup_heap()
     await app.server.wait_for_termination()
 
 

@@ -15,7 +15,6 @@ from .deployments import Deployments
 from .registry_client import RegistryClient
 from .servicer import InferenceServicer
 from .settings import InferenceSettings
-from .streaming import Pacer
 from .tables import COMPONENT, MIGRATIONS
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -46,8 +45,7 @@ def build_app(settings: InferenceSettings, *, metrics: bool = True,
     registry = RegistryClient(settings.registry_addr)
     deployments = Deployments(db, registry, ModelCache(store, settings.cache_dir()), settings)
     server = GrpcServer(settings.grpc, service="inference", default_port=default_port, metrics=metrics)
-    pacer = Pacer(settings.stream_interval_ms / 1000, settings.stream_pacing_min_streams)
-    servicer = InferenceServicer(deployments, pacer)
+    servicer = InferenceServicer(deployments, settings.pacing().pacer())
     server.add_servicer(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer, SERVICE_NAME)
 
     async def _shutdown() -> None:

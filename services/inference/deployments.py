@@ -336,7 +336,8 @@ class Deployments:
             check_vllm_installed(self.settings.vllm_python)
             return VllmEngine(spec, vllm_python=self.settings.vllm_python.absolute(),
                               cpu_kv_cache_gib=self.settings.vllm_cpu_kv_cache_gib)
-        return TransformersEngine(spec, default_max_num_seqs=self.settings.transformers_max_num_seqs)
+        return TransformersEngine(spec, default_max_num_seqs=self.settings.transformers_max_num_seqs,
+                                  pacing=self.settings.pacing())
 
     def allocate_port(self) -> int:
         """A free loopback port in the configured range (any free port when the range is 0-0)."""

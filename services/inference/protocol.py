@@ -243,38 +243,79 @@ def complete_chunk(chunk: dict[str, Any]) -> pb.CompleteChunk:
     return msg
 
 
-def _merged(msgs: list[Any], can_extend: Callable[[Any], bool], can_continue: Callable[[Any], bool],
-            extend: Callable[[Any, Any], None]) -> list[Any]:
-    """Messages of one choice each (what the engines send), merged per choice: a delta is appended
-    to the open message of its choice while ``can_extend(open choice)`` and ``can_continue(delta)``.
-    Choices keep their own order; a message with several choices or with usage is passed as is."""
-    out: list[Any] = []
-    open_by_index: dict[int, Any] = {}
-    for msg in msgs:
-        if msg.HasField("usage") or len(msg.choices) != 1:
-            out.append(msg)
-            open_by_index.clear()  # nothing after this may move before it
+def _runs(chunks: list[dict[str, Any]], can_extend: Callable[[list[dict[str, Any]]], bool],
+          can_continue: Callable[[dict[str, Any]], bool]) -> list[list[dict[str, Any]]]:
+    """Engine chunks (one choice each) grouped into runs that become one message each: a chunk joins
+    the open run of its choice while ``can_extend(run)`` and ``can_continue(its choice)``. Choices
+    keep their own order; a chunk with several choices or with usage is a run of its own, and
+    nothing after it joins a run from before it. Grouping the raw chunks first builds one proto per
+    message instead of one per token."""
+    out: list[list[dict[str, Any]]] = []
+    open_by_index: dict[int, list[dict[str, Any]]] = {}
+    for chunk in chunks:
+        choices = chunk.get("choices") or []
+        if chunk.get("usage") or len(choices) != 1:
+            out.append([chunk])
+            open_by_index.clear()
             continue
-        c = msg.choices[0]
-        acc = open_by_index.get(c.index)
-        if acc is not None and can_extend(acc.choices[0]) and can_continue(c):
-            extend(acc.choices[0], c)
+        c = choices[0]
+        index = c.get("index", 0)
+        run = open_by_index.get(index)
+        if run is not None and can_extend(run) and can_continue(c):
+            run.append(chunk)
             continue
-        out.append(msg)
-        open_by_index[c.index] = msg
+        run = [chunk]
+        out.append(run)
+        open_by_index[index] = run
     return out
 
 
-def _extend_chat(acc: pb.ChatChoiceDelta, c: pb.ChatChoiceDelta) -> None:
-    acc.content += c.content
-    acc.logprobs.extend(c.logprobs)
-    acc.finish_reason = c.finish_reason
+def _choice(chunk: dict[str, Any]) -> dict[str, Any]:
+    return chunk["choices"][0]
 
 
-def _extend_completion(acc: pb.CompleteChoiceDelta, c: pb.CompleteChoiceDelta) -> None:
-    acc.text += c.text
-    acc.logprobs.extend(c.logprobs)
-    acc.finish_reason = c.finish_reason
+def _finished(run: list[dict[str, Any]]) -> bool:
+    return FINISH.get(_choice(run[-1]).get("finish_reason") or "", pb.FINISH_REASON_UNSPECIFIED) != 0
+
+
+def _chat_run(run: list[dict[str, Any]]) -> pb.ChatChunk:
+    """One message for a run: the first chunk's role and tool calls, every chunk's content and
+    logprobs in order, the last chunk's finish reason."""
+    if len(run) == 1:
+        return chat_chunk(run[0])
+    first = _choice(run[0])
+    delta = {**(first.get("delta") or {}),
+             "content": "".join((_choice(c).get("delta") or {}).get("content") or "" for c in run)}
+    msg = chat_chunk({**run[0], "choices": [{**first, "delta": delta, "logprobs": None,
+                                             "finish_reason": _choice(run[-1]).get("finish_reason")}]})
+    merged = msg.choices[0]
+    for c in run:
+        if _choice(c).get("logprobs"):
+            merged.logprobs.extend(_chat_logprobs(_choice(c)["logprobs"]))
+    return msg
+
+
+def _complete_run(run: list[dict[str, Any]]) -> pb.CompleteChunk:
+    if len(run) == 1:
+        return complete_chunk(run[0])
+    first = _choice(run[0])
+    msg = complete_chunk({**run[0], "choices": [{
+        **first, "text": "".join(_choice(c).get("text") or "" for c in run), "logprobs": None,
+        "finish_reason": _choice(run[-1]).get("finish_reason")}]})
+    merged = msg.choices[0]
+    for c in run:
+        if _choice(c).get("logprobs"):
+            merged.logprobs.extend(_completion_logprobs(_choice(c)["logprobs"]))
+    return msg
+
+
+def _chat_can_extend(run: list[dict[str, Any]]) -> bool:
+    return not (_choice(run[0]).get("delta") or {}).get("tool_calls") and not _finished(run)
+
+
+def _chat_can_continue(c: dict[str, Any]) -> bool:
+    delta = c.get("delta") or {}
+    return not delta.get("tool_calls") and ROLES.get(delta.get("role") or "", pb.CHAT_ROLE_UNSPECIFIED) == 0
 
 
 def chat_chunks(chunks: list[dict[str, Any]]) -> list[pb.ChatChunk]:
@@ -283,15 +324,12 @@ def chat_chunks(chunks: list[dict[str, Any]]) -> list[pb.ChatChunk]:
     message and each SSE event downstream carries every token of that choice that was ready. Every
     message still holds one choice, as OpenAI streams do; tool-call deltas and a finished choice end
     a run; the usage chunk is never merged (it stays last, without choices)."""
-    return _merged([chat_chunk(c) for c in chunks],
-                   lambda acc: not acc.finish_reason and not acc.tool_calls,
-                   lambda c: not c.tool_calls and not c.role, _extend_chat)
+    return [_chat_run(run) for run in _runs(chunks, _chat_can_extend, _chat_can_continue)]
 
 
 def complete_chunks(chunks: list[dict[str, Any]]) -> list[pb.CompleteChunk]:
     """``chat_chunks`` for text completions (a finished choice and the usage chunk end a run)."""
-    return _merged([complete_chunk(c) for c in chunks], lambda acc: not acc.finish_reason, lambda c: True,
-                   _extend_completion)
+    return [_complete_run(run) for run in _runs(chunks, lambda run: not _finished(run), lambda c: True)]
 
 
 def embed_response(body: dict[str, Any]) -> pb.EmbedResponse:

@@ -8,6 +8,8 @@ from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import ServiceSettings
 
+from .streaming import Pacing
+
 
 class InferenceSettings(ServiceSettings):
     """Everything the inference service reads from its environment, built once in ``__main__``."""
@@ -34,11 +36,19 @@ class InferenceSettings(ServiceSettings):
     vllm_cpu_kv_cache_gib: int = 1
     # Chat/Complete streams while at least stream_pacing_min_streams are open: after the first chunk
     # (sent at once), at most one message per interval per stream, carrying every token produced
-    # meanwhile (see streaming.py). 0 forwards every chunk as it comes, whatever the load.
+    # meanwhile (see streaming.py). The interval is open streams / stream_messages_per_s, within
+    # [stream_interval_ms, stream_max_interval_ms]. stream_interval_ms 0 forwards every chunk as it
+    # comes, whatever the load; stream_messages_per_s 0 keeps the interval at stream_interval_ms.
     stream_interval_ms: float = 50.0
+    stream_max_interval_ms: float = 250.0
+    stream_messages_per_s: float = 320.0
     stream_pacing_min_streams: int = 8
     # Default of max_num_seqs for the transformers engine.
     transformers_max_num_seqs: int = 32
+
+    def pacing(self) -> Pacing:
+        return Pacing(self.stream_interval_ms / 1000, self.stream_max_interval_ms / 1000, self.stream_messages_per_s,
+                      self.stream_pacing_min_streams)
 
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"

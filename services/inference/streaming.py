@@ -4,12 +4,15 @@ Every message of a stream costs the same on each hop after the engine (a gRPC wr
 SSE event, the client's parse), whatever it carries; under load those costs take CPU from the
 engine. ``Pacer`` turns pacing on while at least ``min_streams`` streams are open on this service
 (under that, every chunk is forwarded as it arrives). A paced stream forwards its first batch at
-once (time to first token is never delayed), then at most one batch per ``interval_s``:
-whatever the engine produced meanwhile goes out together, merged by ``protocol.chat_chunks`` into
-one message per run. A stream slower than one token per interval is forwarded token by token, as
-it arrives; a fast one (a light load on a fast engine, or many streams) is sent in bursts of at
-most ``interval_s`` — fewer, larger messages for the same tokens. The end of the stream (the
-last tokens, finish reason and usage) and an engine error are forwarded as soon as they come.
+once (time to first token is never delayed), then at most one batch per interval: whatever the
+engine produced meanwhile goes out together, merged by ``protocol.chat_chunks`` into one message
+per run. The interval grows with the load so that the service's messages per second stay about
+``messages_per_s`` whatever the number of streams: ``interval_s`` (the floor) up to
+``max_interval_s``, ``open streams / messages_per_s`` in between (64 streams at 320/s: 200 ms).
+A stream slower than one token per interval is forwarded token by token, as it arrives; a fast
+one (a light load on a fast engine, or many streams) is sent in bursts — fewer, larger messages
+for the same tokens. The end of the stream (the last tokens, finish reason and usage) and an
+engine error are forwarded as soon as they come.
 """
 
 from __future__ import annotations
@@ -17,21 +20,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 Batch = list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """The pacing rule (see ``Pacer``), shared by the service and the transformers engine's server,
+    which applies it before its SSE writes (fewer events for the engine to write and the service
+    to read)."""
+
+    interval_s: float = 0.0
+    max_interval_s: float = 0.0
+    messages_per_s: float = 0.0
+    min_streams: int = 1
+
+    def pacer(self) -> Pacer:
+        return Pacer(self.interval_s, self.min_streams, max_interval_s=self.max_interval_s,
+                     messages_per_s=self.messages_per_s)
+
+    def args(self) -> list[str]:
+        """Command-line flags of ``transformers_server`` for this rule."""
+        return ["--stream-interval-ms", f"{self.interval_s * 1000:g}",
+                "--stream-max-interval-ms", f"{self.max_interval_s * 1000:g}",
+                "--stream-messages-per-s", f"{self.messages_per_s:g}",
+                "--stream-pacing-min-streams", str(self.min_streams)]
+
+
 class Pacer:
     """Counts the open streams of the service and paces them while there are ``min_streams`` or more."""
 
-    def __init__(self, interval_s: float, min_streams: int) -> None:
+    def __init__(self, interval_s: float, min_streams: int, *, max_interval_s: float | None = None,
+                 messages_per_s: float = 0.0) -> None:
         self.interval_s = max(0.0, interval_s)
+        self.max_interval_s = self.interval_s if max_interval_s is None else max(self.interval_s, max_interval_s)
+        self.messages_per_s = max(0.0, messages_per_s)
         self.min_streams = max(1, min_streams)
         self.open_streams = 0
 
     def interval(self) -> float:
-        return self.interval_s if self.open_streams >= self.min_streams else 0.0
+        """Seconds between two messages of a paced stream now (0: not paced)."""
+        if self.open_streams < self.min_streams or self.interval_s <= 0:
+            return 0.0
+        if self.messages_per_s <= 0:
+            return self.interval_s
+        return min(self.max_interval_s, max(self.interval_s, self.open_streams / self.messages_per_s))
 
     async def stream(self, stream: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
         """``stream`` paced while the service is busy; closing it closes ``stream`` (the engine aborts)."""

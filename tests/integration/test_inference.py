@@ -6,9 +6,11 @@ slow part); tests that disrupt it (engine kill, service restart, undeploy) run l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -57,6 +59,12 @@ def make_lora_adapter(model_dir: Path, dest: Path, seed: int = 1) -> Path:
                 param.normal_(0, 0.5)
     peft_model.save_pretrained(dest)
     return dest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 async def rpc_error(awaitable) -> tuple[grpc.StatusCode, str, str]:
@@ -460,3 +468,46 @@ async def test_adapter_fixture_has_nonzero_lora_b(workdir, versions):
         b = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
     assert b and all(float(t.abs().sum()) > 0 for t in b)
     assert json.loads((workdir / "lora" / "adapter_config.json").read_text())["r"] == 4
+
+
+async def test_engine_server_paces_a_stream_under_load_without_changing_it(workdir, versions):
+    """The transformers engine's own pacing (the service passes its rule): a streamed answer comes in
+    fewer, merged SSE events — first at once —, with the same text and tokens as unpaced."""
+    port = _free_port()
+    log = (workdir / "paced-engine.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.inference.engines.transformers_server", "--model", str(workdir / "tiny"),
+        "--port", str(port), "--served-model-name", "tiny", "--stream-interval-ms", "150",
+        "--stream-max-interval-ms", "150", "--stream-pacing-min-streams", "1", stdout=log, stderr=log,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, (workdir / "paced-engine.log").read_text()[-2000:]
+                await asyncio.sleep(0.2)
+            body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0,
+                    "ignore_eos": True, "logprobs": 1}
+            whole = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+            events, started, first_at = [], time.monotonic(), None
+            async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        first_at = first_at or time.monotonic() - started
+                        events.append(json.loads(line[6:])["choices"][0])
+            took = time.monotonic() - started
+    finally:
+        proc.terminate()
+        await proc.wait()
+        log.close()
+    assert "".join(e["text"] for e in events) == whole["text"]
+    tokens = [t for e in events for t in e["logprobs"]["tokens"]]
+    assert tokens == whole["logprobs"]["tokens"] and len(tokens) == 48
+    assert events[-1]["finish_reason"] == "length"
+    # at most one event per 150 ms after the first (plus the last, sent at once), not one per token
+    assert len(events) <= 2 + took / 0.15, (len(events), took)
+    assert len(events) < 48
+    assert first_at < took

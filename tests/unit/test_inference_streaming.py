@@ -764,3 +764,94 @@ async def test_pacer_with_zero_interval_forwards_batches_unchanged():
         out.append(batch)
     assert out == [[{"k": 0}, {"k": 1}], [{"k": 2}, {"k": 3}], [{"k": 4}, {"k": 5}]]
     assert pacer.open_streams == 0
+
+
+def test_pacer_interval_grows_with_open_streams_between_floor_and_ceiling():
+    pacer = Pacer(interval_s=0.05, min_streams=8, max_interval_s=0.25, messages_per_s=320)
+    expected = {1: 0.0, 7: 0.0, 8: 0.05, 16: 0.05, 32: 0.1, 64: 0.2, 80: 0.25, 500: 0.25}
+    for streams, interval in expected.items():
+        pacer.open_streams = streams
+        assert pacer.interval() == pytest.approx(interval), streams
+    # no message budget: the floor, whatever the load; a zero floor: never paced
+    assert Pacer(0.05, 1, max_interval_s=0.25).interval() == 0.0
+    flat = Pacer(0.05, 1, max_interval_s=0.25)
+    flat.open_streams = 200
+    assert flat.interval() == 0.05
+    off = Pacer(0.0, 1, max_interval_s=0.25, messages_per_s=320)
+    off.open_streams = 200
+    assert off.interval() == 0.0
+
+
+def _reference_merge(msgs, can_extend, can_continue, extend):
+    """The merge rule stated on protos, one message per engine chunk (what chat_chunks must equal)."""
+    out, open_by_index = [], {}
+    for msg in msgs:
+        if msg.HasField("usage") or len(msg.choices) != 1:
+            out.append(msg)
+            open_by_index.clear()
+            continue
+        c = msg.choices[0]
+        acc = open_by_index.get(c.index)
+        if acc is not None and can_extend(acc.choices[0]) and can_continue(c):
+            extend(acc.choices[0], c)
+            continue
+        out.append(msg)
+        open_by_index[c.index] = msg
+    return out
+
+
+def _extend(acc, c, field):
+    setattr(acc, field, getattr(acc, field) + getattr(c, field))
+    acc.logprobs.extend(c.logprobs)
+    acc.finish_reason = c.finish_reason
+
+
+def test_chunk_merging_equals_the_per_chunk_rule_on_random_streams():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        chat, complete = [], []
+        for _ in range(rng.randint(0, 12)):
+            index = rng.choice([0, 0, 1])
+            text = rng.choice(["a", "bc", "é", "", " \"x\"\n"])
+            lp = rng.choice([None, -0.5])
+            finish = rng.choice([None, None, None, "stop", "length"])
+            if rng.random() < 0.08:
+                chat.append(_usage())
+                complete.append(_usage())
+                continue
+            c = _chat(text, index=index, role=rng.choice([None, None, "assistant"]), lp=lp, finish=finish)
+            if rng.random() < 0.1:
+                c["choices"][0]["delta"]["tool_calls"] = [
+                    {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]
+            chat.append(c)
+            complete.append(_text(text, index=index, lp=lp, finish=finish))
+        want_chat = _reference_merge([protocol.chat_chunk(c) for c in chat],
+                                     lambda a: not a.finish_reason and not a.tool_calls,
+                                     lambda c: not c.tool_calls and not c.role,
+                                     lambda a, c: _extend(a, c, "content"))
+        want_complete = _reference_merge([protocol.complete_chunk(c) for c in complete],
+                                         lambda a: not a.finish_reason, lambda c: True,
+                                         lambda a, c: _extend(a, c, "text"))
+        assert protocol.chat_chunks(chat) == want_chat, chat
+        assert protocol.complete_chunks(complete) == want_complete, complete
+
+
+def test_engine_merge_deltas_joins_each_choices_run_and_keeps_other_events_in_place():
+    from services.inference.engines.scheduler import Event, TokenInfo
+    from services.inference.engines.transformers_server import merge_deltas
+
+    def delta(index, text, finish=None):
+        return Event("delta", index=index, text=text, tokens=[TokenInfo(len(text), text, -0.5, [])],
+                     finish_reason=finish)
+
+    out = merge_deltas([delta(0, "a"), delta(1, "x"), delta(0, "b"), delta(1, "y", "stop"), delta(1, "z"),
+                        delta(0, "c", "length"), Event("done", prompt_tokens=3, completion_tokens=6)])
+    assert [(e.kind, e.index, e.text, e.finish_reason) for e in out] == [
+        ("delta", 0, "abc", "length"), ("delta", 1, "xy", "stop"), ("delta", 1, "z", None), ("done", 0, "", None)]
+    assert [t.text for t in out[0].tokens] == ["a", "b", "c"]
+    # an event other than a delta ends every run: nothing after it merges into a delta before it
+    out = merge_deltas([delta(0, "a"), Event("prompt", tokens=[]), delta(0, "b")])
+    assert [(e.kind, e.text) for e in out] == [("delta", "a"), ("prompt", ""), ("delta", "b")]
+    assert merge_deltas([]) == []

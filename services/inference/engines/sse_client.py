@@ -166,19 +166,21 @@ class SseClient:
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
 
-    def _request(self, path: str, body: dict[str, Any]) -> bytes:
+    def _request(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
         payload = json.dumps(body).encode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\nContent-Type: application/json\r\n"
-                f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n")
+                f"Accept: text/event-stream\r\n{extra}Content-Length: {len(payload)}\r\n\r\n")
         return head.encode() + payload
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[tuple[int, Batch | bytes]]:
+    async def stream(self, path: str, body: dict[str, Any],
+                     headers: dict[str, str] | None = None) -> AsyncIterator[tuple[int, Batch | bytes]]:
         """Yields ``(200, batch)`` for each read that completed events, until ``[DONE]``; or one
         ``(status, body)`` for an answer other than 200. Raises ``ConnectionLost`` (also for a 200
         answer that ended without ``[DONE]``), or ``OSError`` / ``TimeoutError`` from connecting.
         Closing the generator early closes the connection, which is how the engine learns that
         the request was abandoned."""
-        request = self._request(path, body)
+        request = self._request(path, body, headers)
         while True:
             reused = self._idle.pop() if self._idle else None
             conn = reused or await self._connect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..streaming import Pacing
 from .base import EngineSpec, HttpEngine
 
 DEFAULT_MAX_NUM_SEQS = 32
@@ -15,9 +16,11 @@ class TransformersEngine(HttpEngine):
     kind = "transformers"
     stop_timeout_s = 10.0
 
-    def __init__(self, spec: EngineSpec, *, default_max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> None:
+    def __init__(self, spec: EngineSpec, *, default_max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+                 pacing: Pacing | None = None) -> None:
         super().__init__(spec)
         self._default_max_num_seqs = default_max_num_seqs
+        self._pacing = pacing or Pacing()
 
     def command(self) -> list[str]:
         spec, opts = self.spec, self.spec.options
@@ -26,7 +29,7 @@ class TransformersEngine(HttpEngine):
             "--model", str(spec.model_dir), "--port", str(spec.port),
             "--served-model-name", spec.served_model_name, "--dtype", opts.dtype,
             "--max-num-seqs", str(opts.max_num_seqs or self._default_max_num_seqs),
-            "--threads", str(spec.omp_threads),
+            "--threads", str(spec.omp_threads), *self._pacing.args(),
         ]
         if opts.max_model_len:
             cmd += ["--max-model-len", str(opts.max_model_len)]

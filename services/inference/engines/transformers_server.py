@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -32,7 +33,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from services.core.logging import configure_logging, get_logger
+from services.core.runtime import freeze_startup_heap
 
+from ..streaming import Pacing
 from .scheduler import Event, GenRequest, RequestError, Sampling, Scheduler, TokenInfo
 
 log = get_logger(__name__)
@@ -117,10 +120,11 @@ class TransformersEngineServer:
     """The model, its tokenizer and scheduler, and the request translation of the HTTP API."""
 
     def __init__(self, model_dir: Path, *, served_model_name: str, dtype: str, max_model_len: int,
-                 max_num_seqs: int, loras: dict[str, str]) -> None:
+                 max_num_seqs: int, loras: dict[str, str], pacing: Pacing | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.served_model_name = served_model_name
+        self.pacer = (pacing or Pacing()).pacer()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         model.eval()
@@ -241,6 +245,23 @@ class TransformersEngineServer:
         finally:
             req.abort()
 
+    async def stream_events(self, req: GenRequest) -> AsyncIterator[Event]:
+        """``generate`` for a streamed answer: paced under load (``streaming.Pacer``), the deltas of
+        each choice that came meanwhile merged into one event, so one SSE event carries them all."""
+        if self.pacer.interval_s <= 0:
+            async for event in self.generate(req):
+                yield event
+            return
+
+        async def batches() -> AsyncIterator[list[Event]]:
+            async for event in self.generate(req):
+                yield [event]
+
+        async with contextlib.aclosing(self.pacer.stream(batches())) as paced:
+            async for batch in paced:
+                for event in merge_deltas(batch):
+                    yield event
+
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         def run() -> tuple[list[list[float]], int]:
             model = self.scheduler.model
@@ -274,6 +295,28 @@ def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]
     return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [({s: lp for s, lp in t.top} if t.logprob is not None else None) for t in tokens],
             "text_offset": offsets}
+
+
+def merge_deltas(events: list[Event]) -> list[Event]:
+    """``events`` with the deltas of each choice merged while its run lasts (text and tokens joined,
+    the last finish reason): a finished choice ends its run, and any other event (done, prompt)
+    ends every run and keeps its place."""
+    out: list[Event] = []
+    open_by_index: dict[int, Event] = {}
+    for event in events:
+        if event.kind != "delta":
+            out.append(event)
+            open_by_index.clear()
+            continue
+        acc = open_by_index.get(event.index)
+        if acc is not None and acc.finish_reason is None:
+            acc.text += event.text
+            acc.tokens = acc.tokens + event.tokens
+            acc.finish_reason = event.finish_reason
+            continue
+        out.append(event)
+        open_by_index[event.index] = event
+    return out
 
 
 def _usage(event: Event) -> dict[str, int]:
@@ -336,7 +379,7 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             started: set[int] = set()
-            async for ev in engine.generate(req):
+            async for ev in engine.stream_events(req) if body.stream else engine.generate(req):
                 if ev.kind == "done":
                     if include_usage:
                         yield {**head, "choices": [], "usage": _usage(ev)}
@@ -378,7 +421,7 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
             prompt_tokens: list[TokenInfo] = []
             offsets: dict[int, int] = {}
             echoed: set[int] = set()
-            async for ev in engine.generate(req):
+            async for ev in engine.stream_events(req) if body.stream else engine.generate(req):
                 if ev.kind == "prompt":
                     prompt_tokens = ev.tokens
                     continue
@@ -500,6 +543,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
+                        help="pacing of streamed answers under load (see services/inference/streaming.py); 0: none")
+    parser.add_argument("--stream-max-interval-ms", type=float, default=0.0)
+    parser.add_argument("--stream-messages-per-s", type=float, default=0.0)
+    parser.add_argument("--stream-pacing-min-streams", type=int, default=1)
     args = parser.parse_args(argv)
 
     configure_logging(level="INFO", json=True, service="inference-engine")
@@ -507,8 +555,11 @@ def main(argv: list[str] | None = None) -> None:
     loras = dict(item.split("=", 1) for item in args.lora)
     engine = TransformersEngineServer(args.model, served_model_name=args.served_model_name, dtype=args.dtype,
                                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                      loras=loras)
+                                      loras=loras,
+                                      pacing=Pacing(args.stream_interval_ms / 1000, args.stream_max_interval_ms / 1000,
+                                                    args.stream_messages_per_s, args.stream_pacing_min_streams))
     engine.scheduler.start()
+    freeze_startup_heap()
     log.info("engine_listening", host=args.host, port=args.port, model=str(args.model))
     uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False,
                 timeout_keep_alive=75)  # the inference service keeps connections to reuse
