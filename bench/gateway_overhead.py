@@ -134,30 +134,47 @@ def own_stack(engine: str, model: str, max_num_seqs: int) -> Iterator[Target]:
 # ----------------------------------------------------------------------------- measuring
 
 
+PROMPT = "Count from one to one hundred."
+
+
+def _body(model: str, max_tokens: int) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
+class _Timing:
+    """One streamed request's time to first token and the engine's completion token count."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.tokens = 0
+
+    def event(self, event: dict) -> None:
+        if "error" in event:
+            raise RuntimeError(event["error"])
+        if self.first is None and event.get("choices"):
+            self.first = time.perf_counter() - self.start
+        if event.get("usage"):
+            self.tokens = event["usage"]["completion_tokens"]
+
+    def done(self, ttfts: list[float], counts: list[int]) -> int:
+        ttfts.append(self.first or 0.0)
+        counts.append(self.tokens)
+        return self.tokens
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, headers: dict, max_tokens: int,
                       ttfts: list[float], counts: list[int]) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": "Count from one to one hundred."}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "ignore_eos": True}
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async with client.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers) as r:
+    timing = _Timing()
+    async with client.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=_body(model, max_tokens),
+                             headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            if first is None and event.get("choices"):
-                first = time.perf_counter() - start
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    ttfts.append(first or 0.0)
-    counts.append(tokens)
-    return tokens
+            if line.startswith("data: ") and line != "data: [DONE]":
+                timing.event(json.loads(line[6:]))
+    return timing.done(ttfts, counts)
 
 
 async def one_request_lean(client, model: str, headers: dict, max_tokens: int, ttfts: list[float],
@@ -165,25 +182,13 @@ async def one_request_lean(client, model: str, headers: dict, max_tokens: int, t
     """``one_request`` on the lean SSE reader the inference service uses for engines (asyncio protocol +
     httptools): a few times less client CPU per event than httpx, which matters when the client shares
     the machine's cores with what it measures."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Count from one to one hundred."}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "ignore_eos": True}
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async for status, batch in client.stream("/v1/chat/completions", body, headers):
+    timing = _Timing()
+    async for status, batch in client.stream("/v1/chat/completions", _body(model, max_tokens), headers):
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {batch[:300]!r}")
         for event in batch:
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            if first is None and event.get("choices"):
-                first = time.perf_counter() - start
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    ttfts.append(first or 0.0)
-    counts.append(tokens)
-    return tokens
+            timing.event(event)
+    return timing.done(ttfts, counts)
 
 
 async def grpc_level(addr: str, deployment: str, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -196,7 +201,7 @@ async def grpc_level(addr: str, deployment: str, concurrency: int, requests: int
     ttfts: list[float] = []
     counts: list[int] = []
     request = pb.ChatRequest(deployment=deployment, messages=[
-        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="Count from one to one hundred.")],
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=PROMPT)],
         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)

@@ -288,10 +288,15 @@ def _chat_run(run: list[dict[str, Any]]) -> pb.ChatChunk:
              "content": "".join((_choice(c).get("delta") or {}).get("content") or "" for c in run)}
     msg = chat_chunk({**run[0], "choices": [{**first, "delta": delta, "logprobs": None,
                                              "finish_reason": _choice(run[-1]).get("finish_reason")}]})
+    return _with_logprobs(msg, run, _chat_logprobs)
+
+
+def _with_logprobs(msg: Any, run: list[dict[str, Any]], convert: Callable[[Any], list[pb.TokenLogprob]]) -> Any:
+    """``msg`` (one choice) with the logprobs of every chunk of ``run`` in order."""
     merged = msg.choices[0]
     for c in run:
         if _choice(c).get("logprobs"):
-            merged.logprobs.extend(_chat_logprobs(_choice(c)["logprobs"]))
+            merged.logprobs.extend(convert(_choice(c)["logprobs"]))
     return msg
 
 
@@ -302,11 +307,7 @@ def _complete_run(run: list[dict[str, Any]]) -> pb.CompleteChunk:
     msg = complete_chunk({**run[0], "choices": [{
         **first, "text": "".join(_choice(c).get("text") or "" for c in run), "logprobs": None,
         "finish_reason": _choice(run[-1]).get("finish_reason")}]})
-    merged = msg.choices[0]
-    for c in run:
-        if _choice(c).get("logprobs"):
-            merged.logprobs.extend(_completion_logprobs(_choice(c)["logprobs"]))
-    return msg
+    return _with_logprobs(msg, run, _completion_logprobs)
 
 
 def _chat_can_extend(run: list[dict[str, Any]]) -> bool:
