@@ -65,7 +65,8 @@ bench: setup engine-vllm
 	$(PY) bench/artifact_throughput.py
 	$(PY) bench/registry_import.py
 	$(PY) bench/train_throughput.py
-	$(PY) bench/gateway_overhead.py
+	$(PY) bench/gateway_overhead.py --engine transformers --cpu
+	$(PY) bench/gateway_overhead.py --engine vllm --model tiny64 --cpu
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
