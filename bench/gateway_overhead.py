@@ -224,8 +224,8 @@ async def grpc_level(addr: str, deployment: str, concurrency: int, requests: int
 
 def _role(cmdline: list[str]) -> str | None:
     text = " ".join(cmdline)
-    for needle, role in (("transformers_server", "engine"), ("vllm.entrypoints", "engine"), ("services.inference", "inference"),
-                         ("-m gateway", "gateway"), ("gateway", "gateway")):
+    for needle, role in (("transformers_server", "engine"), ("vllm.entrypoints", "engine"),
+                         ("services.inference", "inference"), ("-m gateway", "gateway")):
         if needle in text:
             return role
     return None
@@ -238,9 +238,18 @@ def cpu_seconds() -> dict[str, float]:
 
     me = psutil.Process()
     out = {"client": sum(me.cpu_times()[:2])}
+    roles: dict[int, str | None] = {}
+
+    def role_of(proc: psutil.Process) -> str | None:
+        """Its own role, else its parent's (vLLM's engine core is a child of its API server)."""
+        if proc.pid not in roles:
+            parent = proc.parent()
+            roles[proc.pid] = _role(proc.cmdline()) or (role_of(parent) if parent and parent.pid != me.pid else None)
+        return roles[proc.pid]
+
     for child in me.children(recursive=True):
         try:
-            role = _role(child.cmdline())
+            role = role_of(child)
             if role:
                 out[role] = out.get(role, 0.0) + sum(child.cpu_times()[:2])
         except psutil.Error:

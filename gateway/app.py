@@ -23,11 +23,11 @@ from .auth.keys import KeyCache, KeyStore
 from .content_filter import ContentFilter
 from .deps import GatewayState
 from .errors import error_response, raw_error
-from .metrics import LATENCY, REQUESTS
+from .metrics import LATENCY, REQUESTS, labelled
 from .quota import QuotaLimiter, UsageRecorder
 from .routes import admin, generation, health, models
 from .routing import Router
-from .serving import Serving, labelled
+from .serving import Serving
 from .settings import GatewaySettings
 from .store import open_database
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("gateway_requests_total", "HTTP requests answered", ["endpoint", "model", "status"])
@@ -16,3 +18,9 @@ TTFT = Histogram(
 TOKENS = Counter("gateway_tokens_total", "Tokens reported by the engine", ["model", "direction"])  # in | out
 STREAM_ERRORS = Counter("gateway_stream_errors_total", "Streams that ended with an error event", ["model", "code"])
 REPLICA_OUTSTANDING = Gauge("gateway_replica_outstanding_requests", "Requests in flight per replica", ["replica"])
+
+
+def labelled(metric):
+    """``metric.labels`` memoized: the lookup takes a lock and builds the key on every call, and the
+    request path asks for the same few children all the time."""
+    return lru_cache(maxsize=1024)(metric.labels)

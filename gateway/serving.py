@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import grpc
@@ -34,7 +33,7 @@ from . import protocol as p
 from .auth.keys import ApiKey
 from .content_filter import ContentFilter, OutputFilter
 from .errors import error_body, finite, token_logprob
-from .metrics import STREAM_ERRORS, TOKENS, TTFT
+from .metrics import STREAM_ERRORS, TOKENS, TTFT, labelled
 from .quota import QuotaLimiter, Reservation, UsageRecorder, estimate_tokens
 from .routing import Replica, Router, Target
 from .settings import GatewaySettings
@@ -48,12 +47,6 @@ FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.F
           pb.FINISH_REASON_CONTENT_FILTER: "content_filter"}
 FORMATS = {"text": pb.RESPONSE_FORMAT_TYPE_TEXT, "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
            "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA}
-
-
-def labelled(metric):
-    """``metric.labels`` memoized: the lookup takes a lock and builds the key on every call, and the
-    request path asks for the same few children all the time."""
-    return lru_cache(maxsize=1024)(metric.labels)
 
 
 _ttft, _tokens = labelled(TTFT), labelled(TOKENS)

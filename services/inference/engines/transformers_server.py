@@ -311,7 +311,7 @@ def merge_deltas(events: list[Event]) -> list[Event]:
         acc = open_by_index.get(event.index)
         if acc is not None and acc.finish_reason is None:
             acc.text += event.text
-            acc.tokens = acc.tokens + event.tokens
+            acc.tokens.extend(event.tokens)  # the event owns its list (the scheduler starts a new one)
             acc.finish_reason = event.finish_reason
             continue
         out.append(event)
