@@ -53,7 +53,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ChatChunk]:
         engine, model = self._deployments.engine_for(request.deployment, request.adapter)
-        stream = self._pacer.stream(engine.chat(protocol.chat_body(request, model)))
+        interval = self._pacer.interval()
+        stream = self._pacer.stream(engine.chat(protocol.chat_body(request, model), interval_s=interval),
+                                    pace=not engine.paces_stream(interval))
         try:
             async for batch in stream:
                 for msg in protocol.chat_chunks(batch):
@@ -63,7 +65,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Complete(self, request: pb.CompleteRequest, context) -> AsyncIterator[pb.CompleteChunk]:
         engine, model = self._deployments.engine_for(request.deployment, request.adapter)
-        stream = self._pacer.stream(engine.complete(protocol.complete_body(request, model)))
+        interval = self._pacer.interval()
+        stream = self._pacer.stream(engine.complete(protocol.complete_body(request, model), interval_s=interval),
+                                    pace=not engine.paces_stream(interval))
         try:
             async for batch in stream:
                 for msg in protocol.complete_chunks(batch):

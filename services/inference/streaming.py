@@ -8,11 +8,13 @@ once (time to first token is never delayed), then at most one batch per interval
 engine produced meanwhile goes out together, merged by ``protocol.chat_chunks`` into one message
 per run. The interval grows with the load so that the service's messages per second stay about
 ``messages_per_s`` whatever the number of streams: ``interval_s`` (the floor) up to
-``max_interval_s``, ``open streams / messages_per_s`` in between (64 streams at 320/s: 200 ms).
+``max_interval_s``, ``open streams / messages_per_s`` in between (16 streams at 80/s: 200 ms).
 A stream slower than one token per interval is forwarded token by token, as it arrives; a fast
 one (a light load on a fast engine, or many streams) is sent in bursts — fewer, larger messages
 for the same tokens. The end of the stream (the last tokens, finish reason and usage) and an
-engine error are forwarded as soon as they come.
+engine error are forwarded as soon as they come. An engine that paces a stream itself (the
+transformers engine with this rule, vLLM with a per-request ``stream_interval``) does it before it
+serializes anything; the service then forwards that stream as it comes (``Pacer.stream(pace=False)``).
 """
 
 from __future__ import annotations
@@ -68,11 +70,12 @@ class Pacer:
             return self.interval_s
         return min(self.max_interval_s, max(self.interval_s, self.open_streams / self.messages_per_s))
 
-    async def stream(self, stream: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
-        """``stream`` paced while the service is busy; closing it closes ``stream`` (the engine aborts)."""
+    async def stream(self, stream: AsyncIterator[Batch], *, pace: bool = True) -> AsyncIterator[Batch]:
+        """``stream`` paced while the service is busy; closing it closes ``stream`` (the engine aborts).
+        ``pace=False``: counted as open but forwarded as it comes (the engine paces it already)."""
         self.open_streams += 1
         try:
-            if self.interval_s <= 0:
+            if self.interval_s <= 0 or not pace:
                 async for batch in stream:
                     yield batch
             else:
@@ -88,38 +91,44 @@ async def paced(stream: AsyncIterator[Batch], interval: Callable[[], float]) -> 
     """The batches of ``stream``, merged so that at most one goes out per ``interval()`` seconds after
     the first (``interval()`` is read at each send: 0 forwards each batch as it comes).
 
+    A reader task collects the batches; the writer (this generator) sleeps until the first batch
+    after a send, then, if its slot is still ahead, until the slot (one timer, no task: this runs
+    for every message of every stream) or the end of the stream, whichever comes first.
+
     Closing this generator (the gRPC call was cancelled) cancels the reader and closes ``stream``,
     which aborts the engine request."""
     loop = asyncio.get_running_loop()
     pending: Batch = []
-    wake = asyncio.Event()
-    ended = asyncio.Event()
+    wake = asyncio.Event()  # set by the reader on the first batch after a send and at the end
     outcome: list[BaseException | None] = []  # set when the engine stream ended (None) or failed
 
     async def read() -> None:
         try:
             async for batch in stream:
+                if not pending:
+                    wake.set()
                 pending.extend(batch)
-                wake.set()
             outcome.append(None)
         except Exception as exc:  # noqa: BLE001 - re-raised by the writer after what came before it
             outcome.append(exc)
         finally:
-            ended.set()
             wake.set()
 
     reader = asyncio.ensure_future(read())
+    timer: asyncio.TimerHandle | None = None
     last_sent = float("-inf")
     try:
         while True:
             await wake.wait()
             wake.clear()
-            wait = last_sent + interval() - loop.time()
-            if wait > 0 and not ended.is_set():
+            slot = last_sent + interval()
+            if not outcome and slot > loop.time():
                 # gather what else arrives until this stream's next slot; the end of the stream
                 # (finish reason, usage) goes out at once
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ended.wait(), wait)
+                timer = loop.call_at(slot, wake.set)
+                await wake.wait()
+                wake.clear()
+                timer.cancel()
             if pending:
                 out = pending[:]
                 pending.clear()
@@ -130,6 +139,8 @@ async def paced(stream: AsyncIterator[Batch], interval: Callable[[], float]) -> 
                     raise outcome[0]
                 return
     finally:
+        if timer is not None:
+            timer.cancel()
         reader.cancel()
         with contextlib.suppress(BaseException):
             await reader

@@ -63,6 +63,33 @@ async def test_smollm2_on_vllm_chats_completes_and_tokenizes(workdir, module_s3,
         logprobs = [lp for c in chunks for ch in c.choices for lp in ch.logprobs]
         assert logprobs and all(lp.HasField("logprob") and len(lp.top_logprobs) == 2 for lp in logprobs)
 
+        # vLLM paces a stream itself once the service knows the per-stream rate (measured from the
+        # streams so far): stream_interval tokens per chunk, the same tokens in fewer chunks.
+        engine, model = app.deployments.engine_for("deployments/smol", "")
+        assert engine.stream_rate.tokens_per_s > 0
+        body = {"model": model, "messages": [{"role": "user", "content": "Name three colours."}],
+                "max_tokens": 24, "temperature": 0.0, "ignore_eos": True, "logprobs": True}
+
+        async def chunks_of(**kw) -> list[dict]:
+            return [chunk async for batch in engine.chat(body, **kw) for chunk in batch]
+
+        plain = await chunks_of()
+        engine.stream_rate.tokens_per_s = 40.0
+        assert engine.paces_stream(0.1) and engine.stream_fields(0.1) == {"stream_interval": 4}
+        paced = await chunks_of(interval_s=0.1)
+        for name, got in (("plain", plain), ("paced", paced)):
+            assert got[-1]["usage"]["completion_tokens"] == 24, name
+
+        def tokens(got: list[dict]) -> list[str]:
+            return [t["token"] for c in got for ch in c["choices"] for t in (ch.get("logprobs") or {}).get("content") or []]
+
+        def text(got: list[dict]) -> str:
+            return "".join(ch["delta"].get("content") or "" for c in got for ch in c["choices"])
+
+        assert text(paced) == text(plain) and tokens(paced) == tokens(plain) and len(tokens(plain)) == 24
+        with_tokens = [c for c in paced if any((ch.get("logprobs") or {}).get("content") for ch in c["choices"])]
+        assert 6 <= len(with_tokens) <= 8, [len(c["choices"][0]["logprobs"]["content"]) for c in with_tokens]
+
         done = [c async for c in stub.Complete(pb.CompleteRequest(
             deployment="deployments/smol", prompt="The capital of France is",
             sampling=pb.SamplingParams(max_tokens=1, n=2, temperature=0.8, seed=3)))]

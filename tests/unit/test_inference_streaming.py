@@ -18,7 +18,10 @@ from starlette.routing import Route
 from modelyard.inference.v1 import inference_pb2 as pb
 from services.inference import protocol
 from services.inference.engines.sse_client import ConnectionLost, SseClient, SseEvents
-from services.inference.streaming import Pacer, paced
+from services.inference.engines.base import EngineSpec, StreamRate
+from services.inference.engines.transformers_engine import TransformersEngine
+from services.inference.engines.vllm_engine import VllmEngine
+from services.inference.streaming import Pacer, Pacing, paced
 
 # ====================================================================== SseEvents
 
@@ -764,6 +767,43 @@ async def test_pacer_with_zero_interval_forwards_batches_unchanged():
         out.append(batch)
     assert out == [[{"k": 0}, {"k": 1}], [{"k": 2}, {"k": 3}], [{"k": 4}, {"k": 5}]]
     assert pacer.open_streams == 0
+
+
+async def test_pacer_forwards_a_stream_the_engine_paced_as_it_comes_and_counts_it():
+    pacer = Pacer(interval_s=0.2, min_streams=1)
+    log: list = []
+    out = []
+    async for batch in pacer.stream(_source(6, 0.01, log=log), pace=False):
+        assert pacer.open_streams == 1 and pacer.interval() == 0.2  # counted: others are paced by it
+        out.append(batch)
+    assert out == [[{"k": k}] for k in range(6)]  # 6 messages in 0.06 s: not merged
+    assert pacer.open_streams == 0 and any(kind == "closed" for kind, _ in log)
+
+
+def test_stream_rate_is_a_moving_average_of_finished_streams_per_stream_rate():
+    rate = StreamRate(weight=0.5)
+    assert rate.tokens_per_s == 0 and rate.tokens_per_message(0.2) == 1  # nothing measured: one token
+    rate.observe(1, 0.5)  # one token: no rate
+    rate.observe(5, 0.0)
+    assert rate.tokens_per_s == 0
+    rate.observe(101, 1.0)  # 100 tokens after the first in 1 s
+    assert rate.tokens_per_s == pytest.approx(100)
+    rate.observe(51, 1.0)
+    assert rate.tokens_per_s == pytest.approx(75)
+    assert rate.tokens_per_message(0.2) == 15 and rate.tokens_per_message(0.01) == 1
+    assert rate.tokens_per_message(0.0) == 1  # not paced
+
+
+def test_vllm_engine_asks_for_about_one_interval_of_tokens_per_chunk_once_it_knows_the_rate(tmp_path):
+    engine = VllmEngine(EngineSpec("d", tmp_path, "m", 1, tmp_path), vllm_python=tmp_path / "python")
+    assert engine.stream_fields(0.25) == {} and not engine.paces_stream(0.25)  # rate unknown
+    engine.stream_rate.observe(41, 1.0)  # 40 tokens/s per stream
+    assert engine.stream_fields(0.25) == {"stream_interval": 10} and engine.paces_stream(0.25)
+    assert engine.stream_fields(0.0) == {} and not engine.paces_stream(0.0)  # the service is not pacing
+    assert engine.stream_fields(0.02) == {} and not engine.paces_stream(0.02)  # under a token per interval
+    transformers = TransformersEngine(EngineSpec("d", tmp_path, "m", 1, tmp_path), pacing=Pacing(0.1, 0.25, 80, 8))
+    assert transformers.paces_stream(0.1) and transformers.stream_fields(0.1) == {}
+    assert not TransformersEngine(EngineSpec("d", tmp_path, "m", 1, tmp_path)).paces_stream(0.1)
 
 
 def test_pacer_interval_grows_with_open_streams_between_floor_and_ceiling():

@@ -84,11 +84,18 @@ class Engine(Protocol):
     async def health(self) -> bool:
         """True when the server answers its health check."""
 
-    def chat(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """Stream the chunks of an OpenAI chat completion in batches (``stream`` is forced on)."""
+    def chat(self, body: dict[str, Any], *, interval_s: float = 0.0) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream the chunks of an OpenAI chat completion in batches (``stream`` is forced on);
+        ``interval_s``: the caller forwards at most one message per that many seconds (its pacing),
+        so the engine may send its tokens in groups that fill about one message each."""
 
-    def complete(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """Stream the chunks of an OpenAI text completion in batches (``stream`` is forced on)."""
+    def complete(self, body: dict[str, Any], *, interval_s: float = 0.0) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream the chunks of an OpenAI text completion in batches (``stream`` is forced on;
+        ``interval_s`` as for ``chat``)."""
+
+    def paces_stream(self, interval_s: float) -> bool:
+        """True when a stream requested with ``interval_s`` comes already paced to it (the caller
+        then forwards each batch as it arrives instead of merging them again)."""
 
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         """``/tokenize``: {tokens, count, max_model_len}."""
@@ -109,6 +116,27 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class StreamRate:
+    """Tokens per second of one stream of an engine, as its recent streams were decoded: an
+    exponential moving average over finished streams of (completion tokens - 1) / (time from the
+    first chunk to the usage chunk). It falls when the engine is busier (more streams share it)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.tokens_per_s = 0.0  # 0: nothing measured yet
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens < 2 or seconds <= 0:
+            return
+        rate = (tokens - 1) / seconds
+        self.tokens_per_s = rate if not self.tokens_per_s else \
+            self.tokens_per_s + self.weight * (rate - self.tokens_per_s)
+
+    def tokens_per_message(self, interval_s: float) -> int:
+        """How many tokens a stream makes in ``interval_s`` at the measured rate (at least 1)."""
+        return max(1, int(self.tokens_per_s * interval_s)) if interval_s > 0 else 1
+
+
 class HttpEngine:
     """Base of both engines: the child process and the OpenAI HTTP client; subclasses give the command."""
 
@@ -125,6 +153,7 @@ class HttpEngine:
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
         )
         self._sse = SseClient("127.0.0.1", spec.port)  # the token streams (httpx for everything else)
+        self.stream_rate = StreamRate()
         self.log_path = spec.workdir / "engine.log"
 
     # ------------------------------------------------------------------ process
@@ -188,11 +217,18 @@ class HttpEngine:
             return False
         return resp.status_code == 200
 
-    def chat(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        return self._stream("/v1/chat/completions", body)
+    def chat(self, body: dict[str, Any], *, interval_s: float = 0.0) -> AsyncIterator[list[dict[str, Any]]]:
+        return self._stream("/v1/chat/completions", body, interval_s)
 
-    def complete(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        return self._stream("/v1/completions", body)
+    def complete(self, body: dict[str, Any], *, interval_s: float = 0.0) -> AsyncIterator[list[dict[str, Any]]]:
+        return self._stream("/v1/completions", body, interval_s)
+
+    def stream_fields(self, interval_s: float) -> dict[str, Any]:
+        """Fields added to a streamed request whose caller paces at ``interval_s`` (none by default)."""
+        return {}
+
+    def paces_stream(self, interval_s: float) -> bool:
+        return False
 
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._post("/tokenize", body)
@@ -224,9 +260,12 @@ class HttpEngine:
         except ValueError:
             return {}
 
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async def _stream(self, path: str, body: dict[str, Any], interval_s: float = 0.0) \
+            -> AsyncIterator[list[dict[str, Any]]]:
+        body = {**body, **self.stream_fields(interval_s), "stream": True, "stream_options": {"include_usage": True}}
         stream = self._sse.stream(path, body)
+        loop = asyncio.get_running_loop()
+        started = 0.0
         try:
             async for status, payload in stream:
                 if status != 200:
@@ -236,6 +275,11 @@ class HttpEngine:
                     if failed:
                         yield payload[:failed]
                     raise _error_from_body(payload[failed], 500, self.kind)
+                if not started:
+                    started = loop.time()
+                usage = payload[-1].get("usage") if payload else None
+                if usage and (body.get("n") or 1) == 1:  # n > 1: the choices share the time
+                    self.stream_rate.observe(usage.get("completion_tokens") or 0, loop.time() - started)
                 yield payload
         except ConnectionLost as exc:
             raise Unavailable(f"{self.kind} engine closed the stream before it ended ({exc})",

@@ -160,7 +160,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._seqs)
+        return sum(1 for s in self._seqs if s.pending is not None)
 
     # ------------------------------------------------------------------ loop
 
@@ -180,7 +180,8 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
                 log.exception("scheduler_step_failed")
                 for seq in self._seqs:
-                    seq.req.emit(Event("error", message=f"engine step failed: {exc}"))
+                    if seq.pending is not None:  # not the rows that finished already
+                        seq.req.emit(Event("error", message=f"engine step failed: {exc}"))
                 self._reset_batch()
 
     def _run_calls(self) -> None:
@@ -198,14 +199,13 @@ class Scheduler:
         self._seqs, self._cache, self._mask = [], None, None
 
     def _drop_aborted(self) -> None:
-        keep = [i for i, s in enumerate(self._seqs) if not s.req.aborted.is_set()]
-        if len(keep) != len(self._seqs):
-            self._select(keep)
+        if any(s.req.aborted.is_set() for s in self._seqs):
+            self._select([i for i, s in enumerate(self._seqs) if s.pending is not None and not s.req.aborted.is_set()])
 
     # ------------------------------------------------------------------ prefill
 
     def _admit(self) -> None:
-        room = self.max_num_seqs - len(self._seqs)
+        room = self.max_num_seqs - self.running
         new: list[_Seq] = []
         while room > 0:
             try:
@@ -226,7 +226,9 @@ class Scheduler:
             new.extend(seqs)
             room -= req.n
         if new:
-            self._prefill(new)
+            self._prefill(new)  # its merge also drops the rows that finished since the last step
+        else:
+            self._drop_finished(defer=False)
 
     def _adapter_kwargs(self, seqs: list[_Seq]) -> dict[str, Any]:
         if not self.adapters:
@@ -271,24 +273,38 @@ class Scheduler:
         seq.req.emit(Event("prompt", tokens=tokens, prompt_tokens=len(prompt)))
 
     def _merge(self, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append freshly prefilled sequences to the running batch, left-padding the shorter side."""
-        if self._cache is None or not self._seqs:
+        """Append freshly prefilled sequences to the running batch, left-padding the shorter side;
+        the rows that finished since the last step leave in the same copy of the cache (one copy
+        of the running batch's cache per admission, instead of one to drop rows and two to merge)."""
+        live = [i for i, s in enumerate(self._seqs) if s.pending is not None]
+        if self._cache is None or not live:
             self._seqs, self._cache, self._mask = list(seqs), cache, mask
             return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            layers.append((torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                           torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])))
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        index = torch.tensor(live, dtype=torch.long) if len(live) != len(self._seqs) else None
+        old_mask = self._mask if index is None else self._mask[index]
+        first = int((old_mask.sum(0) > 0).nonzero()[0])  # padding no live row needs any more
+        old_len, new_len = old_mask.shape[1] - first, mask.shape[1]
+        width, rows = max(old_len, new_len), len(live)
+
+        def joined(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            out = old.new_zeros((rows + new.shape[0], old.shape[1], width, old.shape[3]))
+            out[:rows, :, width - old_len:] = old[:, :, first:] if index is None else old[index, :, first:]
+            out[rows:, :, width - new_len:] = new
+            return out
+
+        layers = [(joined(old.keys, new.keys), joined(old.values, new.values))
+                  for old, new in zip(self._cache.layers, cache.layers)]
+        self._mask = torch.cat([_left_pad(old_mask[:, first:], width, dim=1), _left_pad(mask, width, dim=1)])
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        self._seqs.extend(seqs)
+        self._seqs = [self._seqs[i] for i in live] + list(seqs)
 
     # ------------------------------------------------------------------ decode
 
     def _step(self) -> None:
+        self._drop_finished(defer=False)  # rows that finished in a prefill while more were waiting
         seqs = self._seqs
+        if not seqs:
+            return
         ids = torch.tensor([[s.pending] for s in seqs], dtype=torch.long)
         positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long)
         self._mask = torch.cat([self._mask, torch.ones((len(seqs), 1), dtype=torch.long)], dim=1)
@@ -301,10 +317,15 @@ class Scheduler:
             self._accept(seq, logits[row])
         self._drop_finished()
 
-    def _drop_finished(self) -> None:
+    def _drop_finished(self, defer: bool = True) -> None:
+        """Take the finished rows out of the batch; ``defer``: not now if requests are waiting and
+        there is room for them (the next admission drops them in the copy it makes anyway)."""
         keep = [i for i, s in enumerate(self._seqs) if s.pending is not None]
-        if len(keep) != len(self._seqs):
-            self._select(keep)
+        if len(keep) == len(self._seqs):
+            return
+        if defer and keep and len(keep) < self.max_num_seqs and not self._incoming.empty():
+            return
+        self._select(keep)
 
     def _select(self, keep: list[int]) -> None:
         """Keep only the rows ``keep`` of the batch and trim the padding no row needs any more."""

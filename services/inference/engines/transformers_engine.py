@@ -22,6 +22,10 @@ class TransformersEngine(HttpEngine):
         self._default_max_num_seqs = default_max_num_seqs
         self._pacing = pacing or Pacing()
 
+    def paces_stream(self, interval_s: float) -> bool:
+        """Its server paces its SSE events itself, to the same rule as the service (``Pacing``)."""
+        return self._pacing.interval_s > 0
+
     def command(self) -> list[str]:
         spec, opts = self.spec, self.spec.options
         cmd = [

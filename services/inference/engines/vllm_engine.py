@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from services.core.errors import FailedPrecondition
 
@@ -60,6 +61,18 @@ class VllmEngine(HttpEngine):
             if spec.adapters:
                 cmd += ["--lora-modules", *(f"{alias}={path}" for alias, path in spec.adapters.items())]
         return cmd
+
+    def stream_fields(self, interval_s: float) -> dict[str, Any]:
+        """vLLM's per-request ``stream_interval`` (tokens per streamed chunk; its first and last chunks
+        go out at once): about the tokens a stream makes in one paced interval, at the rate its
+        recent streams were decoded. vLLM then detokenizes, serializes and writes one SSE event per
+        message the service forwards, instead of one per token it would merge. Unpaced, or
+        slower than a token per interval: one token per chunk, as usual."""
+        tokens = self.stream_rate.tokens_per_message(interval_s)
+        return {"stream_interval": tokens} if tokens > 1 else {}
+
+    def paces_stream(self, interval_s: float) -> bool:
+        return self.stream_rate.tokens_per_message(interval_s) > 1
 
     def environment(self) -> dict[str, str]:
         env = super().environment()
