@@ -112,7 +112,9 @@ class SseApp:
         self.client_ports: list[int] = []  # the client's port of each request: one per connection
         self.forever_started = asyncio.Event()
         self.forever_closed = asyncio.Event()
+        self.bodies: list[dict] = []  # what /v1/chat/completions was sent
         self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/count", self.count, methods=["POST"]),
             Route("/bad", self.bad, methods=["POST"]),
             Route("/forever", self.forever, methods=["POST"]),
@@ -129,6 +131,21 @@ class SseApp:
                 yield f"data: {json.dumps({'i': k, 'pad': 'x' * body.get('pad', 0)})}\n\n"
             if body.get("done", True):
                 yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def chat(self, request: Request):
+        """An OpenAI chat stream: ``max_tokens`` one-token chunks ``delay`` s apart, then the usage."""
+        body = await request.json()
+        self.bodies.append(body)
+
+        async def events():
+            for k in range(body["max_tokens"]):
+                if k and body.get("delay"):
+                    await asyncio.sleep(body["delay"])
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'x'}}]})}\n\n"
+            usage = {"prompt_tokens": 1, "completion_tokens": body["max_tokens"], "total_tokens": body["max_tokens"] + 1}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -792,6 +809,31 @@ def test_stream_rate_is_a_moving_average_of_finished_streams_per_stream_rate():
     assert rate.tokens_per_s == pytest.approx(75)
     assert rate.tokens_per_message(0.2) == 15 and rate.tokens_per_message(0.01) == 1
     assert rate.tokens_per_message(0.0) == 1  # not paced
+
+
+async def test_engine_streams_measure_the_per_stream_rate_and_vllm_sends_its_stream_interval(tmp_path):
+    app = SseApp()
+    async with serve(app.app) as port:
+        engine = VllmEngine(EngineSpec("d", tmp_path, "m", port, tmp_path), vllm_python=tmp_path / "python")
+        try:
+            async def run(**body) -> list[dict]:
+                return [c async for batch in engine.chat({"model": "m", "messages": [], **body}, interval_s=0.25)
+                        for c in batch]
+
+            burst = await run(max_tokens=30)  # all at once: no rate from it
+            assert len(burst) == 31 and engine.stream_rate.tokens_per_s == 0
+            assert "stream_interval" not in app.bodies[-1]
+
+            await run(max_tokens=11, delay=0.02)  # 10 tokens after the first in >= 0.2 s
+            assert 20 < engine.stream_rate.tokens_per_s < 100  # ~50 (timer and read jitter aside)
+            await run(max_tokens=11, delay=0.02, n=2)  # n > 1: the choices share the time, not counted
+            measured = engine.stream_rate.tokens_per_s
+            await run(max_tokens=2)
+            assert engine.stream_rate.tokens_per_s == measured
+            assert app.bodies[-1]["stream_interval"] == int(measured * 0.25) >= 5  # what vLLM is asked
+            assert app.bodies[-1]["stream"] is True and app.bodies[-1]["stream_options"] == {"include_usage": True}
+        finally:
+            await engine.stop()
 
 
 def test_vllm_engine_asks_for_about_one_interval_of_tokens_per_chunk_once_it_knows_the_rate(tmp_path):

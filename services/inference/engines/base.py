@@ -30,6 +30,7 @@ from .sse_client import ConnectionLost, SseClient
 log = get_logger(__name__)
 
 ENGINE_KINDS = ("vllm", "transformers")
+MIN_RATE_WINDOW_S = 0.01  # a stream's rate is measured over at least this long (else it is left out)
 
 
 @dataclass
@@ -275,11 +276,14 @@ class HttpEngine:
                     if failed:
                         yield payload[:failed]
                     raise _error_from_body(payload[failed], 500, self.kind)
+                usage = payload[-1].get("usage") if payload else None
                 if not started:
                     started = loop.time()
-                usage = payload[-1].get("usage") if payload else None
-                if usage and (body.get("n") or 1) == 1:  # n > 1: the choices share the time
-                    self.stream_rate.observe(usage.get("completion_tokens") or 0, loop.time() - started)
+                elif usage and (body.get("n") or 1) == 1:  # n > 1: the choices share the time
+                    # the first chunk and the usage read apart (not one burst the reader caught up on)
+                    elapsed = loop.time() - started
+                    if elapsed >= MIN_RATE_WINDOW_S:
+                        self.stream_rate.observe(usage.get("completion_tokens") or 0, elapsed)
                 yield payload
         except ConnectionLost as exc:
             raise Unavailable(f"{self.kind} engine closed the stream before it ended ({exc})",
