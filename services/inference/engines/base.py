@@ -219,10 +219,11 @@ class HttpEngine:
         return resp.status_code == 200
 
     def chat(self, body: dict[str, Any], *, interval_s: float = 0.0) -> AsyncIterator[list[dict[str, Any]]]:
-        return self._stream("/v1/chat/completions", body, interval_s)
+        # the fields are chosen now, with paces_stream's answer for the same rate (not at the first read)
+        return self._stream("/v1/chat/completions", {**body, **self.stream_fields(interval_s)})
 
     def complete(self, body: dict[str, Any], *, interval_s: float = 0.0) -> AsyncIterator[list[dict[str, Any]]]:
-        return self._stream("/v1/completions", body, interval_s)
+        return self._stream("/v1/completions", {**body, **self.stream_fields(interval_s)})
 
     def stream_fields(self, interval_s: float) -> dict[str, Any]:
         """Fields added to a streamed request whose caller paces at ``interval_s`` (none by default)."""
@@ -261,9 +262,8 @@ class HttpEngine:
         except ValueError:
             return {}
 
-    async def _stream(self, path: str, body: dict[str, Any], interval_s: float = 0.0) \
-            -> AsyncIterator[list[dict[str, Any]]]:
-        body = {**body, **self.stream_fields(interval_s), "stream": True, "stream_options": {"include_usage": True}}
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         stream = self._sse.stream(path, body)
         loop = asyncio.get_running_loop()
         started = 0.0
