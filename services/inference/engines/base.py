@@ -276,11 +276,11 @@ class HttpEngine:
                     if failed:
                         yield payload[:failed]
                     raise _error_from_body(payload[failed], 500, self.kind)
-                usage = payload[-1].get("usage") if payload else None
                 if not started:
                     started = loop.time()
-                elif usage and (body.get("n") or 1) == 1:  # n > 1: the choices share the time
-                    # the first chunk and the usage read apart (not one burst the reader caught up on)
+                elif payload and (usage := payload[-1].get("usage")) and (body.get("n") or 1) == 1:
+                    # n > 1: the choices share the time; the first chunk and the usage read apart
+                    # (not one burst the reader caught up on)
                     elapsed = loop.time() - started
                     if elapsed >= MIN_RATE_WINDOW_S:
                         self.stream_rate.observe(usage.get("completion_tokens") or 0, elapsed)

@@ -282,7 +282,7 @@ class Scheduler:
             return
         index = torch.tensor(live, dtype=torch.long) if len(live) != len(self._seqs) else None
         old_mask = self._mask if index is None else self._mask[index]
-        first = int((old_mask.sum(0) > 0).nonzero()[0])  # padding no live row needs any more
+        first = _first_needed_column(old_mask)
         old_len, new_len = old_mask.shape[1] - first, mask.shape[1]
         width, rows = max(old_len, new_len), len(live)
 
@@ -334,7 +334,7 @@ class Scheduler:
             return
         index = torch.tensor(keep, dtype=torch.long)
         mask = self._mask[index]
-        first = int((mask.sum(0) > 0).nonzero()[0])
+        first = _first_needed_column(mask)
         layers = [(layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in self._cache.layers]
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
         self._mask = mask[:, first:]
@@ -419,6 +419,11 @@ class Scheduler:
             return []
         values, ids = lps.topk(k)
         return [(self._piece(int(i)), float(v)) for v, i in zip(values, ids)]
+
+
+def _first_needed_column(mask: torch.Tensor) -> int:
+    """The first position any row of ``mask`` attends to: the left padding before it can go."""
+    return int((mask.sum(0) > 0).nonzero()[0])
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -72,7 +72,7 @@ class VllmEngine(HttpEngine):
         return {"stream_interval": tokens} if tokens > 1 else {}
 
     def paces_stream(self, interval_s: float) -> bool:
-        return self.stream_rate.tokens_per_message(interval_s) > 1
+        return bool(self.stream_fields(interval_s))
 
     def environment(self) -> dict[str, str]:
         env = super().environment()
