@@ -13,7 +13,7 @@ export PIP_CONSTRAINT :=
 # DeepSpeed: no CUDA op builds at install time (ops are JIT-built only where CUDA exists).
 export DS_BUILD_OPS := 0
 
-.PHONY: engine-vllm setup demo test test-unit test-integration proto proto-check lint-proto bench up down status fetch-demo clean
+.PHONY: engine-vllm setup demo test test-unit test-integration proto proto-check lint lint-proto bench up down status fetch-demo clean
 
 setup: $(STAMP)
 
@@ -37,10 +37,17 @@ proto-check: setup
 lint-proto:
 	bash scripts/buf.sh lint
 
+# Static checks: ruff lint everywhere, ruff format and mypy on the chassis, the gateway and the client SDK.
+LINT_FORMATTED := services/core gateway modelyard/client
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check $(LINT_FORMATTED)
+	$(VENV)/bin/mypy $(LINT_FORMATTED)
+
 fetch-demo: setup
 	$(VENV)/bin/yard models fetch-demo
 
-test: setup engine-vllm proto-check lint-proto
+test: setup engine-vllm proto-check lint-proto lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup

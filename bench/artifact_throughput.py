@@ -75,8 +75,8 @@ def main() -> None:
                     ("upload", "store"): lambda: store.put_file("bench/store.bin", src),
                     ("upload", "raw"): lambda: raw.fput_object(settings.bucket, "bench/raw.bin", str(src),
                                                                part_size=settings.part_size),
-                    ("download", "store"): lambda: store.get_file("bench/store.bin", work / f"store-{i}.bin"),
-                    ("download", "raw"): lambda: raw.fget_object(settings.bucket, "bench/raw.bin",
+                    ("download", "store"): lambda i=i: store.get_file("bench/store.bin", work / f"store-{i}.bin"),
+                    ("download", "raw"): lambda i=i: raw.fget_object(settings.bucket, "bench/raw.bin",
                                                                  str(work / f"raw-{i}.bin")),
                 }
                 for name, fn in runs.items():

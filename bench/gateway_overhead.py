@@ -91,7 +91,7 @@ def own_stack(engine: str, model: str, max_num_seqs: int) -> Iterator[Target]:
     with tempfile.TemporaryDirectory(prefix="yard-bench-") as tmp:
         data = Path(tmp) / "yard"
         names = ("gateway", "registry", "training", "quantization", "evaluation", "inference", "s3")
-        ports = dict(zip(names, _free_ports(len(names))))
+        ports = dict(zip(names, _free_ports(len(names)), strict=True))
         # the services inherit this process's environment (the stack's env contract on top)
         os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                           YARD_INFERENCE_VLLM_PYTHON=str(VLLM_PYTHON))
@@ -338,8 +338,8 @@ async def measure(t: Target, concurrency: list[int], requests_per_stream: int, m
             rounds_out.append(results)
         ratios = sorted(x["gateway"]["tokens_per_s"] / x["engine"]["tokens_per_s"] for x in rounds_out)
 
-        def med(side: str, key: str) -> float:
-            return statistics.median(x[side][key] for x in rounds_out)
+        def med(side: str, key: str, rounds: list = rounds_out) -> float:
+            return statistics.median(x[side][key] for x in rounds)
 
         e = {k: med("engine", k) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
         g = {k: med("gateway", k) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}

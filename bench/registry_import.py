@@ -18,9 +18,9 @@ from pathlib import Path
 
 from cli.demo_models import build_smollm2, smollm2_gguf_path
 from cli.s3server import start_s3_server
+from modelyard.client import RegistryClient
+from modelyard.common.v1 import common_pb2
 from modelyard.registry.v1 import registry_pb2 as pb
-from modelyard.registry.v1 import registry_pb2_grpc
-from services.core.grpc_client import make_channel
 from services.core.settings import GrpcServerSettings, S3Settings
 from services.registry.app import build_app
 from services.registry.settings import RegistrySettings
@@ -30,17 +30,14 @@ def _peak_mib(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-async def _import(stub, parent: str, source: str) -> tuple[float, pb.ModelVersion]:
+async def _import(registry: RegistryClient, parent: str, source: str) -> tuple[float, pb.ModelVersion]:
     start = time.perf_counter()
-    started = (await stub.ImportModel(pb.ImportModelRequest(parent=parent, source_uri=source))).model_import
-    last = started
-    async for event in stub.WatchImport(pb.WatchImportRequest(name=started.name), timeout=3600):
-        last = event.model_import
+    started = await registry.import_model(parent=parent, source_uri=source)
+    last = await registry.wait_import(started.name)
     elapsed = time.perf_counter() - start
-    if last.state != pb.IMPORT_STATE_SUCCEEDED:
+    if last.state != common_pb2.JOB_STATE_SUCCEEDED:
         raise SystemExit(f"import of {source} failed: {last.error.message}")
-    version = (await stub.GetModelVersion(pb.GetModelVersionRequest(name=last.model_version))).model_version
-    return elapsed, version
+    return elapsed, await registry.get_model_version(last.model_version)
 
 
 async def main() -> None:
@@ -55,16 +52,15 @@ async def main() -> None:
             )
             app = build_app(settings, metrics=False, default_port=0)
             await app.start()
-            channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=3600)
-            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            registry = RegistryClient(f"127.0.0.1:{app.server.port}", timeout=3600)
             print(f"{'source':<8} {'seconds':>8} {'parameters':>14} {'size MiB':>9} {'self peak MiB':>14} "
                   f"{'child peak MiB':>15}")
             for label, source in (("gguf", str(smollm2_gguf_path())), ("folder", str(folder))):
-                seconds, v = await _import(stub, f"models/smollm2-{label}", source)
+                seconds, v = await _import(registry, f"models/smollm2-{label}", source)
                 print(f"{label:<8} {seconds:>8.1f} {v.metadata.parameter_count:>14,} "
                       f"{v.metadata.total_size_bytes / 2**20:>9.1f} {_peak_mib(resource.RUSAGE_SELF):>14.0f} "
                       f"{_peak_mib(resource.RUSAGE_CHILDREN):>15.0f}")
-            await channel.close()
+            await registry.close()
             await app.stop(grace=1)
         finally:
             s3.stop()

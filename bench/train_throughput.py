@@ -87,8 +87,14 @@ def run_plain(model_dir: Path, steps: int, work: Path) -> float:
     """The baseline: Trainer + peft, padded batches, the model's own loss."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from services.training.recipes.data import tokenize_conversation
 

@@ -14,14 +14,14 @@ import httpx
 import typer
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.output import OutputFormat, OutputOption, emit, make_console, new_table
 from services.core.settings import DEFAULT_DATA_DIR
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 keys_app = typer.Typer(help="API keys of the OpenAI-compatible gateway.", no_args_is_help=True)
 
 
@@ -87,13 +87,18 @@ def create(
 
 
 @keys_app.command("list")
-def list_keys() -> None:
+def list_keys(output: OutputOption = OutputFormat.table) -> None:
     """Every key with its limits and state (secrets are never shown)."""
-    table = Table("id", "name", "prefix", "rpm", "tpm", "created", "state")
-    for k in _admin("GET", "/admin/keys")["data"]:
-        table.add_row(k["id"], k["name"], k["prefix"] + "...", _limit(k["rpm"]), _limit(k["tpm"]),
-                      k["created_at"][:19], "revoked" if k["revoked_at"] else "active")
-    console.print(table)
+    keys = _admin("GET", "/admin/keys")["data"]
+
+    def table() -> Table:
+        rows = new_table("id", "name", "prefix", "rpm", "tpm", "created", "state")
+        for k in keys:
+            rows.add_row(k["id"], k["name"], k["prefix"] + "...", _limit(k["rpm"]), _limit(k["tpm"]),
+                         k["created_at"][:19], "revoked" if k["revoked_at"] else "active")
+        return rows
+
+    emit(keys, output, table, console=console)
 
 
 @keys_app.command("revoke")
@@ -103,11 +108,16 @@ def revoke(key_id: Annotated[str, typer.Argument(help="The key id (key_...), fro
     console.print(f"revoked {key['id']} ({escape(key['name'])})", highlight=False)
 
 
-def usage(key: Annotated[str | None, typer.Option("--key", help="Only this key id.")] = None) -> None:
+def usage(key: Annotated[str | None, typer.Option("--key", help="Only this key id.")] = None,
+          output: OutputOption = OutputFormat.table) -> None:
     """Tokens used per key and model, as the engines reported them."""
     rows = _admin("GET", "/admin/usage", params={"key": key} if key else None)["data"]
-    table = Table("key", "model", "requests", "prompt tokens", "completion tokens", "total tokens")
-    for r in rows:
-        table.add_row(r["key_id"], r["model"], str(r["requests"]), str(r["prompt_tokens"]),
-                      str(r["completion_tokens"]), str(r["total_tokens"]))
-    console.print(table)
+
+    def table() -> Table:
+        out = new_table("key", "model", "requests", "prompt tokens", "completion tokens", "total tokens")
+        for r in rows:
+            out.add_row(r["key_id"], r["model"], str(r["requests"]), str(r["prompt_tokens"]),
+                        str(r["completion_tokens"]), str(r["total_tokens"]))
+        return out
+
+    emit(rows, output, table, console=console)

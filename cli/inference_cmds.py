@@ -13,17 +13,18 @@ from typing import Annotated
 
 import typer
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.console import Console
 from rich.table import Table
 
+from cli.common import client_command, fail
+from cli.output import OutputFormat, OutputOption, emit, make_console, new_table
+from modelyard.client import InferenceClient
 from modelyard.inference.v1 import inference_pb2 as pb
-from modelyard.inference.v1 import inference_pb2_grpc
-from cli.common import fail, grpc_command
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
-deploy_app = typer.Typer(help="Deploy a model version on an engine.", context_settings={"allow_interspersed_args": True})
+deploy_app = typer.Typer(help="Deploy a model version on an engine.",
+                         context_settings={"allow_interspersed_args": True})
 deployments_app = typer.Typer(help="Deployments: list, show, delete.", no_args_is_help=True)
 
 ENGINES = {"vllm": pb.ENGINE_VLLM, "transformers": pb.ENGINE_TRANSFORMERS}
@@ -41,8 +42,7 @@ class InferenceClientSettings(BaseSettings):
 
 
 _fail = fail
-command = grpc_command("inference service", lambda: InferenceClientSettings().addr,
-                       inference_pb2_grpc.InferenceServiceStub, timeout_s=None)
+command = client_command("inference service", lambda: InferenceClient(InferenceClientSettings().addr, timeout=120))
 
 
 def version_name(text: str) -> str:
@@ -64,6 +64,10 @@ def _state(d: pb.Deployment) -> str:
 
 
 def _show(d: pb.Deployment) -> None:
+    console.print(_detail(d))
+
+
+def _detail(d: pb.Deployment) -> Table:
     table = Table(show_header=False, box=None)
     table.add_row("name", d.name)
     table.add_row("state", _state(d))
@@ -75,13 +79,13 @@ def _show(d: pb.Deployment) -> None:
     table.add_row("created", d.create_time.ToDatetime().isoformat(timespec="seconds") + "Z")
     if d.error.message:
         table.add_row("last error", d.error.message)
-    console.print(table)
+    return table
 
 
 @deploy_app.callback(invoke_without_command=True)
 @command
 async def deploy(
-    stub,
+    client: InferenceClient,
     model_version: Annotated[str, typer.Argument(help="MODEL/VERSION or models/MODEL/versions/VERSION.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Deployment id (lowercase, digits, hyphens).")],
     engine: Annotated[str, typer.Option("--engine", help="vllm or transformers.")] = "vllm",
@@ -104,10 +108,10 @@ async def deploy(
         if not sep or not alias:
             _fail(f"--adapter {item!r}: expected ALIAS=MODEL/VERSION")
         adapters.append(pb.Adapter(alias=alias, model_version=version_name(version)))
-    d = await stub.Deploy(pb.DeployRequest(deployment_id=name, deployment=pb.Deployment(
+    d = await client.deploy(pb.Deployment(
         model_version=version_name(model_version), engine=ENGINES[engine], adapters=adapters,
         options=pb.EngineOptions(dtype=DTYPES[dtype], max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                 kv_cache_bytes=int(kv_cache_gib * 1024**3)))))
+                                 kv_cache_bytes=int(kv_cache_gib * 1024**3))), deployment_id=name)
     if not wait:
         _show(d)
         return
@@ -115,7 +119,7 @@ async def deploy(
     with console.status(f"{d.name}: starting the {engine} engine...") as status:
         while d.state not in FINAL_STATES:
             await asyncio.sleep(1)
-            d = await stub.GetDeployment(pb.GetDeploymentRequest(name=d.name))
+            d = await client.get_deployment(d.name)
             detail = f" (last error: {d.error.message[:120]})" if d.error.message else ""
             status.update(f"{d.name}: {_state(d)} {time.monotonic() - start:.0f}s{detail}")
     _show(d)
@@ -126,43 +130,46 @@ async def deploy(
 @deployments_app.command("list")
 @command
 async def list_deployments(
-    stub,
+    client: InferenceClient,
     state: Annotated[str | None, typer.Option("--state", help="Only this state, e.g. READY.")] = None,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
     """List deployments."""
     flt = f"state = {state.upper()}" if state else ""
-    table = Table("name", "state", "engine", "model version", "adapters", "error")
-    token = ""
-    while True:
-        resp = await stub.ListDeployments(pb.ListDeploymentsRequest(filter=flt, page_token=token))
-        for d in resp.deployments:
-            table.add_row(d.name.removeprefix("deployments/"), _state(d),
-                          pb.Engine.Name(d.engine).removeprefix("ENGINE_").lower(), d.model_version,
-                          ", ".join(a.alias for a in d.adapters), d.error.message[:60])
-        token = resp.next_page_token
-        if not token:
-            break
-    console.print(table)
+    deployments = [d async for d in client.iter_deployments(filter=flt)]
+
+    def table() -> Table:
+        rows = new_table("name", "state", "engine", "model version", "adapters", "error")
+        for d in deployments:
+            rows.add_row(d.name.removeprefix("deployments/"), _state(d),
+                         pb.Engine.Name(d.engine).removeprefix("ENGINE_").lower(), d.model_version,
+                         ", ".join(a.alias for a in d.adapters), d.error.message[:60])
+        return rows
+
+    emit(deployments, output, table, console=console)
 
 
 @deployments_app.command("show")
 @command
-async def show_deployment(stub, name: Annotated[str, typer.Argument(help="Deployment id.")]) -> None:
+async def show_deployment(client: InferenceClient, name: Annotated[str, typer.Argument(help="Deployment id.")],
+                          output: OutputOption = OutputFormat.table) -> None:
     """Show one deployment."""
-    _show(await stub.GetDeployment(pb.GetDeploymentRequest(name=deployment_name(name))))
+    d = await client.get_deployment(deployment_name(name))
+    emit(d, output, lambda: _detail(d), console=console)
 
 
 @deployments_app.command("delete")
 @command
-async def delete_deployment(stub, name: Annotated[str, typer.Argument(help="Deployment id.")]) -> None:
+async def delete_deployment(client: InferenceClient,
+                            name: Annotated[str, typer.Argument(help="Deployment id.")]) -> None:
     """Stop a deployment's engine and delete it."""
-    d = await stub.Undeploy(pb.UndeployRequest(name=deployment_name(name)))
+    d = await client.undeploy(deployment_name(name))
     console.print(f"deleted {d.name}")
 
 
 @command
 async def chat(
-    stub,
+    client: InferenceClient,
     name: Annotated[str, typer.Argument(help="Deployment id.")],
     adapter: Annotated[str, typer.Option("--adapter", help="Alias of one of the deployment's adapters.")] = "",
     system: Annotated[str, typer.Option("--system", help="System prompt.")] = "",
@@ -185,14 +192,13 @@ async def chat(
             if not text.strip() or text.strip() == "/exit":
                 return
         else:
-            text = message
+            text = message or ""
         history.append(pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=text))
-        request = pb.ChatRequest(deployment=deployment_name(name), adapter=adapter, messages=history,
-                                 sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=temperature))
         answer = []
         if interactive:
             console.print("[bold blue]model>[/] ", end="")
-        async for chunk in stub.Chat(request):
+        async for chunk in client.chat(deployment=deployment_name(name), adapter=adapter, messages=history,
+                                       sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=temperature)):
             for choice in chunk.choices:
                 answer.append(choice.content)
                 console.print(choice.content, end="", markup=False, highlight=False, soft_wrap=True)

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from cli.output import make_console
 from cli.stack import stack_app
 from services.core.errors import DomainError
 from services.core.logging import configure_logging
 
 app = typer.Typer(help="ModelYard: bring a model in, fine-tune, quantize, evaluate and serve it.", no_args_is_help=True)
-console = Console()
+console = make_console()  # a piped path is never wrapped (scripts read it)
 
 
 @app.callback()
@@ -62,7 +62,7 @@ def fetch_demo(
     try:
         path = build_smollm2(dest)
     except DomainError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc.message}", highlight=False)
+        make_console(stderr=True).print(f"[red]error:[/] {exc.message}", highlight=False)
         raise typer.Exit(1) from exc
     console.print(str(path), highlight=False)
 

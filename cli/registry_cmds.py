@@ -1,37 +1,34 @@
 """``yard models ...`` and ``yard datasets ...``: the registry from the command line.
 
 Every command but ``datasets validate`` talks to the registry at ``YARD_REGISTRY_ADDR``
-(default 127.0.0.1:50051). Errors print one line with the message and the ErrorInfo reason
-and exit non-zero; no stack trace.
+(default 127.0.0.1:50051) through ``modelyard.client.RegistryClient``. Errors print one line with
+the message and the ErrorInfo reason and exit non-zero; no stack trace. ``list``/``show``/``lineage``
+take ``-o table|json|yaml``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from cli.common import client_command, fail
+from cli.output import OutputFormat, OutputOption, emit, make_console, new_table, to_dict
+from modelyard.client import DomainError, RegistryClient, error_from_status
+from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.registry.v1 import registry_pb2 as pb
-from modelyard.registry.v1 import registry_pb2_grpc
-from cli.common import fail, grpc_command
-from services.core.errors import DomainError
-from services.core.status import error_from_status_proto
 
-T = TypeVar("T")
-
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 models_app = typer.Typer(help="Models in the registry: import, list, show, delete, lineage.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Datasets: upload, validate, list, show.", no_args_is_help=True)
 
-UPLOAD_CHUNK = 1024 * 1024
+UNARY_TIMEOUT_S = 120.0
+UPLOAD_TIMEOUT_S = 3600.0
 
 
 class RegistryClientSettings(BaseSettings):
@@ -43,8 +40,7 @@ class RegistryClientSettings(BaseSettings):
 
 
 _fail = fail
-command = grpc_command("registry", lambda: RegistryClientSettings().addr, registry_pb2_grpc.RegistryServiceStub,
-                       timeout_s=600)
+command = client_command("registry", lambda: RegistryClient(RegistryClientSettings().addr, timeout=UNARY_TIMEOUT_S))
 
 
 def _human(n: int) -> str:
@@ -82,13 +78,21 @@ def _version_name(name: str) -> str:
     return f"models/{model}/versions/{version}" if version else f"models/{model}"
 
 
+def _fmt_labels(labels) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _time(ts) -> str:
+    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M")
+
+
 # ----------------------------------------------------------------------------- models
 
 
 @models_app.command("import")
 @command
 async def import_model(
-    stub,
+    client: RegistryClient,
     source: Annotated[str, typer.Argument(help="Local folder or .gguf file, s3://bucket/prefix, hf://org/name[@rev], "
                                                  "modelscope://org/name.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Model id (created when missing).")],
@@ -100,74 +104,71 @@ async def import_model(
     path = Path(source).expanduser()
     if "://" not in source and path.exists():
         source = str(path.resolve())  # the server resolves paths itself: send an absolute one
-    started = (await stub.ImportModel(pb.ImportModelRequest(
-        parent=_model_name(name), version_id=version, source_uri=source, description=description,
-        labels=_labels(label)))).model_import
-    last = started
+    started = await client.import_model(parent=_model_name(name), version_id=version, source_uri=source,
+                                        description=description, labels=_labels(label))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("{task.fields[stage]}"), console=console, transient=True) as progress:
-        task = progress.add_task(f"importing {started.model_version}", total=1.0, stage="pending")
-        async for event in stub.WatchImport(pb.WatchImportRequest(name=started.name), timeout=24 * 3600):
-            last = event.model_import
-            progress.update(task, completed=last.progress.fraction, stage=last.progress.stage)
-    if last.state != pb.IMPORT_STATE_SUCCEEDED:
-        err = error_from_status_proto(last.error)
-        _fail(f"import {last.name} failed: {err.message}", err.reason)
-    v = (await stub.GetModelVersion(pb.GetModelVersionRequest(name=last.model_version))).model_version
+        task = progress.add_task(f"importing {started.model_version}", total=1.0, stage="queued")
+
+        def on_event(event: cpb.JobEvent) -> None:
+            payload = event.WhichOneof("payload")
+            if payload == "metrics" and event.metrics.values.get("bytes_total"):
+                values = event.metrics.values
+                progress.update(task, completed=values["bytes_done"] / values["bytes_total"])
+            elif payload == "log":
+                progress.update(task, stage=event.log.line[:60])
+            elif payload == "state_change":
+                progress.update(task, stage=_enum_name(cpb.JobState, event.state_change.state, "JOB_STATE_"))
+
+        last = await client.wait_import(started.name, on_event=on_event, timeout=24 * 3600)
+    if last.state != cpb.JOB_STATE_SUCCEEDED:
+        err = error_from_status(last.error)
+        _fail(f"import {last.name} {_enum_name(cpb.JobState, last.state, 'JOB_STATE_')}: {err.message}", err.reason)
+    v = await client.get_model_version(last.model_version)
     console.print(f"[green]imported[/green] {v.name}")
-    _print_version(v)
+    console.print(_version_detail(v))
 
 
 @models_app.command("list")
 @command
 async def list_models(
-    stub,
+    client: RegistryClient,
     model: Annotated[str, typer.Argument(help="List the versions of this model ('-' for every model); "
                                                "without it, list models.")] = "",
     filter: Annotated[str, typer.Option("--filter", help='e.g. kind = ADAPTER AND labels.team = "nlp"')] = "",
     order_by: Annotated[str, typer.Option("--order-by")] = "",
     limit: Annotated[int, typer.Option("--limit", help="Stop after this many rows (0: all).")] = 0,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
     """List models, or the versions of one model."""
     if not model:
-        table = Table("name", "versions", "description", "labels", "created")
-        async for m in _pages(lambda tok: stub.ListModels(pb.ListModelsRequest(
-                filter=filter, order_by=order_by, page_size=200, page_token=tok)), "models", limit):
-            table.add_row(m.name, str(m.version_count), m.description, _fmt_labels(m.labels),
-                          m.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M"))
-    else:
-        table = Table("version", "kind", "format", "state", "params", "size", "base", "labels")
-        async for v in _pages(lambda tok: stub.ListModelVersions(pb.ListModelVersionsRequest(
-                parent=_model_name(model), filter=filter, order_by=order_by, page_size=200, page_token=tok)),
-                "model_versions", limit):
+        models = [m async for m in client.iter_models(filter=filter, order_by=order_by, page_size=200, limit=limit)]
+
+        def models_table() -> Table:
+            table = new_table("name", "versions", "description", "labels", "created")
+            for m in models:
+                table.add_row(m.name, str(m.version_count), m.description, _fmt_labels(m.labels), _time(m.create_time))
+            return table
+
+        emit(models, output, models_table, console=console)
+        return
+    versions = [v async for v in client.iter_model_versions(parent=_model_name(model), filter=filter,
+                                                             order_by=order_by, page_size=200, limit=limit)]
+
+    def versions_table() -> Table:
+        table = new_table("version", "kind", "format", "state", "params", "size", "base", "labels")
+        for v in versions:
             table.add_row(v.name, _enum_name(pb.ModelKind, v.kind, "MODEL_KIND_"),
                           _enum_name(pb.ModelFormat, v.format, "MODEL_FORMAT_"),
                           _enum_name(pb.ModelVersionState, v.state, "MODEL_VERSION_STATE_"),
                           f"{v.metadata.parameter_count:,}", _human(v.metadata.total_size_bytes),
                           v.lineage.base_model_version, _fmt_labels(v.labels))
-    table.columns[0].no_wrap = True
-    console.print(table)
+        return table
+
+    emit(versions, output, versions_table, console=console)
 
 
-async def _pages(fetch: Callable[[str], Awaitable[Any]], field: str, limit: int) -> AsyncIterator[Any]:
-    token, count = "", 0
-    while True:
-        resp = await fetch(token)
-        for item in getattr(resp, field):
-            yield item
-            count += 1
-            if limit and count >= limit:
-                return
-        token = resp.next_page_token
-        if not token:
-            return
-
-
-def _fmt_labels(labels) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
-def _print_version(v: pb.ModelVersion) -> None:
+def _version_detail(v: pb.ModelVersion) -> Table:
     table = Table(show_header=False, box=None)
     m = v.metadata
     rows = [
@@ -184,54 +185,63 @@ def _print_version(v: pb.ModelVersion) -> None:
     for key, value in rows:
         if value:
             table.add_row(f"[bold]{key}[/bold]", value)
-    console.print(table)
+    return table
 
 
 @models_app.command("show")
 @command
 async def show(
-    stub,
+    client: RegistryClient,
     name: Annotated[str, typer.Argument(help="model, model/version or models/{m}/versions/{v}.")],
-    files: Annotated[bool, typer.Option("--files", help="Also list the files.")] = False,
+    files: Annotated[bool, typer.Option("--files", help="Also list the files (table output; json/yaml always "
+                                                        "have them).")] = False,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
     """Show a model or a version with its inspected metadata."""
     full = _version_name(name)
     if "/versions/" not in full:
-        m = (await stub.GetModel(pb.GetModelRequest(name=full))).model
-        console.print(f"[bold]{m.name}[/bold]  versions: {m.version_count}  {m.description}")
+        m = await client.get_model(full)
+        emit(m, output, lambda: f"[bold]{m.name}[/bold]  versions: {m.version_count}  {m.description}",
+             console=console)
         return
-    v = (await stub.GetModelVersion(pb.GetModelVersionRequest(name=full))).model_version
-    _print_version(v)
-    if files:
-        table = Table("path", "size", "sha256")
-        for f in v.files:
-            table.add_row(f.path, _human(f.size_bytes), f.sha256[:16])
-        console.print(table)
+    v = await client.get_model_version(full)
+
+    def detail() -> None:
+        console.print(_version_detail(v))
+        if files:
+            table = new_table("path", "size", "sha256")
+            for f in v.files:
+                table.add_row(f.path, _human(f.size_bytes), f.sha256[:16])
+            console.print(table)
+
+    emit(v, output, detail, console=console)
 
 
 @models_app.command("delete")
 @command
 async def delete(
-    stub,
+    client: RegistryClient,
     name: Annotated[str, typer.Argument(help="model/version (a version) or model (the model).")],
-    force: Annotated[bool, typer.Option("--force", help="Delete even with descendants / deployments / versions.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Delete even with descendants / deployments / versions.")] = False,
 ) -> None:
     """Delete a version (and its artifacts) or a whole model."""
     full = _version_name(name)
     if "/versions/" in full:
-        await stub.DeleteModelVersion(pb.DeleteModelVersionRequest(name=full, force=force))
+        await client.delete_model_version(full, force=force)
     else:
-        await stub.DeleteModel(pb.DeleteModelRequest(name=full, force=force))
+        await client.delete_model(full, force=force)
     console.print(f"[green]deleted[/green] {full}")
 
 
 @models_app.command("lineage")
 @command
 async def lineage(
-    stub,
+    client: RegistryClient,
     name: Annotated[str, typer.Argument(help="model/version or a full model / dataset version name.")],
     direction: Annotated[str, typer.Option("--direction", help="ancestors, descendants or both.")] = "both",
     depth: Annotated[int, typer.Option("--depth", help="Hops (0: unlimited).")] = 0,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
     """Show where a version comes from and what was derived from it."""
     directions = {"ancestors": pb.LINEAGE_DIRECTION_ANCESTORS, "descendants": pb.LINEAGE_DIRECTION_DESCENDANTS,
@@ -239,14 +249,19 @@ async def lineage(
     if direction not in directions:
         _fail(f"--direction must be one of {', '.join(directions)}, got {direction!r}")
     full = name if name.startswith("datasets/") else _version_name(name)
-    graph = await stub.GetLineage(pb.GetLineageRequest(name=full, direction=directions[direction], depth=depth))
-    table = Table("parent", "", "child", "relation", "job")
-    for e in graph.edges:
-        table.add_row(e.parent, "->", e.child, _enum_name(pb.LineageRelation, e.relation, "LINEAGE_RELATION_"), e.job)
-    deleted = [n.name for n in graph.nodes if n.deleted]
-    console.print(table if graph.edges else f"{full}: no lineage recorded")
-    if deleted:
-        console.print(f"deleted since: {', '.join(deleted)}")
+    graph = await client.get_lineage(full, direction=directions[direction], depth=depth)
+
+    def table() -> None:
+        edges = new_table("parent", "", "child", "relation", "job")
+        for e in graph.edges:
+            edges.add_row(e.parent, "->", e.child, _enum_name(pb.LineageRelation, e.relation, "LINEAGE_RELATION_"),
+                          e.job)
+        console.print(edges if graph.edges else f"{full}: no lineage recorded")
+        deleted = [n.name for n in graph.nodes if n.deleted]
+        if deleted:
+            console.print(f"deleted since: {', '.join(deleted)}")
+
+    emit(graph, output, table, console=console)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -259,7 +274,7 @@ def _dataset_name(name: str) -> str:
 @datasets_app.command("upload")
 @command
 async def upload(
-    stub,
+    client: RegistryClient,
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL / JSON / Parquet file.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset id (created when missing).")],
     version: Annotated[str, typer.Option("--version")] = "",
@@ -267,22 +282,12 @@ async def upload(
     description: Annotated[str, typer.Option("--description")] = "",
 ) -> None:
     """Upload a dataset file as a new version (streamed in chunks)."""
-    size = file.stat().st_size
-
     with Progress(TextColumn("[bold]uploading"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   console=console, transient=True) as progress:
-        task = progress.add_task("upload", total=max(size, 1))
-
-        async def messages():
-            yield pb.UploadDatasetRequest(metadata=pb.DatasetUploadMetadata(
-                parent=_dataset_name(name), version_id=version, filename=file.name, expected_format=format,
-                description=description))
-            with file.open("rb") as f:
-                while chunk := f.read(UPLOAD_CHUNK):
-                    yield pb.UploadDatasetRequest(chunk=chunk)
-                    progress.advance(task, len(chunk))
-
-        v = (await stub.UploadDataset(messages())).dataset_version
+        task = progress.add_task("upload", total=max(file.stat().st_size, 1))
+        v = await client.upload_dataset(file, parent=_dataset_name(name), version_id=version, expected_format=format,
+                                        description=description, on_progress=lambda n: progress.advance(task, n),
+                                        timeout=UPLOAD_TIMEOUT_S)
     console.print(f"[green]uploaded[/green] {v.name}: {v.format}, {v.row_count} rows "
                   f"({v.invalid_row_count} invalid), sha256 {v.sha256}")
 
@@ -310,36 +315,37 @@ def _load_tokenizer(model: str):
 
 
 @command
-async def _fetch_tokenizer_files(stub, name: str, dest: Path) -> None:
-    version = (await stub.GetModelVersion(pb.GetModelVersionRequest(name=name))).model_version
+async def _fetch_tokenizer_files(client: RegistryClient, name: str, dest: Path) -> None:
+    version = await client.get_model_version(name)
     wanted = [f.path for f in version.files if f.path in TOKENIZER_FILES]
     if not wanted:
         _fail(f"--model {name}: the version has no tokenizer files")
     for path in wanted:
-        with open(dest / path, "wb") as out:
-            async for part in stub.DownloadFile(pb.DownloadFileRequest(name=name, path=path)):
-                out.write(part.chunk)
+        await client.download_to(name, path=path, dest=dest / path)
 
 
 @datasets_app.command("validate")
 def validate(
     file: Annotated[Path, typer.Argument(help="Local JSONL / JSON / Parquet file.")],
     model: Annotated[str, typer.Option(
-        "--model", help="Registry model version (MODEL/VERSION) or a local model folder whose tokenizer counts tokens.")] = "",
+        "--model",
+        help="Registry model version (MODEL/VERSION) or a local model folder whose tokenizer counts tokens.")] = "",
     max_length: Annotated[int, typer.Option("--max-length", help="Count rows longer than this many tokens.")] = 0,
     format: Annotated[str, typer.Option("--format", help="Expected format (default: detect).")] = "",
     show: Annotated[int, typer.Option("--show", help="Row errors to print.")] = 50,
 ) -> None:
     """Validate a local dataset file (no server needed); exit 1 when any row is bad."""
-    from services.core.datasets import validate_dataset
+    from services.core.datasets import DatasetFormat, validate_dataset
 
+    formats = [f.value for f in DatasetFormat]
+    if format and format not in formats:
+        _fail(f"--format must be one of {', '.join(formats)}, got {format!r}")
     try:
         tokenizer = _load_tokenizer(model) if model else None
-        report = validate_dataset(file, expected_format=format or None, tokenizer=tokenizer,
+        report = validate_dataset(file, expected_format=DatasetFormat(format) if format else None, tokenizer=tokenizer,
                                   max_length=max_length or None)
     except DomainError as err:
         _fail(err.message, err.reason)
-        return
     console.print(f"{file}: {report.file_type}, format {report.format or 'unknown'}, {report.row_count} rows, "
                   f"{report.valid_rows} valid, sha256 {report.sha256}")
     if report.token_stats:
@@ -347,7 +353,7 @@ def validate(
         console.print(f"tokens: min {t.min}, mean {t.mean:.1f}, max {t.max}"
                       + (f", {t.over_length} rows over {t.max_length}" if t.max_length else ""))
     if report.errors:
-        table = Table("row", "field", "reason")
+        table = new_table("row", "field", "reason")
         for e in report.errors[:show]:
             table.add_row(str(e.row), e.field, e.reason)
         console.print(table)
@@ -360,53 +366,78 @@ def validate(
 @datasets_app.command("list")
 @command
 async def list_datasets(
-    stub,
+    client: RegistryClient,
     dataset: Annotated[str, typer.Argument(help="List this dataset's versions; without it, list datasets.")] = "",
     filter: Annotated[str, typer.Option("--filter")] = "",
+    order_by: Annotated[str, typer.Option("--order-by")] = "",
+    output: OutputOption = OutputFormat.table,
 ) -> None:
     """List datasets, or the versions of one dataset."""
     if not dataset:
-        table = Table("name", "versions", "description")
-        async for d in _pages(lambda tok: stub.ListDatasets(pb.ListDatasetsRequest(
-                filter=filter, page_size=200, page_token=tok)), "datasets", 0):
-            table.add_row(d.name, str(d.version_count), d.description)
-    else:
-        table = Table("version", "file", "format", "rows", "invalid", "size", "sha256")
-        async for v in _pages(lambda tok: stub.ListDatasetVersions(pb.ListDatasetVersionsRequest(
-                parent=_dataset_name(dataset), filter=filter, page_size=200, page_token=tok)), "dataset_versions", 0):
+        datasets = [d async for d in client.iter_datasets(filter=filter, order_by=order_by, page_size=200)]
+
+        def datasets_table() -> Table:
+            table = new_table("name", "versions", "description")
+            for d in datasets:
+                table.add_row(d.name, str(d.version_count), d.description)
+            return table
+
+        emit(datasets, output, datasets_table, console=console)
+        return
+    versions = [v async for v in client.iter_dataset_versions(parent=_dataset_name(dataset), filter=filter,
+                                                               order_by=order_by, page_size=200)]
+
+    def versions_table() -> Table:
+        table = new_table("version", "file", "format", "rows", "invalid", "size", "sha256")
+        for v in versions:
             table.add_row(v.name, v.filename, v.format, str(v.row_count), str(v.invalid_row_count),
                           _human(v.size_bytes), v.sha256[:16])
-    console.print(table)
+        return table
+
+    emit(versions, output, versions_table, console=console)
 
 
 @datasets_app.command("show")
 @command
 async def show_dataset(
-    stub,
+    client: RegistryClient,
     name: Annotated[str, typer.Argument(help="dataset/version or datasets/{d}/versions/{v}.")],
     model: Annotated[str, typer.Option("--model", help="Model version (model/version) for token statistics.")] = "",
     max_length: Annotated[int, typer.Option("--max-length")] = 0,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
-    """Show a stored dataset version and its validation report."""
+    """Show a stored dataset version and its validation report.
+
+    json/yaml: ``{"dataset_version": {...}, "validation": {...}}`` (a dataset: the dataset itself).
+    """
     if not name.startswith("datasets/"):
         ds, _, version = name.partition("/")
         name = f"datasets/{ds}/versions/{version}" if version else f"datasets/{ds}"
     if "/versions/" not in name:
-        d = (await stub.GetDataset(pb.GetDatasetRequest(name=name))).dataset
-        console.print(f"[bold]{d.name}[/bold]  versions: {d.version_count}  {d.description}")
+        d = await client.get_dataset(name)
+        emit(d, output, lambda: f"[bold]{d.name}[/bold]  versions: {d.version_count}  {d.description}",
+             console=console)
         return
-    v = (await stub.GetDatasetVersion(pb.GetDatasetVersionRequest(name=name))).dataset_version
-    console.print(json.dumps({"name": v.name, "file": v.filename, "format": v.format, "rows": v.row_count,
-                              "invalid_rows": v.invalid_row_count, "size_bytes": v.size_bytes, "sha256": v.sha256},
-                             indent=2))
-    report = await stub.ValidateDataset(pb.ValidateDatasetRequest(
-        name=name, model_version=_version_name(model) if model else "", max_length=max_length))
-    if report.HasField("token_stats"):
-        t = report.token_stats
-        console.print(f"tokens: min {t.min_tokens}, mean {t.mean_tokens:.1f}, max {t.max_tokens}, "
-                      f"{t.rows_over_max_length} rows over {t.max_length or '-'}")
-    if report.errors:
-        table = Table("row", "field", "reason")
-        for e in report.errors[:50]:
-            table.add_row(str(e.row), e.field, e.reason)
+    v = await client.get_dataset_version(name)
+    report = await client.validate_dataset(name, model_version=_version_name(model) if model else "",
+                                           max_length=max_length)
+
+    def detail() -> None:
+        table = Table(show_header=False, box=None)
+        for key, value in (("name", v.name), ("file", v.filename), ("format", v.format), ("rows", str(v.row_count)),
+                           ("invalid rows", str(v.invalid_row_count)), ("size", _human(v.size_bytes)),
+                           ("sha256", v.sha256), ("description", v.description), ("labels", _fmt_labels(v.labels))):
+            if value:
+                table.add_row(f"[bold]{key}[/bold]", value)
         console.print(table)
+        if report.HasField("token_stats"):
+            t = report.token_stats
+            console.print(f"tokens: min {t.min_tokens}, mean {t.mean_tokens:.1f}, max {t.max_tokens}, "
+                          f"{t.rows_over_max_length} rows over {t.max_length or '-'}")
+        if report.errors:
+            errors = new_table("row", "field", "reason")
+            for e in report.errors[:50]:
+                errors.add_row(str(e.row), e.field, e.reason)
+            console.print(errors)
+
+    emit({"dataset_version": to_dict(v), "validation": to_dict(report)}, output, detail, console=console)

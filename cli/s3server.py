@@ -98,15 +98,15 @@ def start_s3_server(
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, NANIO_ACCESS_KEY=access_key, NANIO_SECRET_KEY=secret_key)
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [nanio_executable(), "serve", "--host", host, "--port", str(port), "--data-dir", str(data_dir),
-         "--log-level", "warning", "--no-access-log"],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(log_file or os.devnull, "ab") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [nanio_executable(), "serve", "--host", host, "--port", str(port), "--data-dir", str(data_dir),
+             "--log-level", "warning", "--no-access-log"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = S3Server(host, port, access_key, secret_key, data_dir, proc)
     try:
         wait_s3_ready(host, port, timeout, proc)

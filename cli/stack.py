@@ -29,9 +29,9 @@ import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.console import Console
 from rich.table import Table
 
+from cli.output import OutputFormat, OutputOption, emit, make_console
 from cli.s3server import S3Server, port_in_use, start_s3_server
 from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.logging import get_logger
@@ -49,13 +49,13 @@ SUPERVISOR_LOG = "supervisor.log"
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-class HealthKind(str, enum.Enum):
+class HealthKind(enum.StrEnum):
     GRPC = "grpc"  # grpc.health.v1 Health/Check(service="") == SERVING
     HTTP = "http"  # GET /healthz == 200
     S3 = "s3"  # any HTTP answer
 
 
-class Health(str, enum.Enum):
+class Health(enum.StrEnum):
     SERVING = "SERVING"
     NOT_SERVING = "NOT_SERVING"
     DOWN = "DOWN"
@@ -587,8 +587,8 @@ def _supervisor_main(argv: list[str]) -> int:
 # --- CLI ---------------------------------------------------------------------------------------
 
 stack_app = typer.Typer()
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Stack data directory (default ~/.modelyard).")]
 
@@ -671,8 +671,11 @@ def down(data_dir: DataDirOption = None) -> None:
 
 
 @stack_app.command()
-def status(data_dir: DataDirOption = None) -> None:
-    """Show each service of the stack with its health; exit 1 if any is not SERVING."""
+def status(data_dir: DataDirOption = None, output: OutputOption = OutputFormat.table) -> None:
+    """Show each service of the stack with its health; exit 1 if any is not SERVING.
+
+    json/yaml: one object per service (name, address, pid, alive, health, log).
+    """
     settings = _settings(data_dir=data_dir)
     rows = stack_status(settings.data_dir)
     if rows is None:
@@ -680,7 +683,10 @@ def status(data_dir: DataDirOption = None) -> None:
         what = "still starting" if state is not None and state.state == "starting" else "not running"
         console.print(f"The stack in {settings.data_dir} is {what}.")
         raise typer.Exit(1)
-    console.print(_services_table([row[0] for row in rows], {s.name: (h, alive) for s, h, alive in rows}))
+    services = [{"name": s.name, "address": s.address, "pid": s.pid, "alive": alive, "health": h.value,
+                 "log": s.log} for s, h, alive in rows]
+    emit(services, output, lambda: _services_table([row[0] for row in rows],
+                                                   {s.name: (h, alive) for s, h, alive in rows}), console=console)
     if any(health is not Health.SERVING for _, health, _ in rows):
         raise typer.Exit(1)
 

@@ -1,8 +1,10 @@
 """``yard train ...`` and ``yard jobs ...``: the training service from the command line.
 
-Commands talk to the training service at ``YARD_TRAINING_ADDR`` (default 127.0.0.1:50052). Errors
-print one line with the message and the ErrorInfo reason (and the fields at fault) and exit 1; no
-stack trace. ``--watch`` / ``yard jobs watch`` show a live progress bar (step/total, loss, eta).
+Commands talk to the training service at ``YARD_TRAINING_ADDR`` (default 127.0.0.1:50052) through the SDK's
+``TrainingClient``. Errors print one line with the message and the ErrorInfo reason (and the fields at fault)
+and exit 1; no stack trace. ``--watch`` / ``yard jobs watch`` show a live progress bar (step/total, loss,
+eta). ``yard train ... --dry-run`` runs the service's preflight only and prints the resolved hyperparameters
+(the defaults the job would use). ``list`` / ``show`` take ``-o table|json|yaml`` (``cli.output``).
 """
 
 from __future__ import annotations
@@ -15,23 +17,21 @@ import typer
 import yaml
 from google.protobuf import json_format
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cli.common import CliError, client_command, fail
+from cli.output import OutputFormat, OutputOption, emit, make_console, new_table
+from modelyard.client import TrainingClient
 from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.training.v1 import training_pb2 as pb
-from modelyard.training.v1 import training_pb2_grpc
-from cli.common import CliError, fail, grpc_command
 from services.core.status import error_from_status_proto
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
 train_app = typer.Typer(help="Fine-tune a registry model: sft (lora, qlora, dora, full), dpo, orpo, kto, simpo, cpo.",
                         no_args_is_help=True)
 jobs_app = typer.Typer(help="Training jobs: list, show, watch, logs, cancel.", no_args_is_help=True)
 
-Stub = training_pb2_grpc.TrainingServiceStub
 HYPERPARAMETERS = {f.name for f in pb.Hyperparameters.DESCRIPTOR.fields}
 # Short enum values accepted in --config / --set: field name -> enum value prefix.
 ENUM_PREFIXES = {"method": "TRAINING_METHOD_", "lr_scheduler": "LR_SCHEDULER_", "precision": "PRECISION_",
@@ -47,9 +47,8 @@ class TrainingClientSettings(BaseSettings):
     addr: str = "127.0.0.1:50052"
 
 
-_fail = fail
 WATCH_TIMEOUT_S = 7 * 24 * 3600.0  # a Watch follows a job to its end: a deadline, but a far one
-command = grpc_command("training service", lambda: TrainingClientSettings().addr, Stub, timeout_s=60)
+command = client_command("training service", lambda: TrainingClient(TrainingClientSettings().addr, timeout=60))
 
 
 def job_name(name: str) -> str:
@@ -116,9 +115,62 @@ def build_spec(config: Path | None, overrides: list[str], **fields: Any) -> pb.T
         raise CliError(f"invalid job spec: {exc}") from None
 
 
-async def _create(stub: Stub, kind: str, model: str, datasets: list[str], method: str, config: Path | None,
-                  overrides: list[str], validation: str | None, output_model: str | None, merge: bool,
-                  job_id: str | None, display_name: str | None, watch: bool) -> None:
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def resolved_hyperparameters(job: pb.TrainingJob) -> dict[str, str]:
+    """The job's hyperparameters as the service resolved them, as printed by ``--dry-run`` (short enum names)."""
+    hp = job.spec.hyperparameters
+    rows: dict[str, str] = {}
+    for fd in hp.DESCRIPTOR.fields:
+        value = getattr(hp, fd.name)
+        if fd.enum_type is not None:
+            value = fd.enum_type.values_by_number[value].name.removeprefix(ENUM_PREFIXES[fd.name]).lower()
+        elif fd.is_repeated:
+            value = list(value)
+        rows[fd.name] = _value_text(value)
+    return rows
+
+
+def _launcher_text(job: pb.TrainingJob) -> str:
+    launcher = job.spec.launcher
+    text = f"{_enum_name(pb.LauncherType, launcher.type, 'LAUNCHER_TYPE_')}, {launcher.num_processes} process(es)"
+    if launcher.type == pb.LAUNCHER_TYPE_DEEPSPEED:
+        text += f", ZeRO-{launcher.zero_stage}" + (", offload optimizer" if launcher.offload_optimizer else "") + (
+            ", offload parameters" if launcher.offload_parameters else "")
+    return text
+
+
+def _preflight_text(job: pb.TrainingJob) -> str:
+    pre = job.preflight
+    return (f"{pre.accelerator}, {_enum_name(pb.Precision, pre.precision, 'PRECISION_')}, "
+            f"~{pre.estimated_memory_bytes / 2**30:.2f} GiB of {pre.available_memory_bytes / 2**30:.2f} GiB, "
+            f"{pre.trainable_parameter_count:,} of {pre.parameter_count:,} parameters trained")
+
+
+def dry_run_table(job: pb.TrainingJob) -> Table:
+    """What ``--dry-run`` prints: the preflight verdict, the launcher and every resolved hyperparameter."""
+    table = new_table("setting", "value", box=None)
+    table.add_row("method", _method(job))
+    table.add_row("preflight", _preflight_text(job))
+    table.add_row("launcher", _launcher_text(job))
+    table.add_row("output model", job.spec.output_model)
+    for name, value in resolved_hyperparameters(job).items():
+        table.add_row(name, value)
+    return table
+
+
+async def _create(client: TrainingClient, kind: str, model: str, datasets: list[str], method: str,
+                  config: Path | None, overrides: list[str], validation: str | None, output_model: str | None,
+                  merge: bool, job_id: str | None, display_name: str | None, watch: bool, dry_run: bool,
+                  output: OutputFormat) -> None:
     if kind == "sft":
         if method not in ("lora", "qlora", "dora", "full"):
             raise CliError(f"--method {method!r}: sft takes lora, qlora, dora or full")
@@ -127,6 +179,8 @@ async def _create(stub: Stub, kind: str, model: str, datasets: list[str], method
         if method not in ("lora", "full"):
             raise CliError(f"--method {method!r}: {kind} takes lora or full")
         proto_method, full_weights = kind, method == "full" or None
+    if dry_run and watch:
+        raise CliError("--dry-run queues nothing to --watch")
     spec = build_spec(
         config, overrides, base_model_version=_resource(model, "models"),
         dataset_versions=[_resource(d, "datasets") for d in datasets], method=proto_method,
@@ -134,22 +188,26 @@ async def _create(stub: Stub, kind: str, model: str, datasets: list[str], method
         output_model=(output_model if output_model.startswith("models/") else f"models/{output_model}")
         if output_model else None,
         merge_adapter=merge or None, full_weights=full_weights)
-    job = await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(
-        training_job=pb.TrainingJob(spec=spec, display_name=display_name or ""), training_job_id=job_id or ""))
+    training_job = pb.TrainingJob(spec=spec, display_name=display_name or "")
+    if dry_run:
+        job = await client.create_training_job(training_job, training_job_id=job_id or "", validate_only=True)
+        emit(job, output, lambda: dry_run_table(job), console=console)
+        return
+    job = await client.create_training_job(training_job, training_job_id=job_id or "")
     pre = job.preflight
-    console.print(f"[green]queued[/green] {job.name}  ({_enum_name(pb.TrainingMethod, job.spec.method, 'TRAINING_METHOD_')}"
-                  f" on {pre.accelerator}, {_enum_name(pb.Precision, pre.precision, 'PRECISION_')}, "
-                  f"~{pre.estimated_memory_bytes / 2**30:.2f} GiB of {pre.available_memory_bytes / 2**30:.2f} GiB)",
-                  highlight=False)
+    emit(job, output, lambda: f"[green]queued[/green] {job.name}  ({_method(job)} on {pre.accelerator}, "
+                              f"{_enum_name(pb.Precision, pre.precision, 'PRECISION_')}, "
+                              f"~{pre.estimated_memory_bytes / 2**30:.2f} GiB of "
+                              f"{pre.available_memory_bytes / 2**30:.2f} GiB)", console=console)
     if watch:
-        await _watch(stub, job.name)
+        await _watch(client, job.name)
 
 
 def _train_command(kind: str, default_method: str) -> None:
     @train_app.command(kind, help=f"Start a {kind} job (preflight runs first; nothing is queued if it fails).")
     @command
     async def train(
-        stub: Stub,
+        client: TrainingClient,
         model: Annotated[str, typer.Option("--model", "-m", help="Base model version: NAME/VERSION or models/NAME/versions/V.")],
         dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset version (repeatable): NAME/VERSION.")],
         method: Annotated[str, typer.Option("--method", help="sft: lora|qlora|dora|full; preference: lora|full.")] = default_method,
@@ -161,9 +219,12 @@ def _train_command(kind: str, default_method: str) -> None:
         name: Annotated[str | None, typer.Option("--name", help="Job id (trainingJobs/ID).")] = None,
         display_name: Annotated[str | None, typer.Option("--display-name", help="Free-form description.")] = None,
         watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow the job with a live progress bar.")] = False,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help=(
+            "Run preflight only and print the resolved hyperparameters (every default filled); queue nothing."))] = False,
+        output: OutputOption = OutputFormat.table,
     ) -> None:
-        await _create(stub, kind, model, dataset, method, config, set_ or [], validation_dataset, output_model, merge,
-                      name, display_name, watch)
+        await _create(client, kind, model, dataset, method, config, set_ or [], validation_dataset, output_model,
+                      merge, name, display_name, watch, dry_run, output)
 
 
 for _kind in ("sft", "dpo", "orpo", "kto", "simpo", "cpo"):
@@ -191,40 +252,46 @@ def _progress_text(job: pb.TrainingJob) -> str:
     return f"{p.step}/{p.total_steps}" + (f" loss {loss:.4f}" if loss is not None else "")
 
 
+def jobs_table(jobs: list[pb.TrainingJob]) -> Table:
+    table = new_table("name", "method", "state", "progress", "created", "output")
+    for job in jobs:
+        table.add_row(job.name.removeprefix("trainingJobs/"), _method(job), _state(job.state), _progress_text(job),
+                      job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                      job.outputs.model_version or job.outputs.merged_model_version)
+    return table
+
+
 @jobs_app.command("list")
 @command
 async def list_jobs(
-    stub: Stub,
+    client: TrainingClient,
     state: Annotated[str | None, typer.Option("--state", help="queued, running, succeeded, failed or cancelled.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="lora, full, dpo, ... or merge.")] = None,
+    filter_: Annotated[str | None, typer.Option("--filter", help='AIP-160 filter, e.g. \'create_time > "2026-01-01T00:00:00Z"\'.')] = None,
+    order_by: Annotated[str, typer.Option("--order-by", help="e.g. 'create_time desc' (default), 'name'.")] = "",
     page_size: Annotated[int, typer.Option("--page-size", help="Jobs per request.")] = 50,
     all_pages: Annotated[bool, typer.Option("--all", help="Fetch every page.")] = False,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
     """List training jobs, newest first."""
     terms = [f"{key} = {value}" for key, value in (("state", state), ("method", method)) if value]
-    table = Table("name", "method", "state", "progress", "created", "output")
+    terms += [filter_] if filter_ else []
+    jobs: list[pb.TrainingJob] = []
     token = ""
     while True:
-        resp = await stub.ListTrainingJobs(pb.ListTrainingJobsRequest(filter=" AND ".join(terms), page_size=page_size,
-                                                                      page_token=token))
-        for job in resp.training_jobs:
-            table.add_row(job.name.removeprefix("trainingJobs/"), _method(job), _state(job.state), _progress_text(job),
-                          job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-                          job.outputs.model_version or job.outputs.merged_model_version)
+        resp = await client.list_training_jobs(filter=" AND ".join(terms), order_by=order_by, page_size=page_size,
+                                               page_token=token)
+        jobs += resp.training_jobs
         token = resp.next_page_token
         if not (all_pages and token):
             break
-    console.print(table)
-    if token:
+    emit(jobs, output, lambda: jobs_table(jobs), console=console)
+    if token and output is OutputFormat.table:
         console.print(f"more: --all, or page token {token}", style="dim")
 
 
-@jobs_app.command("show")
-@command
-async def show_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
-    """Show one job: spec, preflight, progress, outputs, error."""
-    job = await stub.GetTrainingJob(pb.GetTrainingJobRequest(name=job_name(name)))
-    spec, hp, pre = job.spec, job.spec.hyperparameters, job.preflight
+def job_rows(job: pb.TrainingJob) -> list[tuple[str, str]]:
+    spec, hp = job.spec, job.spec.hyperparameters
     rows = [
         ("name", job.name), ("kind", "merge" if job.kind == pb.TRAINING_JOB_KIND_MERGE else "train"),
         ("method", _method(job)), ("state", _state(job.state)), ("attempts", str(job.attempt_count)),
@@ -237,9 +304,8 @@ async def show_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id 
             ("hyperparameters", f"lr {hp.learning_rate:g}, {_enum_name(pb.LrScheduler, hp.lr_scheduler, 'LR_SCHEDULER_')}"
                                 f", batch {hp.batch_size} x {hp.gradient_accumulation_steps}, max_length {hp.max_length}"
                                 f", lora r{hp.lora_rank}/a{hp.lora_alpha}"),
-            ("preflight", f"{pre.accelerator}, {_enum_name(pb.Precision, pre.precision, 'PRECISION_')}, "
-                          f"~{pre.estimated_memory_bytes / 2**30:.2f} GiB of {pre.available_memory_bytes / 2**30:.2f} GiB, "
-                          f"{pre.trainable_parameter_count:,} of {pre.parameter_count:,} parameters trained"),
+            ("launcher", _launcher_text(job)),
+            ("preflight", _preflight_text(job)),
         ]
     rows.append(("progress", _progress_text(job)))
     if job.outputs.model_version:
@@ -249,46 +315,61 @@ async def show_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id 
     if job.HasField("error"):
         err = error_from_status_proto(job.error)
         rows.append(("error", f"{err.message} [{err.reason}]"))
-    table = Table(show_header=False, box=None)
-    for key, value in rows:
+    return rows
+
+
+def job_table(job: pb.TrainingJob) -> Table:
+    table = new_table(show_header=False, box=None)
+    table.add_column()
+    table.add_column(overflow="fold")
+    for key, value in job_rows(job):
         table.add_row(f"[bold]{key}[/bold]", value)
-    console.print(table, highlight=False)
+    return table
+
+
+@jobs_app.command("show")
+@command
+async def show_job(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")],
+                   output: OutputOption = OutputFormat.table) -> None:
+    """Show one job: spec, preflight, progress, outputs, error."""
+    job = await client.get_training_job(job_name(name))
+    emit(job, output, lambda: job_table(job), console=console)
 
 
 @jobs_app.command("cancel")
 @command
-async def cancel_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+async def cancel_job(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
     """Cancel a queued or running job."""
-    job = await stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=job_name(name)))
+    job = await client.cancel_training_job(job_name(name))
     console.print(f"cancel requested for {job.name} (state {_state(job.state)})", highlight=False)
 
 
 @jobs_app.command("logs")
 @command
-async def job_logs(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+async def job_logs(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
     """Print the job's log lines, following them until the job ends."""
-    async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=job_name(name)), timeout=WATCH_TIMEOUT_S):
+    async for event in client.watch_training_job(job_name(name), timeout=WATCH_TIMEOUT_S):
         if event.WhichOneof("payload") == "log":
             console.print(event.log.line, highlight=False, markup=False)
 
 
 @jobs_app.command("watch")
 @command
-async def watch_job(stub: Stub, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+async def watch_job(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
     """Follow a job with a live progress bar (step/total, loss, eta); exit 1 unless it succeeds."""
-    await _watch(stub, job_name(name))
+    await _watch(client, job_name(name))
 
 
-async def _watch(stub: Stub, name: str) -> None:
+async def _watch(client: TrainingClient, name: str) -> None:
     progress = Progress(TextColumn("[bold]{task.fields[state]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("eta {task.fields[eta]}"),
                         TimeRemainingColumn(), console=console, transient=False)
     with progress:
         task = progress.add_task(name, total=None, state="queued", loss="-", eta="-")
-        async for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=name), timeout=WATCH_TIMEOUT_S):
+        async for event in client.watch_training_job(name, timeout=WATCH_TIMEOUT_S):
             which = event.WhichOneof("payload")
             if which == "metrics":
-                values, update = event.metrics.values, {}
+                values, update = event.metrics.values, dict[str, Any]()
                 if "total_steps" in values:
                     update["total"] = int(values["total_steps"])
                 if "eta_seconds" in values:
@@ -302,7 +383,7 @@ async def _watch(stub: Stub, name: str) -> None:
                 progress.update(task, state=_state(event.state_change.state))
             elif which == "log" and event.log.line.startswith(("checkpoint saved", "version registered")):
                 progress.console.print(event.log.line, style="dim", highlight=False, markup=False)
-    job = await stub.GetTrainingJob(pb.GetTrainingJobRequest(name=name))
+    job = await client.get_training_job(name)
     if job.state == cpb.JOB_STATE_SUCCEEDED:
         for label, value in (("model version", job.outputs.model_version),
                              ("merged version", job.outputs.merged_model_version)):
@@ -311,23 +392,23 @@ async def _watch(stub: Stub, name: str) -> None:
         return
     if job.HasField("error"):
         err = error_from_status_proto(job.error)
-        _fail(f"{name} {_state(job.state)}: {err.message}", err.reason)
-    _fail(f"{name} {_state(job.state)}")
+        fail(f"{name} {_state(job.state)}: {err.message}", err.reason)
+    fail(f"{name} {_state(job.state)}")
 
 
 @jobs_app.command("merge")
 @command
 async def merge_job(
-    stub: Stub,
+    client: TrainingClient,
     adapter: Annotated[str, typer.Argument(help="Adapter version: NAME/VERSION or models/NAME/versions/V.")],
     output_model: Annotated[str | None, typer.Option("--output-model", help="Registry model for the merged version.")] = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow the merge job.")] = False,
 ) -> None:
     """Merge a registered adapter into its base model (a merge job)."""
-    resp = await stub.MergeAdapter(pb.MergeAdapterRequest(
+    resp = await client.merge_adapter(
         adapter_version=_resource(adapter, "models"),
         output_model=(output_model if output_model.startswith("models/") else f"models/{output_model}")
-        if output_model else ""))
+        if output_model else "")
     console.print(f"[green]queued[/green] {resp.training_job.name}", highlight=False)
     if watch:
-        await _watch(stub, resp.training_job.name)
+        await _watch(client, resp.training_job.name)

@@ -9,7 +9,9 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,9 +27,9 @@ from .deps import GatewayState
 from .errors import error_response, raw_error
 from .metrics import LATENCY, REQUESTS, labelled
 from .quota import QuotaLimiter, UsageRecorder
-from .routes import admin, generation, health, models
+from .routes import admin, chat, completions, embeddings, health, models
 from .routing import Router
-from .serving import Serving
+from .serving import ServingChat, ServingCompletion, ServingEmbedding, ServingModels
 from .settings import GatewaySettings
 from .store import open_database
 
@@ -35,6 +37,7 @@ log = get_logger("modelyard.gateway")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+_QUIET = {"/healthz", "/readyz", "/metrics"}  # probes and scrapes: metrics only, no access log line
 _requests, _latency = labelled(REQUESTS), labelled(LATENCY)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
 
@@ -55,8 +58,10 @@ def admin_token(settings: GatewaySettings) -> str:
 
 
 class RequestIdMiddleware:
-    """Pure ASGI (no buffering): binds the request id (X-Request-Id, or a new one), echoes it on the
-    response, and records the request count and latency per endpoint, model and status."""
+    """Pure ASGI (no buffering): binds the request id (X-Request-Id, or a new one) for the whole
+    request, so every log line written while handling it carries ``request_id`` (structlog's
+    contextvars); echoes it on the response; records the request count and latency per endpoint,
+    model and status; and writes one access log line (``request_finished``) per API request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -70,6 +75,7 @@ class RequestIdMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"], state["started"] = request_id, time.perf_counter()
         token = request_id_var.set(request_id)
+        bound = structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -81,13 +87,32 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
-            path = scope["path"]
-            endpoint = path if path in _ENDPOINTS else "other"
-            model = state.get("model", "")
-            _requests(endpoint, model, str(status)).inc()
-            _latency(endpoint, model).observe(time.perf_counter() - state["started"])
+        except BaseException:
+            # Left bound: the server's own log of this error (after the 500 is sent) names the
+            # request too. Each request runs in a task of its own, so nothing leaks to the next.
+            self._finished(scope, state, status)
+            raise
+        self._finished(scope, state, status)
+        structlog.contextvars.reset_contextvars(**bound)
+        request_id_var.reset(token)
+
+    @staticmethod
+    def _finished(scope: Scope, state: dict, status: int) -> None:
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+        model = state.get("model", "")
+        elapsed = time.perf_counter() - state["started"]
+        _requests(endpoint, model, str(status)).inc()
+        _latency(endpoint, model).observe(elapsed)
+        if path not in _QUIET:
+            log.info(
+                "request_finished",
+                method=scope["method"],
+                path=path,
+                status=status,
+                model=model or None,
+                ms=round(elapsed * 1000, 2),
+            )
 
 
 def _param(loc: tuple) -> str | None:
@@ -107,10 +132,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+        first: dict[str, Any] = (
+            dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+        )
         if first["type"] == "json_invalid":
-            return error_response(InvalidArgument("We could not parse the JSON body of your request: "
-                                                  f"{first.get('ctx', {}).get('error', first['msg'])}"))
+            return error_response(
+                InvalidArgument(
+                    "We could not parse the JSON body of your request: "
+                    f"{first.get('ctx', {}).get('error', first['msg'])}"
+                )
+            )
         param = _param(tuple(first["loc"]))
         msg = str(first["msg"]).removeprefix("Value error, ")
         if param is None:
@@ -118,25 +149,40 @@ def install_error_handlers(app: FastAPI) -> None:
         value = first.get("input")
         shown = f" (got {value!r})" if first["type"] != "missing" and not isinstance(value, dict | list) else ""
         description = f"{msg}{shown}"
-        return error_response(InvalidArgument(f"Invalid value for '{param}': {description}",
-                                              violations=[FieldViolation(param, description)]))
+        return error_response(
+            InvalidArgument(
+                f"Invalid value for '{param}': {description}", violations=[FieldViolation(param, description)]
+            )
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            return raw_error(404, f"Unknown request URL: {request.method} {request.url.path}.",
-                             "invalid_request_error", "unknown_url")
+            return raw_error(
+                404,
+                f"Unknown request URL: {request.method} {request.url.path}.",
+                "invalid_request_error",
+                "unknown_url",
+            )
         if exc.status_code == 405:
-            return raw_error(405, f"Method {request.method} is not allowed for {request.url.path}.",
-                             "invalid_request_error", "method_not_allowed")
+            return raw_error(
+                405,
+                f"Method {request.method} is not allowed for {request.url.path}.",
+                "invalid_request_error",
+                "method_not_allowed",
+            )
         return raw_error(exc.status_code, str(exc.detail), "invalid_request_error", None)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         request_id = request.scope.get("state", {}).get("request_id")
         log.exception("request_failed", request_id=request_id, path=request.url.path)
-        return raw_error(500, f"The server had an error while processing your request (request id {request_id}).",
-                         "server_error", None)
+        return raw_error(
+            500,
+            f"The server had an error while processing your request (request id {request_id}).",
+            "server_error",
+            None,
+        )
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -146,11 +192,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         router = Router(settings.inference_addrs, settings.timeouts, settings.routing)
         usage = UsageRecorder(db, settings.quota.usage_flush_s)
         keys = KeyStore(db)
-        serving = Serving(settings, router, QuotaLimiter(), usage, ContentFilter(settings.blocked_terms))
+        shared = (settings, router, QuotaLimiter(), usage, ContentFilter(settings.blocked_terms))
         app.state.gateway = GatewayState(
-            serving=serving, db=db, keys=keys,
+            settings=settings,
+            router=router,
+            usage=usage,
+            chat=ServingChat(*shared),
+            completions=ServingCompletion(*shared),
+            embeddings=ServingEmbedding(*shared),
+            models=ServingModels(router),
+            db=db,
+            keys=keys,
             key_cache=KeyCache(keys, settings.auth.cache_ttl_s, settings.auth.negative_cache_ttl_s),
-            admin_token=admin_token(settings), auth_required=settings.auth.required)
+            admin_token=admin_token(settings),
+            auth_required=settings.auth.required,
+        )
         await router.start()
         await usage.start()
         log.info("gateway_started", replicas=settings.inference_addrs, auth_required=settings.auth.required)
@@ -163,7 +219,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="ModelYard gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-    for module in (models, generation, admin, health):
+    for module in (models, chat, completions, embeddings, admin, health):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)
     return app

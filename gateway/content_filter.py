@@ -46,8 +46,9 @@ class ContentFilter:
         for text in texts:
             if self._pattern.search(text):
                 description = "the prompt contains blocked content"
-                raise InvalidArgument(f"{param}: {description}", reason="CONTENT_FILTER",
-                                      violations=[FieldViolation(param, description)])
+                raise InvalidArgument(
+                    f"{param}: {description}", reason="CONTENT_FILTER", violations=[FieldViolation(param, description)]
+                )
 
     def output(self) -> OutputFilter:
         return OutputFilter(self._pattern, self._longest)

@@ -12,12 +12,21 @@ from services.core.db import Database
 from services.core.errors import Unauthenticated
 
 from .auth.keys import ANONYMOUS, ApiKey, KeyCache, KeyStore
-from .serving import CallContext, Serving
+from .quota import UsageRecorder
+from .routing import Router
+from .serving import CallContext, ServingChat, ServingCompletion, ServingEmbedding, ServingModels
+from .settings import GatewaySettings
 
 
 @dataclass
 class GatewayState:
-    serving: Serving
+    settings: GatewaySettings
+    router: Router
+    usage: UsageRecorder
+    chat: ServingChat
+    completions: ServingCompletion
+    embeddings: ServingEmbedding
+    models: ServingModels
     db: Database
     keys: KeyStore
     key_cache: KeyCache
@@ -26,7 +35,8 @@ class GatewayState:
 
 
 def state(request: Request) -> GatewayState:
-    return request.app.state.gateway
+    gateway: GatewayState = request.app.state.gateway
+    return gateway
 
 
 async def api_key(request: Request) -> ApiKey:
@@ -41,12 +51,22 @@ def admin(request: Request) -> None:
     """Admin endpoints need ``Authorization: Bearer <admin token>``."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state(request).admin_token.encode()):
-        raise Unauthenticated("admin endpoints need 'Authorization: Bearer <admin token>' (YARD_GATEWAY_ADMIN_TOKEN "
-                              "or <data_dir>/admin_token)", reason="INVALID_ADMIN_TOKEN")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), state(request).admin_token.encode()
+    ):
+        raise Unauthenticated(
+            "admin endpoints need 'Authorization: Bearer <admin token>' (YARD_GATEWAY_ADMIN_TOKEN "
+            "or <data_dir>/admin_token)",
+            reason="INVALID_ADMIN_TOKEN",
+        )
 
 
 def call_context(request: Request, key: ApiKey, model: str, endpoint: str) -> CallContext:
     request.scope.setdefault("state", {})["model"] = model
-    return CallContext(request_id=request.scope["state"]["request_id"], key=key, model=model, endpoint=endpoint,
-                       started=request.scope["state"].get("started", time.perf_counter()))
+    return CallContext(
+        request_id=request.scope["state"]["request_id"],
+        key=key,
+        model=model,
+        endpoint=endpoint,
+        started=request.scope["state"].get("started", time.perf_counter()),
+    )

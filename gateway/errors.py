@@ -78,8 +78,9 @@ def error_response(err: e.DomainError, headers: dict[str, str] | None = None) ->
 
 
 def raw_error(status: int, message: str, err_type: str, code: str | None, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": err_type, "param": param, "code": code}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": err_type, "param": param, "code": code}}, status_code=status
+    )
 
 
 def finite(value: float) -> float | None:

@@ -8,11 +8,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("gateway_requests_total", "HTTP requests answered", ["endpoint", "model", "status"])
 LATENCY = Histogram(
-    "gateway_request_duration_seconds", "Time from request to the last byte of the response", ["endpoint", "model"],
+    "gateway_request_duration_seconds",
+    "Time from request to the last byte of the response",
+    ["endpoint", "model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 TTFT = Histogram(
-    "gateway_time_to_first_token_seconds", "Time from request to the first generated chunk", ["model"],
+    "gateway_time_to_first_token_seconds",
+    "Time from request to the first generated chunk",
+    ["model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 TOKENS = Counter("gateway_tokens_total", "Tokens reported by the engine", ["model", "direction"])  # in | out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_json
@@ -130,9 +130,10 @@ class CompletionRequest(_Sampling):
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: text or token ids (a flat list of ints is one prompt)."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(cast("list[str] | list[list[int]]", prompt))
 
 
 class EmbeddingRequest(_Request):
@@ -162,7 +163,7 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> "Usage":
+    def of(cls, prompt: int, completion: int) -> Usage:
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -315,7 +316,7 @@ _SLOT_JSON = b'"\\u0000"'
 def _around(data: bytes, marker: bytes) -> tuple[bytes, bytes]:
     """``data`` before and after its first ``marker`` (which must be there)."""
     at = data.index(marker)
-    return data[:at], data[at + len(marker):]
+    return data[:at], data[at + len(marker) :]
 
 
 class ChunkEnvelope:
@@ -334,8 +335,9 @@ class ChunkEnvelope:
 
 @lru_cache(maxsize=4096)
 def _chat_choice_parts(index: int, role: bool, finish: FinishReason | None) -> tuple[bytes, bytes]:
-    choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant" if role else None, content=_SLOT),
-                             finish_reason=finish)
+    choice = ChatChunkChoice(
+        index=index, delta=ChatDelta(role="assistant" if role else None, content=_SLOT), finish_reason=finish
+    )
     return _around(choice.model_dump_json().encode(), _SLOT_JSON)
 
 

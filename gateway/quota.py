@@ -91,23 +91,42 @@ class QuotaLimiter:
         reset = oldest + WINDOW_S - now if window.entries else 0.0
         headers: dict[str, str] = {}
         if key.rpm:
-            headers |= {"x-ratelimit-limit-requests": str(key.rpm),
-                        "x-ratelimit-remaining-requests": str(max(0, key.rpm - len(window.entries))),
-                        "x-ratelimit-reset-requests": _reset(reset)}
+            headers |= {
+                "x-ratelimit-limit-requests": str(key.rpm),
+                "x-ratelimit-remaining-requests": str(max(0, key.rpm - len(window.entries))),
+                "x-ratelimit-reset-requests": _reset(reset),
+            }
         if key.tpm:
-            headers |= {"x-ratelimit-limit-tokens": str(key.tpm),
-                        "x-ratelimit-remaining-tokens": str(max(0, key.tpm - window.tokens)),
-                        "x-ratelimit-reset-tokens": _reset(reset)}
+            headers |= {
+                "x-ratelimit-limit-tokens": str(key.tpm),
+                "x-ratelimit-remaining-tokens": str(max(0, key.tpm - window.tokens)),
+                "x-ratelimit-reset-tokens": _reset(reset),
+            }
         if key.rpm and len(window.entries) >= key.rpm:
-            raise self._limited(key, "requests", f"Rate limit reached for requests per minute: limit {key.rpm}",
-                                headers, self._wait_for(window, now, lambda w: len(w.entries) < key.rpm))
+            raise self._limited(
+                key,
+                "requests",
+                f"Rate limit reached for requests per minute: limit {key.rpm}",
+                headers,
+                self._wait_for(window, now, lambda w: len(w.entries) < key.rpm),
+            )
         if key.tpm and tokens > key.tpm:
-            raise self._limited(key, "tokens", f"Request too large: it needs about {tokens} tokens, the key allows "
-                                f"{key.tpm} per minute; lower max_tokens or the prompt", headers, WINDOW_S)
+            raise self._limited(
+                key,
+                "tokens",
+                f"Request too large: it needs about {tokens} tokens, the key allows "
+                f"{key.tpm} per minute; lower max_tokens or the prompt",
+                headers,
+                WINDOW_S,
+            )
         if key.tpm and window.tokens + tokens > key.tpm:
-            raise self._limited(key, "tokens", f"Rate limit reached for tokens per minute: limit {key.tpm}, used "
-                                f"{window.tokens}, requested {tokens}", headers,
-                                self._wait_for(window, now, lambda w: w.tokens + tokens <= key.tpm))
+            raise self._limited(
+                key,
+                "tokens",
+                f"Rate limit reached for tokens per minute: limit {key.tpm}, used {window.tokens}, requested {tokens}",
+                headers,
+                self._wait_for(window, now, lambda w: w.tokens + tokens <= key.tpm),
+            )
         entry = _Entry(now, tokens)
         window.entries.append(entry)
         window.tokens += tokens
@@ -133,8 +152,9 @@ class QuotaLimiter:
         headers = dict(headers)
         headers["retry-after"] = str(max(1, math.ceil(wait_s)))
         headers[f"x-ratelimit-remaining-{limit}"] = "0"
-        return RateLimited(f"{message} (key {key.id}). Retry after {headers['retry-after']}s.", limit=limit,
-                           headers=headers)
+        return RateLimited(
+            f"{message} (key {key.id}). Retry after {headers['retry-after']}s.", limit=limit, headers=headers
+        )
 
 
 @dataclass(frozen=True)
@@ -202,20 +222,34 @@ class UsageRecorder:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         with self._db.session() as s:
             for start in range(0, len(rows), 500):
-                stmt = insert(usage_records).values(rows[start:start + 500])
+                stmt = insert(usage_records).values(rows[start : start + 500])
                 s.execute(stmt.on_conflict_do_nothing(index_elements=["request_id"]))
 
     def totals(self, key_id: str | None = None) -> list[dict]:
         """Usage per key and model (blocking; flush first to include the newest requests)."""
         c = usage_records.c
-        query = (select(c.key_id, c.model, func.count().label("requests"),
-                        func.sum(c.prompt_tokens).label("prompt_tokens"),
-                        func.sum(c.completion_tokens).label("completion_tokens"))
-                 .group_by(c.key_id, c.model).order_by(c.key_id, c.model))
+        query = (
+            select(
+                c.key_id,
+                c.model,
+                func.count().label("requests"),
+                func.sum(c.prompt_tokens).label("prompt_tokens"),
+                func.sum(c.completion_tokens).label("completion_tokens"),
+            )
+            .group_by(c.key_id, c.model)
+            .order_by(c.key_id, c.model)
+        )
         if key_id:
             query = query.where(c.key_id == key_id)
         with self._db.session() as s:
-            return [{"key_id": r.key_id, "model": r.model, "requests": int(r.requests),
-                     "prompt_tokens": int(r.prompt_tokens or 0), "completion_tokens": int(r.completion_tokens or 0),
-                     "total_tokens": int((r.prompt_tokens or 0) + (r.completion_tokens or 0))}
-                    for r in s.execute(query)]
+            return [
+                {
+                    "key_id": r.key_id,
+                    "model": r.model,
+                    "requests": int(r.requests),
+                    "prompt_tokens": int(r.prompt_tokens or 0),
+                    "completion_tokens": int(r.completion_tokens or 0),
+                    "total_tokens": int((r.prompt_tokens or 0) + (r.completion_tokens or 0)),
+                }
+                for r in s.execute(query)
+            ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import grpc
@@ -122,7 +123,8 @@ class Router:
         try:
             while True:
                 reply = await replica.stub.ListDeployments(
-                    pb.ListDeploymentsRequest(page_size=100, page_token=token), timeout=self._timeouts.unary_s)
+                    pb.ListDeploymentsRequest(page_size=100, page_token=token), timeout=self._timeouts.unary_s
+                )
                 deployments.extend(reply.deployments)
                 token = reply.next_page_token
                 if not token:
@@ -160,8 +162,9 @@ class Router:
             self.eject(replica, error)
             return
         replica.ready = {name: t for name, t in replica.ready.items() if t.deployment != target.deployment}
-        log.warning("deployment_unrouted", replica=replica.addr, deployment=target.deployment, reason=reason,
-                    error=error)
+        log.warning(
+            "deployment_unrouted", replica=replica.addr, deployment=target.deployment, reason=reason, error=error
+        )
 
     def models(self) -> list[Target]:
         """Every model name some routable replica serves now, once each."""
@@ -186,17 +189,24 @@ class Router:
             await self.refresh()
             if any(model in r.known for r in self.replicas):
                 return
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                       reason="MODEL_NOT_FOUND", metadata={"model": model})
+        raise NotFound(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            reason="MODEL_NOT_FOUND",
+            metadata={"model": model},
+        )
 
-    def pick(self, model: str, exclude: set[str] = frozenset()) -> tuple[Replica, Target]:
+    def pick(self, model: str, exclude: AbstractSet[str] = frozenset()) -> tuple[Replica, Target]:
         """The ready, non-ejected replica serving ``model`` with the fewest outstanding requests."""
         candidates = [r for r in self.replicas if model in r.ready and not r.ejected and r.addr not in exclude]
         if not candidates:
             errors = "; ".join(f"{r.addr}: {r.last_error}" for r in self.replicas if r.last_error)
-            raise Unavailable(f"No ready replica serves model '{model}' right now"
-                              + (f" ({errors})" if errors else "") + ". Retry later.",
-                              reason="NO_READY_REPLICA", metadata={"model": model})
+            raise Unavailable(
+                f"No ready replica serves model '{model}' right now"
+                + (f" ({errors})" if errors else "")
+                + ". Retry later.",
+                reason="NO_READY_REPLICA",
+                metadata={"model": model},
+            )
         self._rr += 1
         low = min(r.outstanding for r in candidates)
         best = [r for r in candidates if r.outstanding == low]
@@ -211,5 +221,7 @@ class Router:
             async with asyncio.timeout(self._timeouts.connect_s):
                 await replica.channel.channel_ready()
         except TimeoutError:
-            raise Unavailable(f"inference replica {replica.addr} did not connect within "
-                              f"{self._timeouts.connect_s}s", reason="REPLICA_UNREACHABLE") from None
+            raise Unavailable(
+                f"inference replica {replica.addr} did not connect within {self._timeouts.connect_s}s",
+                reason="REPLICA_UNREACHABLE",
+            ) from None

@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from services.core.settings import DEFAULT_DATA_DIR, DEFAULT_PORTS
+from services.core.settings import DEFAULT_DATA_DIR, DEFAULT_PORTS, EventLoop
 
 
 class HttpSettings(BaseModel):
@@ -55,6 +55,7 @@ class GatewaySettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR / "gateway"
     log_level: str = "INFO"
     log_json: bool = True
+    event_loop: EventLoop = "auto"  # "asyncio": uvicorn's standard loop instead of uvloop
     database_url: str = ""  # empty: sqlite file <data_dir>/gateway.db
     http: HttpSettings = Field(default_factory=HttpSettings)
     # One inference replica "host:port", or several separated by commas.

@@ -47,6 +47,9 @@ step "yard train sft --method lora ($STEPS steps, live progress)"
   --set learning_rate=1e-3 --set checkpoint_every_steps=20 --name demo-sft --watch
 "${YARD[@]}" jobs show demo-sft
 "${YARD[@]}" models lineage smollm2-shout/v1
+# for scripts: -o json|yaml prints the full resources; piped tables keep whole names
+"${YARD[@]}" models lineage smollm2-shout/v1 | grep -c "models/smollm2-shout/versions/v1"
+"${YARD[@]}" models list smollm2-shout -o json | .venv/bin/python -c 'import json, sys; print([v["name"] for v in json.load(sys.stdin)])'
 
 step "yard deploy smollm2/v1 on $ENGINE with the adapter as 'shout'"
 "${YARD[@]}" deploy smollm2/v1 --name chat --engine "$ENGINE" --adapter shout=smollm2-shout/v1 --max-model-len 512

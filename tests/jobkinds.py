@@ -39,7 +39,7 @@ def fails_domain(ctx: JobContext) -> None:
 
 def crashes(ctx: JobContext) -> None:
     ctx.log("about to divide")
-    1 / 0
+    1 / 0  # noqa: B018 - the crash under test
 
 
 def _grandchild(ctx: JobContext) -> None:
@@ -66,16 +66,29 @@ def ignores_sigterm(ctx: JobContext) -> None:
     time.sleep(60)
 
 
+def _hold(ctx: JobContext, gate: str) -> None:
+    """Wait until the file ``gate`` exists (the test opens it) or the job is cancelled."""
+    ctx.log("holding", gate=gate)
+    while not os.path.exists(gate) and not ctx.cancelled():
+        time.sleep(0.01)
+
+
 def counts_with_resume(ctx: JobContext) -> dict:
+    """Counts ``steps`` steps, saving each as its resume state. With ``hold_after`` and ``gate``, the first
+    attempt stops after that step until the gate file exists, so a test acts on a job known to be running
+    at a known step (SIGKILL it, kill its worker, watch it) instead of racing the clock."""
     saved = ctx.resume_state()
     start = saved["step"] if saved else 0
-    total, step_s = int(ctx.spec["steps"]), float(ctx.spec.get("step_s", 0.1))
+    total, step_s = int(ctx.spec["steps"]), float(ctx.spec.get("step_s", 0.0))
+    hold_after = int(ctx.spec.get("hold_after", -1)) if ctx.attempt == 1 else -1
     ctx.log("counting", from_step=start, resume=ctx.resume)
     for step in range(start, total):
         time.sleep(step_s)
         ctx.metrics(step=step + 1, loss=1.0 / (step + 1))
         ctx.save_resume_state({"step": step + 1})
         ctx.progress(fraction=(step + 1) / total, step=step + 1, total_steps=total)
+        if step + 1 == hold_after:
+            _hold(ctx, ctx.spec["gate"])
     return {"started_from": start, "resumed": ctx.resume, "attempt": ctx.attempt}
 
 

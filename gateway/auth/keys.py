@@ -44,8 +44,15 @@ def hash_key(secret: str) -> str:
 
 
 def _row_to_key(row) -> ApiKey:
-    return ApiKey(id=row.id, name=row.name, prefix=row.prefix, rpm=row.rpm, tpm=row.tpm,
-                  created_at=row.created_at, revoked_at=row.revoked_at)
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        rpm=row.rpm,
+        tpm=row.tpm,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
 
 
 class KeyStore:
@@ -61,11 +68,26 @@ class KeyStore:
         if rpm < 0 or tpm < 0:
             raise InvalidArgument.for_field("rpm" if rpm < 0 else "tpm", "must be >= 0 (0: unlimited)")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey(id=f"key_{secrets.token_hex(8)}", name=name.strip(), prefix=secret[:14], rpm=rpm, tpm=tpm,
-                     created_at=utcnow())
+        key = ApiKey(
+            id=f"key_{secrets.token_hex(8)}",
+            name=name.strip(),
+            prefix=secret[:14],
+            rpm=rpm,
+            tpm=tpm,
+            created_at=utcnow(),
+        )
         with self._db.session() as s:
-            s.execute(api_keys.insert().values(id=key.id, name=key.name, key_hash=hash_key(secret), prefix=key.prefix,
-                                               rpm=rpm, tpm=tpm, created_at=key.created_at))
+            s.execute(
+                api_keys.insert().values(
+                    id=key.id,
+                    name=key.name,
+                    key_hash=hash_key(secret),
+                    prefix=key.prefix,
+                    rpm=rpm,
+                    tpm=tpm,
+                    created_at=key.created_at,
+                )
+            )
         return key, secret
 
     def list(self, include_revoked: bool = True) -> list[ApiKey]:
@@ -103,8 +125,10 @@ class KeyCache:
 
     async def authenticate(self, authorization: str | None) -> ApiKey:
         if not authorization:
-            raise Unauthenticated("You didn't provide an API key. Send it as 'Authorization: Bearer sk-yard-...'.",
-                                  reason="INVALID_API_KEY")
+            raise Unauthenticated(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer sk-yard-...'.",
+                reason="INVALID_API_KEY",
+            )
         scheme, _, secret = authorization.partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:

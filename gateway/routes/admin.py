@@ -30,9 +30,8 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None
 
     @classmethod
-    def of(cls, key: ApiKey) -> "KeyOut":
-        return cls(id=key.id, name=key.name, prefix=key.prefix, rpm=key.rpm, tpm=key.tpm, created_at=key.created_at,
-                   revoked_at=key.revoked_at)
+    def of(cls, key: ApiKey) -> KeyOut:
+        return cls.model_validate(key, from_attributes=True)
 
 
 class CreatedKey(KeyOut):
@@ -42,7 +41,7 @@ class CreatedKey(KeyOut):
 @router.post("/keys", status_code=201)
 async def create_key(body: CreateKey, request: Request) -> CreatedKey:
     st = state(request)
-    quota = st.serving.settings.quota
+    quota = st.settings.quota
     rpm = quota.default_rpm if body.rpm is None else body.rpm
     tpm = quota.default_tpm if body.tpm is None else body.tpm
     key, secret = await asyncio.to_thread(st.keys.create, body.name, rpm, tpm)
@@ -65,6 +64,6 @@ async def revoke_key(key_id: str, request: Request) -> KeyOut:
 
 @router.get("/usage")
 async def usage(request: Request, key: str | None = None) -> dict[str, list[dict]]:
-    recorder = state(request).serving.usage
+    recorder = state(request).usage
     await recorder.flush()
     return {"data": await asyncio.to_thread(recorder.totals, key)}

@@ -18,12 +18,22 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    router_ = state(request).serving.router
-    replicas = [{"address": r.addr, "listed": r.listed, "ejected": r.ejected, "outstanding": r.outstanding,
-                 "models": sorted(r.ready), "error": r.last_error or None} for r in router_.replicas]
+    router_ = state(request).router
+    replicas = [
+        {
+            "address": r.addr,
+            "listed": r.listed,
+            "ejected": r.ejected,
+            "outstanding": r.outstanding,
+            "models": sorted(r.ready),
+            "error": r.last_error or None,
+        }
+        for r in router_.replicas
+    ]
     ready = router_.ready
-    return JSONResponse({"status": "ready" if ready else "not_ready", "replicas": replicas},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "replicas": replicas}, status_code=200 if ready else 503
+    )
 
 
 @router.get("/metrics")

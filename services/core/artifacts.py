@@ -110,7 +110,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Manifest":
+    def from_json(cls, text: str | bytes) -> Manifest:
         """Parse and validate a manifest; InvalidArgument names the offending field."""
         try:
             doc = json.loads(text)
@@ -250,17 +250,22 @@ class _ChunkReader(io.RawIOBase):
         return out
 
 
-def _mismatch(key: str, expected: FileEntry | None, stored_sha: str | None, size: int, sha: str,
-              want_size: int | None) -> DataLoss | None:
+def _mismatch(
+    key: str, expected: FileEntry | None, stored_sha: str | None, size: int, sha: str, want_size: int | None
+) -> DataLoss | None:
     """A DataLoss if the received (size, sha) differ from what is expected, else None."""
     want_sha = expected.sha256 if expected else stored_sha
     if want_size is not None and size != want_size:
         return DataLoss(
-            f"artifact {key!r} is {size} bytes but {want_size} were expected "
-            f"(expected sha256 {want_sha}, got {sha})",
+            f"artifact {key!r} is {size} bytes but {want_size} were expected (expected sha256 {want_sha}, got {sha})",
             reason="CHECKSUM_MISMATCH",
-            metadata={"key": key, "expected_size": str(want_size), "actual_size": str(size),
-                      "expected_sha256": str(want_sha), "actual_sha256": sha},
+            metadata={
+                "key": key,
+                "expected_size": str(want_size),
+                "actual_size": str(size),
+                "expected_sha256": str(want_sha),
+                "actual_sha256": sha,
+            },
         )
     if sha != want_sha:
         return DataLoss(
@@ -285,15 +290,18 @@ class S3ArtifactStore:
         self._bucket = settings.bucket
         self._endpoint = settings.endpoint
         if "://" in settings.endpoint or not settings.endpoint:
-            raise InvalidArgument.for_field("s3.endpoint", f"must be host:port without scheme, got {settings.endpoint!r}")
+            raise InvalidArgument.for_field(
+                "s3.endpoint", f"must be host:port without scheme, got {settings.endpoint!r}"
+            )
         try:
             check_bucket_name(settings.bucket, strict=True)
         except ValueError as exc:
             raise InvalidArgument.for_field("s3.bucket", f"{settings.bucket!r}: {exc}") from None
         if not MIN_PART_SIZE <= settings.part_size <= MAX_PART_SIZE:
             raise InvalidArgument.for_field(
-                "s3.part_size", f"must be between {MIN_PART_SIZE} (5 MiB) and {MAX_PART_SIZE} (5 GiB) bytes, "
-                f"got {settings.part_size}")
+                "s3.part_size",
+                f"must be between {MIN_PART_SIZE} (5 MiB) and {MAX_PART_SIZE} (5 GiB) bytes, got {settings.part_size}",
+            )
         if settings.multipart_threshold < 1:
             raise InvalidArgument.for_field("s3.multipart_threshold", "must be positive")
         if settings.connect_retries < 0:
@@ -318,7 +326,7 @@ class S3ArtifactStore:
             raise InvalidArgument.for_field("s3.endpoint", f"{settings.endpoint!r}: {exc}") from None
 
     @classmethod
-    def connect(cls, settings: S3Settings) -> "S3ArtifactStore":
+    def connect(cls, settings: S3Settings) -> S3ArtifactStore:
         """A store whose bucket exists (created if missing)."""
         store = cls(settings)
         store.ensure_bucket()
@@ -356,7 +364,7 @@ class S3ArtifactStore:
         if not local_path.is_file():
             raise InvalidArgument.for_field("local_path", f"{str(local_path)!r} is not a file")
         try:
-            f = open(local_path, "rb")
+            f = open(local_path, "rb")  # noqa: SIM115 - closed by the with below (open errors mapped apart)
         except OSError as exc:
             raise InvalidArgument.for_field("local_path", f"cannot read {str(local_path)!r}: {exc.strerror}") from None
         with f:
@@ -402,14 +410,18 @@ class S3ArtifactStore:
         def run() -> None:
             data.seek(0)
             self._client.put_object(
-                self._bucket, key, data, size, content_type=content_type,
-                metadata={SHA256_META: sha}, part_size=part_size,
+                self._bucket,
+                key,
+                data,
+                size,
+                content_type=content_type,
+                metadata={SHA256_META: sha},
+                part_size=part_size,
             )
 
         self._call("upload", key, run)
         seconds = time.monotonic() - start
-        log.info("artifact_uploaded", key=key, size=size, seconds=round(seconds, 3),
-                 multipart=multipart)
+        log.info("artifact_uploaded", key=key, size=size, seconds=round(seconds, 3), multipart=multipart)
         return FileEntry(key, size, sha)
 
     def get_file(self, key: str, dest: Path, expected: FileEntry | None = None) -> FileEntry:
@@ -458,7 +470,8 @@ class S3ArtifactStore:
                 raise FailedPrecondition(
                     f"artifact {key!r} has no stored sha256 and no expected checksum was given, so it "
                     "cannot be verified (it was not written by the artifact store)",
-                    reason="CHECKSUM_MISSING", metadata={"key": key},
+                    reason="CHECKSUM_MISSING",
+                    metadata={"key": key},
                 )
             length = response.headers.get("content-length")
             want_size = expected.size if expected else (int(length) if length else None)
@@ -474,8 +487,13 @@ class S3ArtifactStore:
         sha = digest.hexdigest()
         err = _mismatch(key, expected, stored_sha, size, sha, want_size)
         if err:
-            log.warning("artifact_checksum_mismatch", key=key, expected_sha256=err.metadata["expected_sha256"],
-                        actual_sha256=sha, size=size)
+            log.warning(
+                "artifact_checksum_mismatch",
+                key=key,
+                expected_sha256=err.metadata["expected_sha256"],
+                actual_sha256=sha,
+                size=size,
+            )
             raise err
         return FileEntry(key, size, sha)
 
@@ -497,8 +515,13 @@ class S3ArtifactStore:
             entries.append(FileEntry(rel, stored.size, stored.sha256))
         manifest = Manifest(entries)
         self.put_bytes(manifest_key(prefix), manifest.to_json().encode(), content_type="application/json")
-        log.info("directory_uploaded", prefix=prefix, files=len(entries), size=manifest.total_size,
-                 seconds=round(time.monotonic() - start, 3))
+        log.info(
+            "directory_uploaded",
+            prefix=prefix,
+            files=len(entries),
+            size=manifest.total_size,
+            seconds=round(time.monotonic() - start, 3),
+        )
         return manifest
 
     def download_dir(self, prefix: str, dest: Path, manifest: Manifest | None = None) -> Manifest:
@@ -513,8 +536,13 @@ class S3ArtifactStore:
         for entry in manifest.files:
             _check_key(entry.path, "manifest.files.path")
             self.get_file(file_key(prefix, entry.path), dest / entry.path, expected=entry)
-        log.info("directory_downloaded", prefix=prefix, files=len(manifest.files), size=manifest.total_size,
-                 seconds=round(time.monotonic() - start, 3))
+        log.info(
+            "directory_downloaded",
+            prefix=prefix,
+            files=len(manifest.files),
+            size=manifest.total_size,
+            seconds=round(time.monotonic() - start, 3),
+        )
         return manifest
 
     def read_manifest(self, prefix: str) -> Manifest:
@@ -526,13 +554,15 @@ class S3ArtifactStore:
         except NotFound as exc:
             if exc.reason != "ARTIFACT_NOT_FOUND":
                 raise
-            raise NotFound(f"no manifest at {key!r} in bucket {self._bucket!r}", reason="ARTIFACT_NOT_FOUND",
-                           metadata={"key": key}) from None
+            raise NotFound(
+                f"no manifest at {key!r} in bucket {self._bucket!r}", reason="ARTIFACT_NOT_FOUND", metadata={"key": key}
+            ) from None
         try:
             return Manifest.from_json(data)
         except InvalidArgument as exc:
-            raise DataLoss(f"manifest {key!r} is invalid: {exc.message}", reason="MANIFEST_INVALID",
-                           metadata={"key": key}) from None
+            raise DataLoss(
+                f"manifest {key!r} is invalid: {exc.message}", reason="MANIFEST_INVALID", metadata={"key": key}
+            ) from None
 
     # ---------------------------------------------------------------- listing, urls, deletion
 
@@ -587,11 +617,14 @@ class S3ArtifactStore:
 
         def run() -> None:
             for i in range(0, len(keys), 1000):
-                errors = list(self._client.remove_objects(self._bucket, [DeleteObject(k) for k in keys[i:i + 1000]]))
+                errors = list(self._client.remove_objects(self._bucket, [DeleteObject(k) for k in keys[i : i + 1000]]))
                 if errors:
                     first = errors[0]
-                    raise Internal(f"could not delete {len(errors)} objects under {prefix!r}, first {first.name!r}: "
-                                   f"{first.code} {first.message}", reason="S3_ERROR")
+                    raise Internal(
+                        f"could not delete {len(errors)} objects under {prefix!r}, first {first.name!r}: "
+                        f"{first.code} {first.message}",
+                        reason="S3_ERROR",
+                    )
 
         self._call("delete", prefix, run)
         log.info("prefix_deleted", prefix=prefix, objects=len(keys))
@@ -617,8 +650,15 @@ class S3ArtifactStore:
                         metadata={"endpoint": self._endpoint, "attempts": str(attempts)},
                     ) from None
                 delay = self._settings.retry_backoff_s * 2 ** (attempt - 1)
-                log.warning("s3_request_retry", op=op, key=key, endpoint=self._endpoint, attempt=attempt,
-                            delay_s=delay, error=_describe(exc))
+                log.warning(
+                    "s3_request_retry",
+                    op=op,
+                    key=key,
+                    endpoint=self._endpoint,
+                    attempt=attempt,
+                    delay_s=delay,
+                    error=_describe(exc),
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -630,8 +670,11 @@ class S3ArtifactStore:
             if code == "NoSuchKey":
                 return NotFound(f"artifact {where} not found", reason="ARTIFACT_NOT_FOUND", metadata=meta)
             if code == "NoSuchBucket":
-                return NotFound(f"bucket {self._bucket!r} does not exist on S3 endpoint {self._endpoint}",
-                                reason="BUCKET_NOT_FOUND", metadata=meta)
+                return NotFound(
+                    f"bucket {self._bucket!r} does not exist on S3 endpoint {self._endpoint}",
+                    reason="BUCKET_NOT_FOUND",
+                    metadata=meta,
+                )
             if code in _CREDENTIAL_CODES:
                 cls = PermissionDenied if code == "AccessDenied" else Unauthenticated
                 return cls(
@@ -647,7 +690,8 @@ class S3ArtifactStore:
                     return FailedPrecondition(
                         f"key {key!r} conflicts with existing object {conflict or '(a parent or child key)'!r}: "
                         "a key can never also be the folder of another key",
-                        reason="ARTIFACT_KEY_CONFLICT", metadata={**meta, "conflict": conflict or ""},
+                        reason="ARTIFACT_KEY_CONFLICT",
+                        metadata={**meta, "conflict": conflict or ""},
                     )
             return Internal(f"S3 {op} of {where} failed: {code}: {exc.message}", reason="S3_ERROR", metadata=meta)
         if isinstance(exc, ValueError):

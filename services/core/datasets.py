@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -149,7 +149,7 @@ class _Digest:
         self.sha256.update(data)
         self.size += len(data)
 
-    def consume(self, raw: BinaryIO) -> None:
+    def consume(self, raw: BinaryIO | io.RawIOBase) -> None:
         while chunk := raw.read(_CHUNK):
             self.update(chunk)
 
@@ -157,7 +157,7 @@ class _Digest:
 class _HashingReader(io.RawIOBase):
     """A raw reader that feeds every byte it reads into a :class:`_Digest`."""
 
-    def __init__(self, raw: BinaryIO, digest: _Digest) -> None:
+    def __init__(self, raw: io.RawIOBase, digest: _Digest) -> None:
         self._raw = raw
         self._digest = digest
 
@@ -175,11 +175,19 @@ class _HashingReader(io.RawIOBase):
         self._digest.consume(self._raw)
 
 
-def _decompressed(stream: io.BufferedReader) -> BinaryIO:
-    return gzip.GzipFile(fileobj=stream) if stream.peek(2)[:2] == _GZIP_MAGIC else stream
+def _decompressed(stream: io.BufferedReader[Any]) -> BinaryIO:
+    return cast(BinaryIO, gzip.GzipFile(fileobj=stream) if stream.peek(2)[:2] == _GZIP_MAGIC else stream)
 
 
-_TYPE_NAMES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "object"}
+_TYPE_NAMES = {
+    type(None): "null",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "string",
+    list: "list",
+    dict: "object",
+}
 
 
 def _type_name(value: Any) -> str:
@@ -233,7 +241,9 @@ def _resolve_file_type(path: Path, file_type: str | None) -> FileType:
         return FileType(file_type.lower().lstrip("."))
     except ValueError:
         expected = ", ".join(FileType)
-        raise InvalidArgument.for_field("file_type", f"unknown file type {file_type!r} (expected one of {expected})") from None
+        raise InvalidArgument.for_field(
+            "file_type", f"unknown file type {file_type!r} (expected one of {expected})"
+        ) from None
 
 
 def iter_rows(path: Path, file_type: str | None = None) -> Iterator[tuple[int, Any]]:
@@ -431,7 +441,9 @@ class _JsonRows:
                     break
                 nxt = self._peek()
         if not has_data:
-            raise self._malformed('missing required field (a JSON object dataset holds its rows in a "data" array)', "data")
+            raise self._malformed(
+                'missing required field (a JSON object dataset holds its rows in a "data" array)', "data"
+            )
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -670,7 +682,9 @@ def _check_kto(row: dict, issues: _Issues) -> None:
 
 
 _CHECKS = {
-    DatasetFormat.MESSAGES: lambda row, issues: _check_messages(row.get("messages"), "messages", issues, need_answer=True),
+    DatasetFormat.MESSAGES: lambda row, issues: _check_messages(
+        row.get("messages"), "messages", issues, need_answer=True
+    ),
     DatasetFormat.ALPACA: _check_alpaca,
     DatasetFormat.SHAREGPT: _check_sharegpt,
     DatasetFormat.PREFERENCE: _check_preference,
@@ -863,7 +877,9 @@ class _Tally:
     def report(self, file_type: FileType, expected: DatasetFormat | None, digest: _Digest) -> ValidationReport:
         target = expected
         if target is None and self.formats:
-            target = max(self.formats, key=lambda f: (self.formats[f].valid, self.formats[f].rows, -self.formats[f].first_row))
+            target = max(
+                self.formats, key=lambda f: (self.formats[f].valid, self.formats[f].rows, -self.formats[f].first_row)
+            )
         errors = list(self.general)
         for fmt, tally in self.formats.items():
             if fmt is target:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import cast
 
-from sqlalchemy import Connection, DateTime, Engine, Integer, String, create_engine, event, select, text
+from sqlalchemy import Connection, DateTime, Engine, Integer, String, Table, create_engine, event, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .errors import FailedPrecondition
@@ -24,7 +25,7 @@ log = get_logger(__name__)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -37,6 +38,10 @@ class SchemaMigration(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     description: Mapped[str] = mapped_column(String(200))
     applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _migrations_table() -> Table:
+    return cast(Table, SchemaMigration.__table__)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        SchemaMigration.__table__.create(self.engine, checkfirst=True)
+        _migrations_table().create(self.engine, checkfirst=True)
 
     @property
     def is_sqlite(self) -> bool:
@@ -83,8 +88,10 @@ class Database:
     def schema_version(self, component: str) -> int:
         with self.engine.connect() as conn:
             v = conn.execute(
-                select(SchemaMigration.version).where(SchemaMigration.component == component)
-                .order_by(SchemaMigration.version.desc()).limit(1)
+                select(SchemaMigration.version)
+                .where(SchemaMigration.component == component)
+                .order_by(SchemaMigration.version.desc())
+                .limit(1)
             ).scalar()
         return int(v or 0)
 
@@ -107,9 +114,9 @@ class Database:
             with self.engine.begin() as conn:
                 m.apply(conn)
                 conn.execute(
-                    SchemaMigration.__table__.insert().values(
-                        component=component, version=m.version, description=m.description, applied_at=utcnow()
-                    )
+                    _migrations_table()
+                    .insert()
+                    .values(component=component, version=m.version, description=m.description, applied_at=utcnow())
                 )
             log.info("schema_migrated", component=component, version=m.version, description=m.description)
             current = m.version

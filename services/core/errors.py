@@ -7,7 +7,9 @@ violations, and the client helper turns such a status back into the same typed e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -49,7 +51,7 @@ class InvalidArgument(DomainError):
     default_reason = "INVALID_ARGUMENT"
 
     @classmethod
-    def for_field(cls, field_name: str, description: str, **kw) -> "InvalidArgument":
+    def for_field(cls, field_name: str, description: str, **kw) -> InvalidArgument:
         return cls(f"{field_name}: {description}", violations=[FieldViolation(field_name, description)], **kw)
 
 
@@ -145,34 +147,26 @@ def error_class_for(code: grpc.StatusCode) -> type[DomainError]:
     return _BY_CODE.get(code, Internal)
 
 
-@dataclass
-class ErrorPayload:
-    """A serialisable form of a DomainError (used to carry errors across processes)."""
+def error_dict(err: DomainError) -> dict[str, Any]:
+    """The one stored form of a DomainError (a job's or an import's ``error``): the fields of a
+    ``google.rpc.Status`` with its ``ErrorInfo`` and ``BadRequest`` details, as JSON-ready values."""
+    return {
+        "code": err.code.name,
+        "reason": err.reason,
+        "message": err.message,
+        "domain": err.domain,
+        "metadata": dict(err.metadata),
+        "violations": [{"field": v.field, "description": v.description} for v in err.violations],
+    }
 
-    kind: str
-    message: str
-    reason: str
-    domain: str = "modelyard"
-    metadata: dict[str, str] = field(default_factory=dict)
-    violations: list[tuple[str, str]] = field(default_factory=list)
 
-    @classmethod
-    def of(cls, err: DomainError) -> "ErrorPayload":
-        return cls(
-            kind=type(err).__name__,
-            message=err.message,
-            reason=err.reason,
-            domain=err.domain,
-            metadata=dict(err.metadata),
-            violations=[(v.field, v.description) for v in err.violations],
-        )
-
-    def to_error(self) -> DomainError:
-        cls = {c.__name__: c for c in _BY_CODE.values()}.get(self.kind, Internal)
-        return cls(
-            self.message,
-            reason=self.reason,
-            domain=self.domain,
-            metadata=self.metadata,
-            violations=[FieldViolation(f, d) for f, d in self.violations],
-        )
+def error_to_domain(error: Mapping[str, Any]) -> DomainError:
+    """Back from the stored form to the typed error (unknown codes become Internal)."""
+    cls = error_class_for(getattr(grpc.StatusCode, str(error.get("code")), grpc.StatusCode.INTERNAL))
+    return cls(
+        error.get("message", ""),
+        reason=error.get("reason") or None,
+        domain=error.get("domain", "modelyard"),
+        metadata=dict(error.get("metadata") or {}),
+        violations=[FieldViolation(v["field"], v["description"]) for v in error.get("violations") or []],
+    )

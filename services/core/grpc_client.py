@@ -1,14 +1,20 @@
-"""Client side of the chassis: channels with deadlines, request-id forwarding and retry.
+"""Client side of the chassis: channels with deadlines, request-id forwarding, retry and typed errors.
 
-Every call gets a deadline (``default_timeout_s`` unless the caller passes one), carries the
+Every call gets a deadline (``default_timeout_s`` unless the caller passes one) and carries the
 current request id as ``x-request-id`` metadata (so the id of the call being served follows every
-hop), and unary calls that fail with UNAVAILABLE are retried with exponential backoff (a
-server restarting or not up yet). Streams are not retried: they may have had effects.
+hop). Unary calls that fail with UNAVAILABLE (a server restarting or not up yet) are retried with
+exponential backoff when ``retry_if(method)`` says the call is safe to repeat (default: every unary
+call). With ``typed_errors=True`` a failed unary call raises the ``DomainError`` the status stands
+for (``services.core.status.error_from_rpc_error``) instead of ``grpc.aio.AioRpcError``; streams
+are wrapped by their caller (``modelyard.client``), since an interceptor cannot retype errors
+raised while iterating.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -20,15 +26,30 @@ log = get_logger("modelyard.client")
 
 DEFAULT_TIMEOUT_S = 30.0
 
+RetryPredicate = Callable[[str], bool]
 
-def _with_defaults(details: grpc.aio.ClientCallDetails, default_timeout: float | None):
-    metadata = grpc.aio.Metadata()
-    for key, value in details.metadata or ():
-        metadata.add(key, value)
-    if REQUEST_ID_HEADER not in metadata:
-        metadata.add(REQUEST_ID_HEADER, request_id_var.get() or new_request_id())
+
+def outgoing_metadata(metadata: Sequence[tuple[str, str | bytes]] | None = None) -> grpc.aio.Metadata:
+    """``metadata`` plus ``x-request-id`` (the current request's id, or a new one) when it has none."""
+    out = grpc.aio.Metadata()
+    for key, value in metadata or ():
+        out.add(key, value)
+    if REQUEST_ID_HEADER not in out:
+        out.add(REQUEST_ID_HEADER, request_id_var.get() or new_request_id())
+    return out
+
+
+def _with_defaults(details: grpc.aio.ClientCallDetails, default_timeout: float | None) -> grpc.aio.ClientCallDetails:
     timeout = details.timeout if details.timeout is not None else default_timeout
-    return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials, details.wait_for_ready)
+    return grpc.aio.ClientCallDetails(
+        details.method, timeout, outgoing_metadata(details.metadata), details.credentials, details.wait_for_ready
+    )
+
+
+def method_name(details: grpc.aio.ClientCallDetails) -> str:
+    """``Method`` of ``/package.Service/Method`` (``details.method`` may be bytes or str)."""
+    method = details.method.decode() if isinstance(details.method, bytes) else str(details.method)
+    return method.rsplit("/", 1)[-1]
 
 
 class _MetadataInterceptor(
@@ -50,18 +71,27 @@ class _MetadataInterceptor(
 
 
 class _UnaryRetryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, default_timeout: float | None, attempts: int, backoff_s: float, max_backoff_s: float) -> None:
+    def __init__(
+        self,
+        default_timeout: float | None,
+        attempts: int,
+        backoff_s: float,
+        max_backoff_s: float,
+        retry_if: RetryPredicate | None = None,
+    ) -> None:
         self._timeout = default_timeout
         self._attempts = max(1, attempts)
         self._backoff = backoff_s
         self._max_backoff = max_backoff_s
+        self._retry_if = retry_if
 
     async def intercept_unary_unary(self, continuation, details, request):
         details = _with_defaults(details, self._timeout)
+        attempts = self._attempts if self._retry_if is None or self._retry_if(method_name(details)) else 1
         delay = self._backoff
         loop = asyncio.get_running_loop()
         deadline = loop.time() + details.timeout if details.timeout is not None else None
-        for attempt in range(1, self._attempts + 1):
+        for attempt in range(1, attempts + 1):
             call_details = details
             if deadline is not None:  # the deadline covers all attempts together
                 remaining = deadline - loop.time()
@@ -73,12 +103,23 @@ class _UnaryRetryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
                 await call
                 return call
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._attempts:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts:
                     return call
                 log.info("rpc_retry", method=details.method, attempt=attempt, delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
         return call
+
+
+class _TypedErrorInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Outermost unary interceptor: a failed call raises its typed ``DomainError``, once, here."""
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        call = await continuation(details, request)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc_error(exc) from None
 
 
 def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, int]]:
@@ -96,19 +137,35 @@ def make_channel(
     retry_attempts: int = 5,
     retry_backoff_s: float = 0.1,
     retry_max_backoff_s: float = 2.0,
+    retry_if: RetryPredicate | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
     intercept_streams: bool = True,
+    typed_errors: bool = False,
 ) -> grpc.aio.Channel:
     """An insecure grpc.aio channel to ``target`` (host:port) with the chassis' client behaviour.
 
-    ``intercept_streams=False`` leaves streaming calls bare (no default deadline or request id
-    added): for a hot data path whose caller passes both itself, and saves a task hop per message.
+    ``retry_if(method)`` (the bare RPC name, e.g. ``GetModel``) limits the UNAVAILABLE retries to
+    calls safe to repeat; without it every unary call is retried. ``typed_errors`` makes failed
+    unary calls raise ``DomainError``s. ``intercept_streams=False`` leaves streaming calls bare (no
+    default deadline or request id added): for a hot data path whose caller passes both itself,
+    and saves a task hop per message.
     """
-    interceptors: list = [_UnaryRetryInterceptor(default_timeout_s, retry_attempts, retry_backoff_s,
-                                                 retry_max_backoff_s)]
+    interceptors: list[Any] = []
+    if typed_errors:
+        interceptors.append(_TypedErrorInterceptor())
+    interceptors.append(
+        _UnaryRetryInterceptor(default_timeout_s, retry_attempts, retry_backoff_s, retry_max_backoff_s, retry_if)
+    )
     if intercept_streams:
         interceptors.append(_MetadataInterceptor(default_timeout_s))
     return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes), interceptors=interceptors)
 
 
-__all__ = ["make_channel", "error_from_rpc_error", "DEFAULT_TIMEOUT_S"]
+__all__ = [
+    "make_channel",
+    "error_from_rpc_error",
+    "outgoing_metadata",
+    "method_name",
+    "RetryPredicate",
+    "DEFAULT_TIMEOUT_S",
+]

@@ -9,9 +9,9 @@ graceful SIGTERM: health goes NOT_SERVING, new calls are refused, in-flight call
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,7 +54,7 @@ class GrpcServer:
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
-        self._metrics_server = None
+        self._metrics_server: Any = None  # wsgiref server of prometheus_client, once started
         self._stopped = asyncio.Event()
         self.port: int = 0
         self.metrics_port: int | None = None
@@ -73,11 +73,13 @@ class GrpcServer:
     async def start(self) -> None:
         s = self.settings
         server = grpc.aio.server(
-            interceptors=[ChainInterceptor(
-                RequestIdInterceptor(),
-                AccessLogInterceptor(self.service),
-                ErrorInterceptor(f"modelyard.{self.service}"),
-            )],
+            interceptors=[
+                ChainInterceptor(
+                    RequestIdInterceptor(),
+                    AccessLogInterceptor(self.service),
+                    ErrorInterceptor(f"modelyard.{self.service}"),
+                )
+            ],
             options=server_options(s.max_message_bytes),
             maximum_concurrent_rpcs=None,
         )
@@ -97,8 +99,9 @@ class GrpcServer:
                 reason="PORT_IN_USE",
             ) from None
         if port == 0:
-            raise Unavailable(f"{self.service}: cannot listen on {s.host}:{self._port} (port already in use?)",
-                              reason="PORT_IN_USE")
+            raise Unavailable(
+                f"{self.service}: cannot listen on {s.host}:{self._port} (port already in use?)", reason="PORT_IN_USE"
+            )
         self.port = port
         await server.start()
         self._server = server
@@ -106,8 +109,9 @@ class GrpcServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self._metrics_enabled:
             self._start_metrics()
-        log.info("server_started", service=self.service, address=self.address, metrics_port=self.metrics_port,
-                 services=names)
+        log.info(
+            "server_started", service=self.service, address=self.address, metrics_port=self.metrics_port, services=names
+        )
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -147,32 +151,3 @@ class GrpcServer:
         waiter.cancel()
         stopped.cancel()
         await self.stop()
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (as for the gateway under uvicorn): a cheaper loop iteration for every
-    message of a stream. ``YARD_EVENT_LOOP=asyncio`` keeps the standard loop."""
-    if os.environ.get("YARD_EVENT_LOOP", "auto") == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def run_service(main: Callable[[], Awaitable[None]]) -> None:
-    """Entry point helper for ``__main__``: run ``main`` and turn startup errors into one clear line."""
-    import sys
-
-    from .errors import DomainError
-
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(main())
-    except DomainError as err:
-        log.error("service_failed_to_start", error=err.message, reason=err.reason)
-        print(f"error: {err.message}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        pass

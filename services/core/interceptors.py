@@ -80,16 +80,20 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
 
@@ -185,7 +189,9 @@ class ErrorInterceptor(_WrappingInterceptor):
             if err.domain == "modelyard":
                 err.domain = self._domain
             status = to_status_proto(err)
-            await context.abort(err.code, err.message, trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),))
+            await context.abort(
+                err.code, err.message, trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),)
+            )
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
@@ -193,10 +199,13 @@ class ErrorInterceptor(_WrappingInterceptor):
                 raise
             log.exception("rpc_internal_error")
             rid = request_id_var.get()
-            err = DomainError(f"internal error (request id {rid})", reason="INTERNAL", domain=self._domain)
-            status = to_status_proto(err)
-            await context.abort(grpc.StatusCode.INTERNAL, err.message,
-                                trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),))
+            internal = DomainError(f"internal error (request id {rid})", reason="INTERNAL", domain=self._domain)
+            status = to_status_proto(internal)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                internal.message,
+                trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
+            )
 
 
 def _is_cancel(exc: BaseException) -> bool:

@@ -6,11 +6,16 @@ Nothing else in the code base reads ``os.environ``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".modelyard"
+
+# The asyncio event loop of a service: "auto" takes uvloop when it is installed (a cheaper loop
+# iteration for every message of a stream), "asyncio" keeps the standard loop.
+EventLoop = Literal["auto", "asyncio"]
 
 # Default ports of the local stack (ARCHITECTURE / issue 2).
 DEFAULT_PORTS = {
@@ -59,6 +64,7 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "INFO"
     log_json: bool = True
+    event_loop: EventLoop = "auto"
     database_url: str = ""  # empty: sqlite file <data_dir>/<service>.db
     grpc: GrpcServerSettings = Field(default_factory=GrpcServerSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
@@ -74,11 +80,12 @@ def service_settings_class(service: str, **extra_fields):
     """A settings class with env prefix ``YARD_<SERVICE>_`` (plus optional extra fields)."""
 
     prefix = f"YARD_{service.upper()}_"
-    namespace = {
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {
         "model_config": SettingsConfigDict(env_prefix=prefix, env_nested_delimiter="__", extra="ignore"),
-        "__annotations__": {},
+        "__annotations__": annotations,
     }
     for name, (typ, default) in extra_fields.items():
-        namespace["__annotations__"][name] = typ
+        annotations[name] = typ
         namespace[name] = default
     return type(f"{service.capitalize()}Settings", (ServiceSettings,), namespace)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modelyard.client import RegistryClient
 from modelyard.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.core.artifacts import S3ArtifactStore
 from services.core.db import Database
@@ -12,7 +13,6 @@ from services.core.settings import DEFAULT_PORTS
 
 from .cache import ModelCache
 from .deployments import Deployments
-from .registry_client import RegistryClient
 from .servicer import InferenceServicer
 from .settings import InferenceSettings
 from .tables import COMPONENT, MIGRATIONS

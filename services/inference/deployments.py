@@ -12,21 +12,24 @@ with exponential backoff (DEGRADED meanwhile, READY again when it answers); afte
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
-from enum import Enum
-from typing import Any, Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
+from modelyard.registry.v1 import registry_pb2 as rpb
+from services.core import listing
 from services.core.artifacts import FileEntry, Manifest
 from services.core.db import Database, utcnow
-from services.core.paging import decode_page_token, encode_page_token
 from services.core.errors import (
     AlreadyExists,
     DomainError,
@@ -42,7 +45,6 @@ from .cache import ModelCache
 from .engines.base import ENGINE_KINDS, Engine, EngineOptions, EngineSpec
 from .engines.transformers_engine import TransformersEngine
 from .engines.vllm_engine import VllmEngine, check_vllm_installed
-from .registry_client import ModelSource
 from .settings import InferenceSettings
 from .tables import DeploymentRow
 
@@ -53,14 +55,40 @@ ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^models/[^/]+/versions/[^/]+$")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 READY_PROMPT = "Hello"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 # An engine that stayed up this long (s) restarts after the initial backoff again.
 STABLE_UPTIME_S = 60.0
 HEALTH_FAILURES_BEFORE_RESTART = 3
 
 
-class State(str, Enum):
+class ModelSource(Protocol):
+    """The registry calls deployments make: ``modelyard.client.RegistryClient`` (or a fake in a unit test)."""
+
+    async def get_model_version(self, name: str) -> rpb.ModelVersion: ...
+    async def set_deployment_marker(self, name: str, *, deployment: str, deployed: bool) -> Any: ...
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What a deployment needs of a registry model version."""
+
+    name: str
+    is_adapter: bool
+    ready: bool
+    artifact_prefix: str
+    manifest: Manifest
+
+    @classmethod
+    def of(cls, v: rpb.ModelVersion) -> VersionInfo:
+        return cls(name=v.name, is_adapter=v.kind == rpb.MODEL_KIND_ADAPTER,
+                   ready=v.state == rpb.MODEL_VERSION_STATE_READY, artifact_prefix=v.artifact_prefix,
+                   manifest=Manifest([FileEntry(f.path, f.size_bytes, f.sha256) for f in v.files]))
+
+
+async def _get_version(source: ModelSource, name: str) -> VersionInfo:
+    return VersionInfo.of(await source.get_model_version(name))
+
+
+class State(StrEnum):
     CREATING = "CREATING"
     READY = "READY"
     DEGRADED = "DEGRADED"
@@ -116,7 +144,7 @@ class DeploymentRecord:
         return data
 
     @classmethod
-    def from_row(cls, row: DeploymentRow) -> "DeploymentRecord":
+    def from_row(cls, row: DeploymentRow) -> DeploymentRecord:
         spec = dict(row.spec)
         spec["options"] = EngineOptions(**spec.get("options", {}))
         spec["adapters"] = [AdapterRecord(**a) for a in spec.get("adapters", [])]
@@ -139,7 +167,7 @@ EngineFactory = Callable[[str, EngineSpec], Engine]
 
 def _aware(dt: datetime) -> datetime:
     """SQLite gives naive datetimes back; they were stored in UTC."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 def _files_of(manifest: Manifest) -> list[dict[str, Any]]:
@@ -157,7 +185,7 @@ def parse_name(name: str, field_name: str = "name") -> str:
 class _Runner:
     """Supervises the engine of one deployment (one replica)."""
 
-    def __init__(self, owner: "Deployments", record: DeploymentRecord) -> None:
+    def __init__(self, owner: Deployments, record: DeploymentRecord) -> None:
         self.owner = owner
         self.record = record
         self.state = State.CREATING
@@ -361,7 +389,7 @@ class Deployments:
         self._validate(model_version, engine, options, adapters, deployment_id, served_model_name)
         if engine == "vllm":
             check_vllm_installed(self.settings.vllm_python)
-        base = await self.source.get_version(model_version)
+        base = await _get_version(self.source, model_version)
         if base.is_adapter:
             raise InvalidArgument.for_field("deployment.model_version", f"{model_version} is an adapter; deploy its "
                                             "base model and pass the adapter in deployment.adapters")
@@ -369,7 +397,7 @@ class Deployments:
             raise FailedPrecondition(f"model version {model_version} is not READY", reason="VERSION_NOT_READY")
         adapter_records = []
         for i, (alias, version) in enumerate(adapters):
-            info = await self.source.get_version(version)
+            info = await _get_version(self.source, version)
             if not info.is_adapter:
                 raise InvalidArgument.for_field(f"deployment.adapters[{i}].model_version",
                                                 f"{version} is not an adapter version")
@@ -389,7 +417,7 @@ class Deployments:
                                     update_time=record.update_time))
             try:
                 for version in [model_version, *(a.model_version for a in adapter_records)]:
-                    await self.source.set_marker(version, name, True)
+                    await self.source.set_deployment_marker(version, deployment=name, deployed=True)
             except DomainError:
                 with self.db.session() as s:
                     s.delete(s.get(DeploymentRow, name))
@@ -450,18 +478,11 @@ class Deployments:
         return self._runner(name).view()
 
     async def list(self, *, page_size: int = 0, page_token: str = "", filter: str = "",
-                   order_by: str = "") -> tuple[list[DeploymentView], str]:
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", "must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = decode_page_token(page_token, [filter, order_by])
-        views = [r.view() for r in self._runners.values()]
-        views = [v for v in views if _matches(v, _parse_filter(filter))]
-        key, reverse = _parse_order(order_by)
-        views.sort(key=key, reverse=reverse)
-        page = views[offset:offset + size]
-        next_token = encode_page_token(offset + size, [filter, order_by]) if offset + size < len(views) else ""
-        return page, next_token
+                   order_by: str = "") -> listing.Page[DeploymentView]:
+        """One page of the deployments (they live in this process, with their live state: listed in memory)."""
+        query = listing.parse(LIST_SCHEMA, filter=filter, order_by=order_by, page_size=page_size,
+                              page_token=page_token)
+        return listing.memory_page([r.view() for r in self._runners.values()], query, LIST_SCHEMA)
 
     async def undeploy(self, name: str) -> DeploymentView:
         runner = self._runner(name)
@@ -478,7 +499,7 @@ class Deployments:
                     s.delete(row)
             for version in [runner.record.model_version, *(a.model_version for a in runner.record.adapters)]:
                 try:
-                    await self.source.set_marker(version, name, False)
+                    await self.source.set_deployment_marker(version, deployment=name, deployed=False)
                 except DomainError as err:
                     log.warning("deployment_marker_not_removed", deployment=name, version=version,
                                 error=err.message)
@@ -501,14 +522,14 @@ class Deployments:
                 raise FailedPrecondition(f"deployment {name} was started without LoRA support; deploy it with an "
                                          "adapter or options.max_loras > 0", reason="LORA_NOT_ENABLED")
             engine = self._ready_engine(runner)
-            info = await self.source.get_version(model_version)
+            info = await _get_version(self.source, model_version)
             if not info.is_adapter:
                 raise InvalidArgument.for_field("adapter.model_version", f"{model_version} is not an adapter version")
             path = await asyncio.to_thread(self.cache.ensure, info.artifact_prefix, info.manifest)
             await engine.load_adapter(alias, path)
             adapter = AdapterRecord(alias, model_version, info.artifact_prefix, _files_of(info.manifest))
             self._save(replace(rec, adapters=[*rec.adapters, adapter], update_time=utcnow()), runner)
-            await self.source.set_marker(model_version, name, True)
+            await self.source.set_deployment_marker(model_version, deployment=name, deployed=True)
         log.info("adapter_added", deployment=name, alias=alias, model_version=model_version)
         return runner.view()
 
@@ -525,7 +546,7 @@ class Deployments:
                        runner)
             if not any(a.model_version == adapter.model_version for a in runner.record.adapters):
                 try:
-                    await self.source.set_marker(adapter.model_version, name, False)
+                    await self.source.set_deployment_marker(adapter.model_version, deployment=name, deployed=False)
                 except DomainError as err:
                     log.warning("deployment_marker_not_removed", deployment=name, version=adapter.model_version,
                                 error=err.message)
@@ -535,11 +556,14 @@ class Deployments:
     def _save(self, record: DeploymentRecord, runner: _Runner) -> None:
         with self.db.session() as s:
             row = s.get(DeploymentRow, record.name)
+            if row is None:  # undeployed meanwhile
+                raise NotFound(f"deployment {record.name} not found", reason="DEPLOYMENT_NOT_FOUND",
+                               metadata={"name": record.name})
             row.spec = record.spec_json()
             row.update_time = record.update_time
         runner.record = record
 
-    def engine_pids(self, name: str) -> list[int]:
+    def engine_pids(self, name: str) -> builtins.list[int]:  # ``list`` is the List method in this class
         """Process ids of the running engines of ``name`` (diagnostics and tests)."""
         engine = self._runner(name).engine
         return [engine.pid] if engine is not None and engine.pid else []
@@ -566,41 +590,23 @@ class Deployments:
         return self._ready_engine(runner), adapter or runner.record.model_name
 
 
-# ---------------------------------------------------------------------- list helpers
+# ---------------------------------------------------------------------- listing
 
-_FILTER_FIELDS = {"state", "engine", "model_version"}
-
-
-def _parse_filter(text: str) -> list[tuple[str, str]]:
-    terms = []
-    for part in filter(None, (p.strip() for p in re.split(r"\s+AND\s+", text.strip()))):
-        m = re.fullmatch(r"(\w+)\s*=\s*\"?([^\"]*)\"?", part)
-        if not m or m.group(1) not in _FILTER_FIELDS:
-            raise InvalidArgument.for_field("filter", f"terms are `field = value` joined by AND with fields "
-                                                      f"{', '.join(sorted(_FILTER_FIELDS))}; got {part!r}")
-        value = m.group(2).removeprefix("DEPLOYMENT_STATE_").removeprefix("ENGINE_")
-        terms.append((m.group(1), value))
-    return terms
-
-
-def _matches(view: DeploymentView, terms: list[tuple[str, str]]) -> bool:
-    for key, value in terms:
-        actual = {"state": view.state.value, "engine": view.record.engine.upper(),
-                  "model_version": view.record.model_version}[key]
-        same = actual == value if key == "model_version" else actual.upper() == value.upper()
-        if not same:
-            return False
-    return True
-
-
-def _parse_order(text: str) -> tuple[Callable[[DeploymentView], Any], bool]:
-    text = text.strip() or "create_time desc"
-    parts = text.split()
-    keys = {"create_time": lambda v: v.record.create_time, "update_time": lambda v: v.update_time,
-            "name": lambda v: v.record.name}
-    if parts[0] not in keys or len(parts) > 2 or (len(parts) == 2 and parts[1].lower() not in ("asc", "desc")):
-        raise InvalidArgument.for_field("order_by", f"one of {', '.join(keys)} with optional asc/desc, got {text!r}")
-    return keys[parts[0]], len(parts) == 2 and parts[1].lower() == "desc"
+LIST_SCHEMA = listing.Schema(
+    fields={
+        "state": listing.Field(get=lambda v: v.state.value, parse=listing.enum_value("DEPLOYMENT_STATE_", upper=True,
+                                                                                     choices=[s.value for s in State]),
+                               ops=listing.EQUALITY),
+        "engine": listing.Field(get=lambda v: v.record.engine, parse=listing.enum_value("ENGINE_", choices=ENGINE_KINDS),
+                                ops=listing.EQUALITY),
+        "model_version": listing.Field(get=lambda v: v.record.model_version, ops=listing.EQUALITY),
+        "name": listing.Field(get=lambda v: v.record.name, sortable=True, ops=listing.EQUALITY),
+        "create_time": listing.Field(get=lambda v: v.record.create_time, parse=listing.time_value, sortable=True),
+        "update_time": listing.Field(get=lambda v: v.update_time, parse=listing.time_value, sortable=True),
+    },
+    default_order="create_time desc",
+    name=listing.Field(get=lambda v: v.record.name),
+)
 
 
 __all__ = ["Deployments", "DeploymentRecord", "DeploymentView", "AdapterRecord", "State", "parse_name"]

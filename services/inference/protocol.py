@@ -197,7 +197,8 @@ def _completion_logprobs(logprobs: dict[str, Any] | None) -> list[pb.TokenLogpro
         return []
     out = []
     tops = logprobs.get("top_logprobs") or []
-    for i, (token, lp) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [])):
+    for i, (token, lp) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [],
+                                              strict=False)):
         alternatives = tops[i] if i < len(tops) and tops[i] else {}
         entry = pb.TokenLogprob(token=token, bytes=token.encode(), top_logprobs=[
             pb.TopLogprob(token=t, logprob=v, bytes=t.encode())

@@ -33,10 +33,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return protocol.deployment_to_proto(await self._deployments.get(request.name))
 
     async def ListDeployments(self, request: pb.ListDeploymentsRequest, context) -> pb.ListDeploymentsResponse:
-        views, token = await self._deployments.list(page_size=request.page_size, page_token=request.page_token,
-                                                    filter=request.filter, order_by=request.order_by)
-        return pb.ListDeploymentsResponse(deployments=[protocol.deployment_to_proto(v) for v in views],
-                                          next_page_token=token)
+        page = await self._deployments.list(page_size=request.page_size, page_token=request.page_token,
+                                            filter=request.filter, order_by=request.order_by)
+        return pb.ListDeploymentsResponse(deployments=[protocol.deployment_to_proto(v) for v in page.items],
+                                          next_page_token=page.next_page_token)
 
     async def Undeploy(self, request: pb.UndeployRequest, context) -> pb.Deployment:
         return protocol.deployment_to_proto(await self._deployments.undeploy(request.name))

@@ -14,20 +14,21 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.core.artifacts import FileEntry, file_key
+from services.core.datasets import DatasetFormat, ValidationReport, validate_dataset  # (checked there)
 from services.core.db import utcnow
 from services.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.core.listing import EQUALITY, Field, Page, Schema, int_value, sql_page, time_value
+from services.core.listing import parse as parse_list
 from services.core.logging import get_logger
 
-from . import listing
-from services.core.datasets import ValidationReport, validate_dataset
-from .domain import Page, Registry, check_labels
+from .domain import Registry, check_labels
 from .names import check_id, parse_parent, parse_version
 from .records import Dataset, DatasetVersion
 from .tables import DatasetRow, DatasetVersionRow, EdgeRow, VersionRow
@@ -37,25 +38,29 @@ log = get_logger(__name__)
 _FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _TOKENIZER_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 
-DATASET_FIELDS = listing.Fields(
-    getters={"name": lambda d: d.name, "create_time": lambda d: d.create_time},
-    enum_prefixes={},
-    sortable=frozenset({"name", "create_time"}),
-    default_order="create_time",
-)
-DATASET_VERSION_FIELDS = listing.Fields(
-    getters={
-        "name": lambda v: v.name,
-        "dataset": lambda v: v.name.rsplit("/versions/", 1)[0],
-        "format": lambda v: v.format,
-        "sha256": lambda v: v.sha256,
-        "filename": lambda v: v.filename,
-        "create_time": lambda v: v.create_time,
-        "size_bytes": lambda v: v.size_bytes,
+_VERSION_COUNT = (select(func.count()).select_from(DatasetVersionRow)
+                  .where(DatasetVersionRow.dataset == DatasetRow.name).correlate(DatasetRow).scalar_subquery())
+
+DATASET_SCHEMA = Schema(
+    {
+        "name": Field(DatasetRow.name, sortable=True),
+        "create_time": Field(DatasetRow.create_time, parse=time_value, sortable=True),
+        "version_count": Field(_VERSION_COUNT, parse=int_value, sortable=True),
     },
-    enum_prefixes={},
-    sortable=frozenset({"name", "create_time", "size_bytes"}),
-    default_order="create_time",
+    default_order="create_time", name=Field(DatasetRow.name), labels=DatasetRow.labels,
+)
+DATASET_VERSION_SCHEMA = Schema(
+    {
+        "name": Field(DatasetVersionRow.name, sortable=True),
+        "dataset": Field(DatasetVersionRow.dataset, ops=EQUALITY),
+        "format": Field(DatasetVersionRow.format, ops=EQUALITY),
+        "sha256": Field(DatasetVersionRow.sha256, ops=EQUALITY),
+        "filename": Field(DatasetVersionRow.filename),
+        "create_time": Field(DatasetVersionRow.create_time, parse=time_value, sortable=True),
+        "size_bytes": Field(DatasetVersionRow.size_bytes, parse=int_value, sortable=True),
+        "row_count": Field(DatasetVersionRow.row_count, parse=int_value, sortable=True),
+    },
+    default_order="create_time", name=Field(DatasetVersionRow.name), labels=DatasetVersionRow.labels,
 )
 
 
@@ -132,7 +137,7 @@ class Datasets:
             upload.close()
             if upload.size == 0:
                 raise InvalidArgument.for_field("chunk", "the uploaded file is empty", reason="DATASET_EMPTY")
-            report = validate_dataset(upload.path, expected_format=upload.expected_format or None)
+            report = validate_dataset(upload.path, expected_format=cast(DatasetFormat, upload.expected_format or None))
             if report.format is None:
                 first = "; ".join(f"row {e.row} {e.field}: {e.reason}".replace(" :", ":") for e in report.errors[:3])
                 raise InvalidArgument.for_field(
@@ -184,12 +189,11 @@ class Datasets:
 
     def list_datasets(self, *, filter: str = "", order_by: str = "", page_size: int = 0,
                       page_token: str = "") -> Page[Dataset]:
+        """One page of datasets, filtered, ordered and counted in SQL."""
+        query = parse_list(DATASET_SCHEMA, filter=filter, order_by=order_by, page_size=page_size, page_token=page_token)
         with self.db.session() as s:
-            counts = dict(s.execute(select(DatasetVersionRow.dataset, func.count()).group_by(DatasetVersionRow.dataset)).all())
-            items = [Dataset(r.name, r.description, dict(r.labels or {}), counts.get(r.name, 0), r.create_time)
-                     for r in s.scalars(select(DatasetRow))]
-        return Page(*listing.list_page(items, fields=DATASET_FIELDS, filter=filter, order_by=order_by,
-                                       page_size=page_size, page_token=page_token))
+            return sql_page(s, select(DatasetRow, _VERSION_COUNT), query, DATASET_SCHEMA, lambda row: Dataset(
+                row[0].name, row[0].description, dict(row[0].labels or {}), int(row[1] or 0), row[0].create_time))
 
     def get_version(self, name: str) -> DatasetVersion:
         parse_version(name, "datasets")
@@ -198,18 +202,17 @@ class Datasets:
 
     def list_versions(self, parent: str, *, filter: str = "", order_by: str = "", page_size: int = 0,
                       page_token: str = "") -> Page[DatasetVersion]:
+        """One page of the versions of ``parent`` (``datasets/-``: every dataset), filtered and paged in SQL."""
         dataset_id = parse_parent(parent, "datasets", "parent", allow_wildcard=True)
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", f"must not be negative, got {page_size}")
+        query = parse_list(DATASET_VERSION_SCHEMA, filter=filter, order_by=order_by, page_size=page_size,
+                           page_token=page_token, scope=parent)
         with self.db.session() as s:
-            query = select(DatasetVersionRow)
+            stmt = select(DatasetVersionRow)
             if dataset_id != "-":
                 if s.get(DatasetRow, parent) is None:
                     raise NotFound(f"dataset {parent!r} not found", reason="DATASET_NOT_FOUND", metadata={"name": parent})
-                query = query.where(DatasetVersionRow.dataset == parent)
-            items = [dataset_version_from_row(r) for r in s.scalars(query)]
-        return Page(*listing.list_page(items, fields=DATASET_VERSION_FIELDS, filter=filter, order_by=order_by,
-                                       page_size=page_size, page_token=page_token, scope=parent))
+                stmt = stmt.where(DatasetVersionRow.dataset == parent)
+            return sql_page(s, stmt, query, DATASET_VERSION_SCHEMA, dataset_version_from_row)
 
     def delete_version(self, name: str, *, force: bool = False) -> None:
         """Delete a dataset version and its file; refused while model versions record it as a
@@ -243,7 +246,7 @@ class Datasets:
             local = Path(tmp) / version.filename
             self.store.get_file(version.artifact_key, local, FileEntry(version.artifact_key, version.size_bytes, version.sha256))
             tokenizer = self._tokenizer(model_version, Path(tmp) / "tokenizer") if model_version else None
-            return validate_dataset(local, expected_format=expected_format or None, tokenizer=tokenizer,
+            return validate_dataset(local, expected_format=cast(DatasetFormat, expected_format or None), tokenizer=tokenizer,
                                     max_length=max_length or None)
 
     def _tokenizer(self, model_version: str, dest: Path):

@@ -11,11 +11,10 @@ import shutil
 import tempfile
 import uuid
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Generator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -24,9 +23,10 @@ from sqlalchemy.orm import Session
 from services.core.artifacts import ArtifactStore, FileEntry, Manifest, file_key
 from services.core.db import Database, utcnow
 from services.core.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from services.core.listing import EQUALITY, Field, Page, Schema, enum_value, int_value, sql_page, time_value
+from services.core.listing import parse as parse_list
 from services.core.logging import get_logger
 
-from . import listing
 from .inspection import detect_format, validate_and_inspect
 from .names import check_id, parse_any_version, parse_parent, parse_version
 from .records import (
@@ -47,42 +47,41 @@ from .tables import DatasetVersionRow, EdgeRow, ModelRow, VersionRow
 
 log = get_logger(__name__)
 
-T = TypeVar("T")
-
 DEPLOYED_LABEL = "deployed_by"  # a label that marks a version deployed (besides SetDeploymentMarker)
 UPDATABLE_FIELDS = frozenset({"description", "labels"})
 
-MODEL_FIELDS = listing.Fields(
-    getters={"name": lambda m: m.name, "create_time": lambda m: m.create_time, "update_time": lambda m: m.update_time},
-    enum_prefixes={},
-    sortable=frozenset({"name", "create_time", "update_time"}),
-    default_order="create_time",
-)
-VERSION_FIELDS = listing.Fields(
-    getters={
-        "name": lambda v: v.name,
-        "model": lambda v: v.name.rsplit("/versions/", 1)[0],
-        "kind": lambda v: v.kind.value,
-        "format": lambda v: v.format.value,
-        "state": lambda v: v.state.value,
-        "base_model_version": lambda v: v.lineage.base_model_version,
-        "job": lambda v: v.lineage.job,
-        "create_time": lambda v: v.create_time,
-        "update_time": lambda v: v.update_time,
-        "parameter_count": lambda v: v.parameter_count,
-        "total_size_bytes": lambda v: v.total_size_bytes,
+_VERSION_COUNT = (select(func.count()).select_from(VersionRow).where(VersionRow.model == ModelRow.name)
+                  .correlate(ModelRow).scalar_subquery())
+
+MODEL_SCHEMA = Schema(
+    {
+        "name": Field(ModelRow.name, sortable=True),
+        "create_time": Field(ModelRow.create_time, parse=time_value, sortable=True),
+        "update_time": Field(ModelRow.update_time, parse=time_value, sortable=True),
+        "version_count": Field(_VERSION_COUNT, parse=int_value, sortable=True),
     },
-    enum_prefixes={"kind": "MODEL_KIND_", "format": "MODEL_FORMAT_", "state": "MODEL_VERSION_STATE_"},
-    sortable=frozenset({"name", "create_time", "update_time", "parameter_count", "total_size_bytes"}),
-    default_order="create_time",
+    default_order="create_time", name=Field(ModelRow.name), labels=ModelRow.labels,
 )
-
-
-@dataclass
-class Page(Generic[T]):
-    items: list[T]
-    next_page_token: str
-    total_size: int
+VERSION_SCHEMA = Schema(
+    {
+        "name": Field(VersionRow.name, sortable=True),
+        "model": Field(VersionRow.model, ops=EQUALITY),
+        "kind": Field(VersionRow.kind, parse=enum_value("MODEL_KIND_", choices=[k.value for k in ModelKind]),
+                      ops=EQUALITY),
+        "format": Field(VersionRow.format, parse=enum_value("MODEL_FORMAT_", choices=[f.value for f in ModelFormat]),
+                        ops=EQUALITY),
+        "state": Field(VersionRow.state, parse=enum_value("MODEL_VERSION_STATE_", choices=[v.value for v in VersionState]),
+                       ops=EQUALITY),
+        "base_model_version": Field(VersionRow.base_model_version, ops=EQUALITY),
+        "job": Field(VersionRow.job, ops=EQUALITY),
+        "source_uri": Field(VersionRow.source_uri, ops=EQUALITY),
+        "create_time": Field(VersionRow.create_time, parse=time_value, sortable=True),
+        "update_time": Field(VersionRow.update_time, parse=time_value, sortable=True),
+        "parameter_count": Field(VersionRow.parameter_count, parse=int_value, sortable=True),
+        "total_size_bytes": Field(VersionRow.total_size_bytes, parse=int_value, sortable=True),
+    },
+    default_order="create_time", name=Field(VersionRow.name), labels=VersionRow.labels,
+)
 
 
 def check_labels(labels: dict[str, str], field: str = "labels") -> dict[str, str]:
@@ -155,11 +154,11 @@ class Registry:
             return model_from_row(row, self._version_count(s, name))
 
     def list_models(self, *, filter: str = "", order_by: str = "", page_size: int = 0, page_token: str = "") -> Page[Model]:
+        """One page of models, filtered, ordered and counted in SQL (version_count by a correlated subquery)."""
+        query = parse_list(MODEL_SCHEMA, filter=filter, order_by=order_by, page_size=page_size, page_token=page_token)
         with self.db.session() as s:
-            counts = dict(s.execute(select(VersionRow.model, func.count()).group_by(VersionRow.model)).all())
-            models = [model_from_row(r, counts.get(r.name, 0)) for r in s.scalars(select(ModelRow))]
-        return Page(*listing.list_page(models, fields=MODEL_FIELDS, filter=filter, order_by=order_by,
-                                       page_size=page_size, page_token=page_token))
+            return sql_page(s, select(ModelRow, _VERSION_COUNT), query, MODEL_SCHEMA,
+                            lambda row: model_from_row(row[0], int(row[1] or 0)))
 
     def update_model(self, name: str, *, description: str, labels: dict[str, str], mask: list[str]) -> Model:
         parse_parent(name, "models", "model.name")
@@ -201,17 +200,16 @@ class Registry:
 
     def list_versions(self, parent: str, *, filter: str = "", order_by: str = "", page_size: int = 0,
                       page_token: str = "") -> Page[ModelVersion]:
+        """One page of the versions of ``parent`` (``models/-``: every model), filtered and paged in SQL."""
         model_id = parse_parent(parent, "models", "parent", allow_wildcard=True)
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", f"must not be negative, got {page_size}")
+        query = parse_list(VERSION_SCHEMA, filter=filter, order_by=order_by, page_size=page_size, page_token=page_token,
+                      scope=parent)
         with self.db.session() as s:
-            query = select(VersionRow)
+            stmt = select(VersionRow)
             if model_id != "-":
                 self._model_row(s, parent)
-                query = query.where(VersionRow.model == parent)
-            versions = [version_from_row(r) for r in s.scalars(query)]
-        return Page(*listing.list_page(versions, fields=VERSION_FIELDS, filter=filter, order_by=order_by,
-                                       page_size=page_size, page_token=page_token, scope=parent))
+                stmt = stmt.where(VersionRow.model == parent)
+            return sql_page(s, stmt, query, VERSION_SCHEMA, version_from_row)
 
     def update_version(self, name: str, *, description: str, labels: dict[str, str], mask: list[str]) -> ModelVersion:
         parse_version(name, "models", "model_version.name")
@@ -396,7 +394,7 @@ class Registry:
         expires = timedelta(seconds=expires_s or 3600)
         return [(f, self.store.presigned_get_url(file_key(version.artifact_prefix, f.path), expires)) for f in version.files]
 
-    def open_file(self, name: str, path: str, chunk_size: int) -> tuple[FileInfo, Iterator[bytes]]:
+    def open_file(self, name: str, path: str, chunk_size: int) -> tuple[FileInfo, Generator[bytes, None, None]]:
         """A file of a version, verified against the manifest before the first chunk is
         produced (DATA_LOSS otherwise), and an iterator over its chunks."""
         version = self._ready_version(name)
@@ -411,7 +409,7 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Generator[bytes, None, None]:
             try:
                 with local.open("rb") as f:
                     while block := f.read(chunk_size):
@@ -491,6 +489,7 @@ class Registry:
             name=name, model=name.rsplit("/versions/", 1)[0], kind=kind.value, format=fmt.value, state=state.value,
             description=description, labels=labels, artifact_prefix=prefix,
             files=[{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files], meta=meta,
+            total_size_bytes=sum(f.size for f in files), parameter_count=int(meta.get("parameter_count", 0)),
             base_model_version=lineage.base_model_version, dataset_versions=list(lineage.dataset_versions),
             job=lineage.job, parameters=dict(lineage.parameters), source_uri=lineage.source_uri, deployed_by=[],
             create_time=now, update_time=now,

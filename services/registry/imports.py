@@ -1,223 +1,264 @@
-"""Model imports as tracked operations (``imports/{id}``).
+"""Model imports as jobs of the shared job runtime (kind ``registry.import``, named ``imports/{id}``).
 
-``start`` reserves the target version (state CREATING) and returns at once; a worker thread
-fetches the source (GGUF conversion runs in a child process), validates and inspects the
-folder, uploads the files with progress, writes the manifest and marks the version READY.
-A failed import deletes whatever it uploaded and its version row: only the FAILED import
-record remains. Progress lives in the database, so any replica can answer Get/Watch.
+``start`` reserves the target version (state CREATING, with a fresh artifact prefix) and queues a job
+in the registry's own database; a ``Worker`` of any registry replica claims it and runs
+``services.registry.import_job:run`` in a child process, which fetches, converts, validates and
+uploads with progress and marks the version READY. Get / List / Watch / Cancel read the job store, so
+every replica answers for every import, and a replica that dies loses only its attempt (the job is
+requeued by the heartbeat sweep of the others, or failed with JOB_ATTEMPTS_EXHAUSTED).
+
+Nothing of a failed or cancelled import stays behind: the child removes its version on a failure it
+sees, and ``reconcile`` (run periodically by every replica, and at once when an attempt ends here)
+removes the version row, the model it created and the S3 prefix of imports that ended without a child
+to clean up (cancelled while queued, attempts exhausted). Every step is conditional and idempotent,
+so replicas may sweep at the same time.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import threading
+import asyncio
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, and_, delete, exists, select, update
 
-from services.core.artifacts import FileEntry, Manifest, file_key, manifest_key
-from services.core.db import utcnow
-from services.core.errors import DomainError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from services.core.artifacts import ArtifactStore, Manifest
+from services.core.db import Database, utcnow
+from services.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.core.jobs import JobEvent, JobState, JobStore, Worker, watch
+from services.core.jobs.records import JobRecord
+from services.core.jobs.store import job_schema, jobs
+from services.core.listing import EQUALITY, Field, Page, parse
 from services.core.logging import get_logger
 
-from . import listing
-from .domain import Page, Registry, check_labels, new_artifact_prefix
-from .inspection import detect_format, validate_and_inspect
+from .domain import Registry, check_labels, new_artifact_prefix
+from .inspection import ModelMetadata
 from .names import check_id, parse_import, parse_parent
-from .records import ImportError_, ImportProgress, ImportState, Lineage, ModelFormat, ModelImport, ModelKind, VersionState
-from .sources import Source, fetch, model_files, parse_source
-from .tables import ImportRow, ModelRow, VersionRow
+from .records import Lineage, ModelFormat, ModelImport, ModelKind, VersionState
+from .settings import RegistrySettings
+from .sources import parse_source
+from .tables import ModelRow, VersionRow
 
 log = get_logger(__name__)
 
-IMPORT_FIELDS = listing.Fields(
-    getters={
-        "name": lambda i: i.name,
-        "state": lambda i: i.state.value,
-        "model_version": lambda i: i.model_version,
-        "source_uri": lambda i: i.source_uri,
-        "create_time": lambda i: i.create_time,
-        "update_time": lambda i: i.update_time,
-    },
-    enum_prefixes={"state": "IMPORT_STATE_"},
-    sortable=frozenset({"name", "create_time", "update_time"}),
-    default_order="create_time desc",
-)
+KIND = "registry.import"
+JOB_KINDS = {KIND: "services.registry.import_job:run"}
+COLLECTION = "imports"
+# Stages in order; the job's progress ``step`` is the index of the current one.
+STAGES = ("queued", "fetching", "converting", "validating", "uploading", "done")
+# Environment of the import child (set by the worker, never stored in the job spec).
+ENV_DB_URL = "YARD_JOB_REGISTRY_DB_URL"
+ENV_S3_ACCESS_KEY = "YARD_JOB_S3_ACCESS_KEY"
+ENV_S3_SECRET_KEY = "YARD_JOB_S3_SECRET_KEY"
+ENV_HF_TOKEN = "YARD_JOB_HF_TOKEN"
 
-# Stage -> (start, end) of the overall fraction.
-_STAGES = {"fetching": (0.0, 0.4), "validating": (0.4, 0.5), "uploading": (0.5, 0.99)}
+IMPORT_SCHEMA = job_schema({
+    "model_version": Field(jobs.c.spec["model_version"].as_string(), ops=EQUALITY),
+    "source_uri": Field(jobs.c.spec["source_uri"].as_string(), ops=EQUALITY),
+})
 
 
-def import_from_row(row: ImportRow) -> ModelImport:
-    err = row.error
-    return ModelImport(
-        name=row.name, source_uri=row.source_uri, model_version=row.model_version, state=ImportState(row.state),
-        progress=ImportProgress(row.fraction, row.stage, row.bytes_done, row.bytes_total),
-        error=ImportError_(err["code"], err["message"], err["reason"], err["domain"], err["metadata"],
-                           [tuple(v) for v in err["violations"]]) if err else None,
-        create_time=row.create_time, update_time=row.update_time, end_time=row.end_time,
-    )
+def stage_of(job: JobRecord) -> str:
+    """The import's current stage, from its state and progress step."""
+    if job.state == JobState.SUCCEEDED:
+        return "done"
+    step = (job.progress or {}).get("step")
+    if job.state == JobState.QUEUED or not step:
+        return "queued"
+    return STAGES[min(int(step), len(STAGES) - 1)]
+
+
+def to_import(job: JobRecord) -> ModelImport:
+    return ModelImport(job, job.spec.get("source_uri", ""), job.spec.get("model_version", ""), stage_of(job))
+
+
+def child_env(settings: RegistrySettings, db_url: str) -> dict[str, str]:
+    """What an import child needs that must not be stored in a spec: the database URL and credentials."""
+    env = {ENV_DB_URL: db_url, ENV_S3_ACCESS_KEY: settings.s3.access_key,
+           ENV_S3_SECRET_KEY: settings.s3.secret_key.get_secret_value()}
+    if settings.hf_token is not None:
+        env[ENV_HF_TOKEN] = settings.hf_token.get_secret_value()
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- version rows
+
+
+def mark_ready(db: Database, spec: dict[str, Any], kind: ModelKind, fmt: ModelFormat, manifest: Manifest,
+               meta: ModelMetadata) -> None:
+    """CREATING -> READY with the inspected files and metadata (a version already READY stays as it is)."""
+    version, prefix = spec["model_version"], spec["artifact_prefix"]
+    with db.session() as s:
+        res = cast(CursorResult, s.execute(update(VersionRow).where(
+            VersionRow.name == version, VersionRow.artifact_prefix == prefix,
+            VersionRow.state == VersionState.CREATING.value,
+        ).values(
+            kind=kind.value, format=fmt.value, state=VersionState.READY.value, meta=meta.to_dict(),
+            files=[{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest.files],
+            total_size_bytes=manifest.total_size, parameter_count=meta.parameter_count, update_time=utcnow(),
+        )))
+        if res.rowcount == 1:
+            return
+    if version_state(db, spec) != VersionState.READY:
+        raise abandoned(spec)
+
+
+def version_state(db: Database, spec: dict[str, Any]) -> VersionState | None:
+    """The state of the import's version (None when it is gone)."""
+    with db.session() as s:
+        state = s.scalar(select(VersionRow.state).where(VersionRow.name == spec["model_version"],
+                                                        VersionRow.artifact_prefix == spec["artifact_prefix"]))
+    return VersionState(state) if state else None
+
+
+def abandoned(spec: dict[str, Any]) -> FailedPrecondition:
+    return FailedPrecondition(f"the version {spec['model_version']} reserved for this import no longer exists",
+                              reason="IMPORT_ABANDONED", metadata={"model_version": spec["model_version"]})
+
+
+def discard_version(db: Database, store: ArtifactStore, spec: dict[str, Any]) -> bool:
+    """Remove what an unfinished import left: its S3 prefix first, then (in one transaction, only while it is
+    still CREATING) its version row and the model the import created if no other version joined it.
+    Idempotent; returns whether a version row was removed."""
+    if version_state(db, spec) == VersionState.READY:
+        return False
+    version, prefix = spec["model_version"], spec["artifact_prefix"]
+    store.delete_prefix(prefix)
+    with db.session() as s:
+        res = cast(CursorResult, s.execute(delete(VersionRow).where(
+            VersionRow.name == version, VersionRow.artifact_prefix == prefix,
+            VersionRow.state == VersionState.CREATING.value)))
+        removed = res.rowcount
+        if removed and spec.get("created_model"):
+            model = version.rsplit("/versions/", 1)[0]
+            s.execute(delete(ModelRow).where(ModelRow.name == model, ~exists().where(VersionRow.model == model)))
+    if removed:
+        log.info("import_version_discarded", version=version, prefix=prefix)
+    return bool(removed)
+
+
+# ---------------------------------------------------------------------------------------------- domain
 
 
 class Imports:
-    """Starts, runs and reports imports."""
+    """Starts imports as jobs and reports them from the job store."""
 
-    def __init__(self, registry: Registry, *, workers: int = 2) -> None:
+    def __init__(self, registry: Registry, store: JobStore, *, max_attempts: int = 3) -> None:
         self.registry = registry
         self.db = registry.db
-        self.store = registry.store
+        self.artifacts = registry.store
         self.settings = registry.settings
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="registry-import")
-        self._closed = threading.Event()
-
-    # ------------------------------------------------------------------ API
+        self.store = store
+        self.max_attempts = max_attempts
 
     def start(self, parent: str, *, version_id: str = "", source_uri: str, description: str = "",
               labels: dict[str, str] | None = None) -> ModelImport:
-        """Validate the request, reserve the version and queue the work; returns the PENDING import."""
-        if self._closed.is_set():
-            raise FailedPrecondition("the registry is shutting down", reason="SHUTTING_DOWN")
+        """Validate the request, reserve the version (CREATING) and queue the import job; returns it QUEUED."""
         parse_parent(parent, "models", "parent")
         if version_id:
             check_id(version_id, "version_id")
         labels = check_labels(labels or {})
         source = parse_source(source_uri)
-        import_name = f"imports/{uuid.uuid4().hex}"
-        now = utcnow()
+        name = f"{COLLECTION}/{uuid.uuid4().hex}"
         with self.db.session() as s:
-            model_row = s.get(ModelRow, parent)
-            created_model = model_row is None
+            created_model = s.get(ModelRow, parent) is None
             model_row = Registry._ensure_model(s, parent)
-            name = f"{parent}/versions/{version_id or Registry._next_version_id(s, model_row)}"
+            version = f"{parent}/versions/{version_id or Registry._next_version_id(s, model_row)}"
+            prefix = new_artifact_prefix(version)
             row = Registry._new_version_row(
                 # kind and format are placeholders until the files are inspected
-                name, ModelKind.BASE, ModelFormat.SAFETENSORS, new_artifact_prefix(name), Lineage(source_uri=source.uri),
+                version, ModelKind.BASE, ModelFormat.SAFETENSORS, prefix, Lineage(source_uri=source.uri),
                 description, labels, state=VersionState.CREATING, files=[], meta={},
             )
             Registry._insert_version(s, row, Lineage())
-            imp = ImportRow(name=import_name, source_uri=source.uri, model_version=name, state=ImportState.PENDING.value,
-                            fraction=0.0, stage="pending", bytes_done=0, bytes_total=0, error=None,
-                            created_model=created_model, create_time=now, update_time=now)
-            s.add(imp)
-            result = import_from_row(imp)
-        log.info("import_started", import_=import_name, version=name, source=source.uri, scheme=source.scheme)
-        self._pool.submit(self._run, import_name, source)
-        return result
+        spec = {
+            "source_uri": source.uri, "model_version": version, "artifact_prefix": prefix,
+            "created_model": created_model, "hf_endpoint": self.settings.hf_endpoint,
+            "s3": self.settings.s3.model_dump(mode="json", exclude={"access_key", "secret_key"}),
+        }
+        try:
+            job = self.store.create(KIND, spec, name, self.max_attempts)
+        except BaseException:
+            discard_version(self.db, self.artifacts, spec)
+            raise
+        log.info("import_queued", import_=name, version=version, source=source.uri, scheme=source.scheme)
+        return to_import(job)
 
     def get(self, name: str) -> ModelImport:
-        parse_import(name)
-        with self.db.session() as s:
-            row = s.get(ImportRow, name)
-            if row is None:
-                raise NotFound(f"import {name!r} not found", reason="IMPORT_NOT_FOUND", metadata={"name": name})
-            return import_from_row(row)
+        return to_import(self._job(name))
 
     def list(self, *, filter: str = "", order_by: str = "", page_size: int = 0, page_token: str = "") -> Page[ModelImport]:
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", f"must not be negative, got {page_size}")
+        """One page of imports, filtered, ordered and paged in SQL over the job store."""
+        query = parse(IMPORT_SCHEMA, filter=filter, order_by=order_by, page_size=page_size, page_token=page_token,
+                      scope=KIND)
+        page = self.store.list(query, IMPORT_SCHEMA, kinds=[KIND])
+        return Page([to_import(j) for j in page.items], page.next_page_token, page.total_size)
+
+    def cancel(self, name: str) -> ModelImport:
+        """Cancel a queued (at once) or running (the worker stops the child) import; its version is removed."""
+        self._job(name)
+        job = self.store.request_cancel(name)
+        log.info("import_cancel_requested", import_=name, state=job.state.value)
+        if job.state.terminal:
+            discard_version(self.db, self.artifacts, job.spec)
+        return to_import(job)
+
+    async def watch(self, name: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
+        """The import's stored events after ``after_seq``, then live ones until it ends."""
+        if after_seq < 0:
+            raise InvalidArgument.for_field("after_sequence", f"must be >= 0, got {after_seq}")
+        await asyncio.to_thread(self._job, name)  # NotFound before the stream starts
+        async for event in watch(self.store, name, after_seq):
+            yield event
+
+    def reconcile(self) -> int:
+        """Clean up after every FAILED or CANCELLED import whose version is still CREATING (no child is left
+        to do it); returns how many versions were removed."""
+        versions = VersionRow.__table__
+        stmt = select(jobs.c.name, jobs.c.spec).join(versions, and_(
+            versions.c.name == jobs.c.spec["model_version"].as_string(),
+            versions.c.artifact_prefix == jobs.c.spec["artifact_prefix"].as_string(),
+        )).where(jobs.c.kind == KIND, jobs.c.state.in_([JobState.FAILED.value, JobState.CANCELLED.value]),
+                 versions.c.state == VersionState.CREATING.value)
         with self.db.session() as s:
-            items = [import_from_row(r) for r in s.scalars(select(ImportRow))]
-        return Page(*listing.list_page(items, fields=IMPORT_FIELDS, filter=filter, order_by=order_by,
-                                       page_size=page_size, page_token=page_token))
-
-    def recover(self) -> int:
-        """Fail imports left PENDING/RUNNING by a previous process (their work died with it)."""
-        with self.db.session() as s:
-            stale = list(s.scalars(select(ImportRow.name).where(
-                ImportRow.state.in_([ImportState.PENDING.value, ImportState.RUNNING.value]))))
-        for name in stale:
-            self._fail(name, Internal("the registry restarted while this import was running; start it again",
-                                      reason="IMPORT_INTERRUPTED"))
-        return len(stale)
-
-    def close(self) -> None:
-        """Stop taking imports and wait for the running ones."""
-        self._closed.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    # ------------------------------------------------------------------ worker
-
-    def _run(self, name: str, source: Source) -> None:
-        staging = Path(tempfile.mkdtemp(dir=self.registry.staging, prefix="import-"))
-        try:
-            self._progress(name, "fetching", 0, 0, state=ImportState.RUNNING)
-            folder = fetch(source, staging, self.settings, lambda done, total: self._progress(name, "fetching", done, total))
-            self._progress(name, "validating", 0, 0)
-            kind, fmt = detect_format(folder)
-            meta = validate_and_inspect(folder, fmt)
-            manifest = self._upload(name, folder)
-            with self.db.session() as s:
-                imp = s.get(ImportRow, name)
-                version = s.get(VersionRow, imp.model_version)
-                version.kind, version.format, version.state = kind.value, fmt.value, VersionState.READY.value
-                version.files = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest.files]
-                version.meta = meta.to_dict()
-                version.update_time = utcnow()
-                imp.state, imp.stage, imp.fraction = ImportState.SUCCEEDED.value, "done", 1.0
-                imp.update_time = imp.end_time = utcnow()
-            log.info("import_succeeded", import_=name, version=imp.model_version, files=len(manifest.files),
-                     size=manifest.total_size, parameters=meta.parameter_count)
-        except DomainError as err:
-            self._fail(name, err)
-        except Exception as exc:  # noqa: BLE001 - reported in the import record, never lost
-            log.exception("import_crashed", import_=name)
-            self._fail(name, Internal(f"import failed unexpectedly: {type(exc).__name__}: {exc}", reason="IMPORT_FAILED"))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _upload(self, name: str, folder: Path) -> Manifest:
-        with self.db.session() as s:
-            prefix = s.get(VersionRow, s.get(ImportRow, name).model_version).artifact_prefix
-        paths = model_files(folder)
-        total = sum(p.stat().st_size for p in paths)
-        done, entries = 0, []
-        self._progress(name, "uploading", 0, total)
-        for path in paths:
-            rel = path.relative_to(folder).as_posix()
-            stored = self.store.put_file(file_key(prefix, rel), path)
-            entries.append(FileEntry(rel, stored.size, stored.sha256))
-            done += stored.size
-            self._progress(name, "uploading", done, total)
-        manifest = Manifest(entries)
-        self.store.put_bytes(manifest_key(prefix), manifest.to_json().encode(), content_type="application/json")
-        return manifest
-
-    def _progress(self, name: str, stage: str, done: int, total: int, *, state: ImportState | None = None) -> None:
-        lo, hi = _STAGES[stage]
-        fraction = lo + (hi - lo) * (done / total if total else 0.0)
-        with self.db.session() as s:
-            row = s.get(ImportRow, name)
-            if state is not None:
-                row.state = state.value
-            row.stage, row.bytes_done, row.bytes_total = stage, done, total
-            row.fraction = round(fraction, 4)
-            row.update_time = utcnow()
-
-    def _fail(self, name: str, err: DomainError) -> None:
-        """Record the error and remove everything of the half-made version."""
-        with self.db.session() as s:
-            imp = s.get(ImportRow, name)
-            version = s.get(VersionRow, imp.model_version)
-            prefix = version.artifact_prefix if version is not None else None
-            if version is not None and version.state == VersionState.CREATING.value:
-                s.delete(version)
-                s.flush()
-                if imp.created_model and not s.scalar(select(VersionRow.name).where(VersionRow.model == version.model).limit(1)):
-                    s.execute(delete(ModelRow).where(ModelRow.name == version.model))
-            else:
-                prefix = None
-            imp.state = ImportState.FAILED.value
-            imp.error = {"code": err.code.value[0], "message": err.message, "reason": err.reason,
-                         "domain": err.domain if err.domain != "modelyard" else "modelyard.registry",
-                         "metadata": dict(err.metadata), "violations": [[v.field, v.description] for v in err.violations]}
-            imp.update_time = imp.end_time = utcnow()
-        if prefix:
+            rows = s.execute(stmt).all()
+        removed = 0
+        for name, spec in rows:
             try:
-                self.store.delete_prefix(prefix)
-            except DomainError as cleanup:
-                log.warning("import_cleanup_failed", import_=name, prefix=prefix, error=cleanup.message)
-        log.warning("import_failed", import_=name, reason=err.reason, error=err.message)
+                removed += discard_version(self.db, self.artifacts, spec)
+            except Exception:  # noqa: BLE001 - the next sweep tries again
+                log.exception("import_cleanup_failed", import_=name)
+        return removed
 
+    async def reconcile_loop(self, worker: Worker | None, stop: asyncio.Event, *, interval_s: float,
+                             tick_s: float = 0.25) -> None:
+        """Sweep every ``interval_s`` and as soon as an attempt of ``worker`` ends, until ``stop`` is set."""
+        running: set[str] = set()
+        next_sweep = 0.0
+        while not stop.is_set():
+            now_running = set(worker.running) if worker is not None else set()
+            if running - now_running or time.monotonic() >= next_sweep:
+                try:
+                    removed = await asyncio.to_thread(self.reconcile)
+                    if removed:
+                        log.info("imports_reconciled", removed=removed)
+                except Exception:  # noqa: BLE001 - a failed sweep (database down) is retried next time
+                    log.exception("imports_reconcile_failed")
+                next_sweep = time.monotonic() + interval_s
+            running = now_running
+            try:
+                await asyncio.wait_for(stop.wait(), tick_s)
+            except TimeoutError:
+                pass
+
+    def _job(self, name: str) -> JobRecord:
+        parse_import(name)
+        try:
+            job = self.store.get(name)
+        except NotFound:
+            job = None
+        if job is None or job.kind != KIND:
+            raise NotFound(f"import {name!r} not found", reason="IMPORT_NOT_FOUND", metadata={"name": name})
+        return job

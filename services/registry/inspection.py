@@ -44,7 +44,7 @@ class ModelMetadata:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "ModelMetadata":
+    def from_dict(cls, doc: dict[str, Any]) -> ModelMetadata:
         return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
 
@@ -162,7 +162,7 @@ def validate_and_inspect(folder: Path, fmt: ModelFormat) -> ModelMetadata:
         archs = config.get("architectures") or []
         meta.architecture = str(archs[0]) if archs else ""
         meta.model_type = str(config.get("model_type", ""))
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        text: dict[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else {}
         for key in _CONTEXT_KEYS:
             value = config.get(key) or text.get(key)
             if isinstance(value, int) and value > 0:

@@ -7,6 +7,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from services.core.jobs.records import JobRecord
+
 
 class ModelKind(StrEnum):
     BASE = "base"
@@ -28,17 +30,6 @@ class VersionState(StrEnum):
     CREATING = "creating"
     READY = "ready"
     FAILED = "failed"
-
-
-class ImportState(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (ImportState.SUCCEEDED, ImportState.FAILED)
 
 
 class Relation(StrEnum):
@@ -98,36 +89,13 @@ class ModelVersion:
 
 
 @dataclass
-class ImportProgress:
-    fraction: float = 0.0
-    stage: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
-
-
-@dataclass
-class ImportError_:
-    """The error of a failed import: a DomainError's fields (google.rpc.Status in the API)."""
-
-    code: int
-    message: str
-    reason: str
-    domain: str
-    metadata: dict[str, str]
-    violations: list[tuple[str, str]]
-
-
-@dataclass
 class ModelImport:
-    name: str
+    """An import: a job of the shared runtime (state, progress, error, times, attempts) plus what it imports."""
+
+    job: JobRecord
     source_uri: str
     model_version: str
-    state: ImportState
-    progress: ImportProgress
-    error: ImportError_ | None
-    create_time: datetime
-    update_time: datetime
-    end_time: datetime | None
+    stage: str  # queued, fetching, converting, validating, uploading, done
 
 
 @dataclass

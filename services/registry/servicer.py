@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime
+from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import empty_pb2, json_format, struct_pb2
 
+from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.registry.v1 import registry_pb2 as pb
 from modelyard.registry.v1 import registry_pb2_grpc
-from services.core.errors import DomainError, FieldViolation, InvalidArgument
-from services.core.status import to_status_proto
-
 from services.core import datasets as ds
+from services.core.errors import InvalidArgument
+from services.core.jobs.protos import events_to_proto, job_fields, timestamp
+
 from .dataset_store import Datasets
 from .domain import Registry
 from .imports import Imports
@@ -38,15 +39,7 @@ _DIRECTIONS = {
 }
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def _enum(enum_type, prefix: str, value: str) -> int:
+def _enum(enum_type: Any, prefix: str, value: str) -> Any:
     return enum_type.Value(f"{prefix}{value.upper()}")
 
 
@@ -69,7 +62,7 @@ def _format_from_proto(value: int, field: str) -> ModelFormat | None:
 
 def model_to_proto(m: Model) -> pb.Model:
     return pb.Model(name=m.name, description=m.description, labels=m.labels, version_count=m.version_count,
-                    create_time=_ts(m.create_time), update_time=_ts(m.update_time))
+                    create_time=timestamp(m.create_time), update_time=timestamp(m.update_time))
 
 
 def file_to_proto(f: FileInfo) -> pb.FileEntry:
@@ -102,37 +95,24 @@ def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
             total_size_bytes=v.total_size_bytes,
         ),
         lineage=lineage_to_proto(v.lineage), deployed_by=v.deployed_by, artifact_prefix=v.artifact_prefix,
-        create_time=_ts(v.create_time), update_time=_ts(v.update_time),
+        create_time=timestamp(v.create_time), update_time=timestamp(v.update_time),
     )
 
 
 def import_to_proto(i: ModelImport) -> pb.ModelImport:
-    error = None
-    if i.error is not None:
-        error = to_status_proto(DomainError(
-            i.error.message, reason=i.error.reason, domain=i.error.domain, metadata=i.error.metadata,
-            violations=[FieldViolation(f, d) for f, d in i.error.violations],
-        ))
-        error.code = i.error.code
-    return pb.ModelImport(
-        name=i.name, source_uri=i.source_uri, model_version=i.model_version,
-        state=_enum(pb.ImportState, "IMPORT_STATE_", i.state.value),
-        progress=pb.ImportProgress(fraction=i.progress.fraction, stage=i.progress.stage,
-                                   bytes_done=i.progress.bytes_done, bytes_total=i.progress.bytes_total),
-        error=error, create_time=_ts(i.create_time), update_time=_ts(i.update_time), end_time=_ts(i.end_time),
-    )
+    return pb.ModelImport(**job_fields(i.job), source_uri=i.source_uri, model_version=i.model_version, stage=i.stage)
 
 
 def dataset_to_proto(d: Dataset) -> pb.Dataset:
     return pb.Dataset(name=d.name, description=d.description, labels=d.labels, version_count=d.version_count,
-                      create_time=_ts(d.create_time))
+                      create_time=timestamp(d.create_time))
 
 
 def dataset_version_to_proto(v: DatasetVersion) -> pb.DatasetVersion:
     return pb.DatasetVersion(
         name=v.name, filename=v.filename, sha256=v.sha256, size_bytes=v.size_bytes, format=v.format,
         row_count=v.row_count, invalid_row_count=v.invalid_row_count, description=v.description, labels=v.labels,
-        artifact_key=v.artifact_key, create_time=_ts(v.create_time),
+        artifact_key=v.artifact_key, create_time=timestamp(v.create_time),
     )
 
 
@@ -162,22 +142,21 @@ def report_to_proto(r: ds.ValidationReport) -> pb.ValidateDatasetResponse:
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, registry: Registry, imports: Imports, datasets: Datasets, *,
-                 chunk_size: int = 1024 * 1024, watch_interval_s: float = 0.2) -> None:
+                 chunk_size: int = 1024 * 1024) -> None:
         self._registry = registry
         self._imports = imports
         self._datasets = datasets
         self._chunk_size = chunk_size
-        self._watch_interval_s = watch_interval_s
 
     # ------------------------------------------------------------------ models
 
     async def CreateModel(self, request, context):
         m = await asyncio.to_thread(self._registry.create_model, request.model_id, request.model.description,
                                     dict(request.model.labels))
-        return pb.CreateModelResponse(model=model_to_proto(m))
+        return model_to_proto(m)
 
     async def GetModel(self, request, context):
-        return pb.GetModelResponse(model=model_to_proto(await asyncio.to_thread(self._registry.get_model, request.name)))
+        return model_to_proto(await asyncio.to_thread(self._registry.get_model, request.name))
 
     async def ListModels(self, request, context):
         page = await asyncio.to_thread(self._registry.list_models, filter=request.filter, order_by=request.order_by,
@@ -189,11 +168,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         m = await asyncio.to_thread(self._registry.update_model, request.model.name,
                                     description=request.model.description, labels=dict(request.model.labels),
                                     mask=list(request.update_mask.paths))
-        return pb.UpdateModelResponse(model=model_to_proto(m))
+        return model_to_proto(m)
 
     async def DeleteModel(self, request, context):
-        deleted = await asyncio.to_thread(self._registry.delete_model, request.name, force=request.force)
-        return pb.DeleteModelResponse(deleted_versions=deleted)
+        await asyncio.to_thread(self._registry.delete_model, request.name, force=request.force)
+        return empty_pb2.Empty()
 
     # ------------------------------------------------------------------ versions
 
@@ -205,11 +184,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             fmt=_format_from_proto(mv.format, "model_version.format"), artifact_prefix=mv.artifact_prefix,
             lineage=lineage_from_proto(mv.lineage), description=mv.description, labels=dict(mv.labels),
         )
-        return pb.CreateModelVersionResponse(model_version=version_to_proto(v))
+        return version_to_proto(v)
 
     async def GetModelVersion(self, request, context):
         v = await asyncio.to_thread(self._registry.get_version, request.name)
-        return pb.GetModelVersionResponse(model_version=version_to_proto(v))
+        return version_to_proto(v)
 
     async def ListModelVersions(self, request, context):
         page = await asyncio.to_thread(self._registry.list_versions, request.parent, filter=request.filter,
@@ -222,11 +201,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         mv = request.model_version
         v = await asyncio.to_thread(self._registry.update_version, mv.name, description=mv.description,
                                     labels=dict(mv.labels), mask=list(request.update_mask.paths))
-        return pb.UpdateModelVersionResponse(model_version=version_to_proto(v))
+        return version_to_proto(v)
 
     async def DeleteModelVersion(self, request, context):
         await asyncio.to_thread(self._registry.delete_version, request.name, force=request.force)
-        return pb.DeleteModelVersionResponse(name=request.name)
+        return empty_pb2.Empty()
 
     async def RegisterDerivedVersion(self, request, context):
         v = await asyncio.to_thread(
@@ -235,12 +214,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             artifact_prefix=request.artifact_prefix, lineage=lineage_from_proto(request.lineage),
             description=request.description, labels=dict(request.labels), derived=True,
         )
-        return pb.RegisterDerivedVersionResponse(model_version=version_to_proto(v))
+        return version_to_proto(v)
 
     async def SetDeploymentMarker(self, request, context):
         v = await asyncio.to_thread(self._registry.set_deployment_marker, request.name, request.deployment,
                                     request.deployed)
-        return pb.SetDeploymentMarkerResponse(model_version=version_to_proto(v))
+        return version_to_proto(v)
 
     async def GetLineage(self, request, context):
         if request.direction not in _DIRECTIONS:
@@ -255,11 +234,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         imp = await asyncio.to_thread(self._imports.start, request.parent, version_id=request.version_id,
                                       source_uri=request.source_uri, description=request.description,
                                       labels=dict(request.labels))
-        return pb.ImportModelResponse(model_import=import_to_proto(imp))
+        return import_to_proto(imp)
 
     async def GetImport(self, request, context):
         imp = await asyncio.to_thread(self._imports.get, request.name)
-        return pb.GetImportResponse(model_import=import_to_proto(imp))
+        return import_to_proto(imp)
 
     async def ListImports(self, request, context):
         page = await asyncio.to_thread(self._imports.list, filter=request.filter, order_by=request.order_by,
@@ -267,17 +246,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.ListImportsResponse(model_imports=[import_to_proto(i) for i in page.items],
                                       next_page_token=page.next_page_token, total_size=page.total_size)
 
-    async def WatchImport(self, request, context) -> AsyncIterator[pb.WatchImportResponse]:
-        last = None
-        while True:
-            imp = await asyncio.to_thread(self._imports.get, request.name)
-            snapshot = (imp.state, imp.progress.stage, imp.progress.fraction, imp.progress.bytes_done)
-            if snapshot != last:
-                yield pb.WatchImportResponse(model_import=import_to_proto(imp))
-                last = snapshot
-            if imp.state.terminal:
-                return
-            await asyncio.sleep(self._watch_interval_s)
+    async def WatchImport(self, request, context) -> AsyncIterator[cpb.JobEvent]:
+        async for event in events_to_proto(self._imports.watch(request.name, request.after_sequence)):
+            yield event
+
+    async def CancelImport(self, request, context):
+        return import_to_proto(await asyncio.to_thread(self._imports.cancel, request.name))
 
     # ------------------------------------------------------------------ downloads
 
@@ -320,11 +294,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if upload is not None:
                 upload.discard()
             raise
-        return pb.UploadDatasetResponse(dataset_version=dataset_version_to_proto(version))
+        return dataset_version_to_proto(version)
 
     async def GetDataset(self, request, context):
         d = await asyncio.to_thread(self._datasets.get_dataset, request.name)
-        return pb.GetDatasetResponse(dataset=dataset_to_proto(d))
+        return dataset_to_proto(d)
 
     async def ListDatasets(self, request, context):
         page = await asyncio.to_thread(self._datasets.list_datasets, filter=request.filter, order_by=request.order_by,
@@ -334,7 +308,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetDatasetVersion(self, request, context):
         v = await asyncio.to_thread(self._datasets.get_version, request.name)
-        return pb.GetDatasetVersionResponse(dataset_version=dataset_version_to_proto(v))
+        return dataset_version_to_proto(v)
 
     async def ListDatasetVersions(self, request, context):
         page = await asyncio.to_thread(self._datasets.list_versions, request.parent, filter=request.filter,
@@ -345,7 +319,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def DeleteDatasetVersion(self, request, context):
         await asyncio.to_thread(self._datasets.delete_version, request.name, force=request.force)
-        return pb.DeleteDatasetVersionResponse(name=request.name)
+        return empty_pb2.Empty()
 
     async def ValidateDataset(self, request, context):
         report = await asyncio.to_thread(self._datasets.validate, request.name, model_version=request.model_version,

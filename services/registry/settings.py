@@ -26,14 +26,31 @@ class RegistrySettings(ServiceSettings):
         validation_alias=AliasChoices("YARD_REGISTRY_HF_ENDPOINT", "HF_ENDPOINT"),
     )
     hf_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices("YARD_REGISTRY_HF_TOKEN", "HF_TOKEN"))
-    # Imports running at once (each in a worker thread; GGUF conversion in a child process).
+    # Imports this replica runs at once (job worker slots; each import runs in a child process).
     import_workers: int = 2
+    # Run the import worker in this process (off: the replica only serves; other replicas import).
+    worker_enabled: bool = True
+    # The worker's id in the job store; empty: host-pid-random.
+    worker_id: str = ""
+    worker_poll_interval_s: float = 0.5
+    # How often a running import's heartbeat is written, and after how long without one another
+    # replica takes the import over (requeues it, or fails it once its attempts are used up).
+    heartbeat_s: float = 2.0
+    heartbeat_timeout_s: float = 15.0
+    # After a cancel, how long an import child gets between SIGTERM and SIGKILL.
+    cancel_grace_s: float = 10.0
+    # Attempts of one import (a replica dying mid-import costs one).
+    import_max_attempts: int = 3
+    # How often every replica sweeps for failed or cancelled imports to clean up.
+    reconcile_interval_s: float = 30.0
     # Local scratch space for imports and downloads; empty: <data_dir>/registry-staging.
     staging_dir: Path | None = None
     # Chunk size of DownloadFile responses.
     download_chunk_bytes: int = 1024 * 1024
-    # How often WatchImport looks for changes.
-    watch_interval_s: float = 0.2
+
+    def jobs_workdir(self) -> Path:
+        """Where import attempts keep their files (<data_dir>/registry-jobs)."""
+        return self.data_dir / "registry-jobs"
 
     def staging_path(self) -> Path:
         path = self.staging_dir or (self.data_dir / "registry-staging")

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Connection,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.core.db import Base, Migration, create_tables, utcnow
@@ -41,6 +55,9 @@ class VersionRow(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     source_uri: Mapped[str] = mapped_column(Text, default="")
     deployed_by: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Denormalised from files / meta so List can filter and sort on them in SQL (migration 2).
+    total_size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    parameter_count: Mapped[int] = mapped_column(BigInteger, default=0)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -54,23 +71,6 @@ class EdgeRow(Base):
     relation: Mapped[str] = mapped_column(String(32))  # base_model | dataset
     job: Mapped[str] = mapped_column(String(300), default="")
     __table_args__ = (Index("ix_registry_lineage_parent", "parent"),)
-
-
-class ImportRow(Base):
-    __tablename__ = "registry_imports"
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)  # imports/{id}
-    source_uri: Mapped[str] = mapped_column(Text)
-    model_version: Mapped[str] = mapped_column(String(300))
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    fraction: Mapped[float] = mapped_column(Float, default=0.0)
-    stage: Mapped[str] = mapped_column(String(32), default="")
-    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
-    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    created_model: Mapped[bool] = mapped_column(default=False)  # the model row was created by this import
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class DatasetRow(Base):
@@ -98,13 +98,29 @@ class DatasetVersionRow(Base):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+def _sortable_sizes_and_jobs_for_imports(conn: Connection) -> None:
+    """Version 2: ``total_size_bytes`` and ``parameter_count`` columns on versions (backfilled), and the
+    old ``registry_imports`` table dropped (imports are jobs of the shared job runtime since)."""
+    columns = {c["name"] for c in inspect(conn).get_columns(VersionRow.__tablename__)}
+    for column in ("total_size_bytes", "parameter_count"):
+        if column not in columns:
+            conn.execute(text(f"ALTER TABLE {VersionRow.__tablename__} ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
+    versions = cast(Table, VersionRow.__table__)
+    for name, files, meta in conn.execute(select(versions.c.name, versions.c.files, versions.c.meta)).all():
+        conn.execute(update(versions).where(versions.c.name == name).values(
+            total_size_bytes=sum(int(f.get("size", 0)) for f in files or []),
+            parameter_count=int((meta or {}).get("parameter_count", 0))))
+    conn.execute(text("DROP TABLE IF EXISTS registry_imports"))
+
+
 MIGRATIONS = [
     Migration(
         1,
-        "models, versions, lineage, imports, datasets",
+        "models, versions, lineage, datasets",
         create_tables(
-            ModelRow.__table__, VersionRow.__table__, EdgeRow.__table__, ImportRow.__table__,
-            DatasetRow.__table__, DatasetVersionRow.__table__,
+            ModelRow.__table__, VersionRow.__table__, EdgeRow.__table__, DatasetRow.__table__,
+            DatasetVersionRow.__table__,
         ),
     ),
+    Migration(2, "sortable version sizes; imports moved to the job runtime", _sortable_sizes_and_jobs_for_imports),
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from modelyard.client import RegistryClient
 from modelyard.training.v1 import training_pb2, training_pb2_grpc
 from services.core.artifacts import S3ArtifactStore
 from services.core.db import Database
@@ -17,7 +18,6 @@ from services.core.settings import DEFAULT_PORTS
 from .domain import JOB_KINDS, TrainingJobs
 from .hardware import Hardware, detect_hardware
 from .preflight import Preflight, PreflightOptions
-from .registry_client import RegistryClient
 from .servicer import TrainingServicer
 from .settings import TrainingSettings
 
@@ -54,7 +54,7 @@ def build_app(settings: TrainingSettings, *, hardware: Hardware | None = None, m
     db = Database(settings.db_url_for("training"))
     store = JobStore(db)
     artifacts = S3ArtifactStore.connect(settings.s3)
-    registry = RegistryClient(settings.registry_addr)
+    registry = RegistryClient(settings.registry_addr, timeout=120)
     options = PreflightOptions(
         s3=settings.s3, registry_addr=settings.registry_addr,
         default_checkpoint_every_steps=settings.default_checkpoint_every_steps, max_processes=settings.max_processes,

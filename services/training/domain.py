@@ -1,8 +1,9 @@
 """Training jobs as a resource: create (after preflight), merge, get, list, cancel, watch, checkpoints.
 
 Jobs live in the shared job runtime (``JobStore``, kinds ``train`` and ``merge``); this module only
-adds the training-specific parts: names ``trainingJobs/{id}``, the spec built by preflight, filters,
-and checkpoints found in S3 under ``training/{id}/checkpoints/step-{N:08d}/`` (manifest last).
+adds the training-specific parts: names ``trainingJobs/{id}``, the spec built by preflight, the list
+schemas (``services.core.listing``), and checkpoints found in S3 under
+``training/{id}/checkpoints/step-{N:08d}/`` (manifest last).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from services.core.artifacts import ArtifactStore
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from services.core.paging import decode_page_token, encode_page_token
 from services.core.jobs import EventType, JobEvent, JobRecord, JobState, JobStore, watch
+from services.core.jobs.store import job_schema, jobs
+from services.core.listing import EQUALITY, Field, Page, Schema, enum_value, int_value, memory_page, parse, time_value
 from services.core.logging import get_logger
 
 from .preflight import Preflight
@@ -32,13 +34,7 @@ JOB_KINDS = {
     KIND_TRAIN: "services.training.recipes.run:run_training",
     KIND_MERGE: "services.training.merge_job:run_merge",
 }
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-_ORDER_BY = {"": "created_at desc", "create_time": "created_at asc", "create_time asc": "created_at asc",
-             "create_time desc": "created_at desc", "name": "name asc", "name asc": "name asc", "name desc": "name desc"}
 _CHECKPOINT_RE = re.compile(r"/checkpoints/step-(\d{8})/")
-_STEP_FILTER_RE = re.compile(r"^\s*step\s*(>=|<=|=|>|<)\s*(\d+)\s*$")
-_STEP_OPS = {">=": int.__ge__, "<=": int.__le__, "=": int.__eq__, ">": int.__gt__, "<": int.__lt__}
 
 
 @dataclass
@@ -49,6 +45,22 @@ class Checkpoint:
     size_bytes: int
     create_time: datetime | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ListTrainingJobs: the shared job fields plus ``method`` (a label set at creation: the method, or "merge") and
+# ``kind`` as the proto enum (TRAINING_JOB_KIND_MERGE or merge).
+JOB_SCHEMA = job_schema({
+    "method": Field(jobs.c.labels["method"].as_string(), lambda j: j.labels.get("method"),
+                    parse=enum_value("TRAINING_METHOD_", choices=[*METHODS, "merge"]), ops=EQUALITY),
+    "kind": Field(jobs.c.kind, lambda j: j.kind, parse=enum_value("TRAINING_JOB_KIND_", choices=list(JOB_KINDS)),
+                  ops=EQUALITY),
+})
+# ListCheckpoints: checkpoints live in S3 listings, so they are filtered and paged in memory.
+CHECKPOINT_SCHEMA = Schema({
+    "step": Field(get=lambda c: c.step, parse=int_value, sortable=True),
+    "create_time": Field(get=lambda c: c.create_time, parse=time_value, sortable=True),
+    "size_bytes": Field(get=lambda c: c.size_bytes, parse=int_value, sortable=True),
+}, default_order="step", name=Field(get=lambda c: c.name))
 
 
 def job_id(name: str, field_name: str = "name") -> str:
@@ -73,11 +85,17 @@ class TrainingJobs:
         self.artifacts = artifacts
         self.max_attempts = max_attempts
 
-    async def create(self, req: TrainingRequest) -> JobRecord:
-        """Preflight (raises the refusal), then persist the job QUEUED."""
+    async def create(self, req: TrainingRequest, *, validate_only: bool = False) -> JobRecord:
+        """Preflight (raises the refusal), then persist the job QUEUED. ``validate_only``: only preflight; the job
+        as it would be queued (resolved spec included) is returned and nothing is stored."""
         result = await self.preflight.check(req)
-        name = f"{COLLECTION}/{req.job_id or _new_id(req.method)}"
         spec = {**result.spec, "preflight": result.summary}
+        if validate_only:
+            name = f"{COLLECTION}/{req.job_id}" if req.job_id else ""
+            return JobRecord(name=name, kind=KIND_TRAIN, state=JobState.QUEUED, spec=spec, attempt=0,
+                             max_attempts=self.max_attempts, worker=None, created_at=datetime.now(UTC),
+                             started_at=None, finished_at=None, heartbeat_at=None, labels={"method": req.method})
+        name = f"{COLLECTION}/{req.job_id or _new_id(req.method)}"
         job = await asyncio.to_thread(self.store.create, KIND_TRAIN, spec, name, self.max_attempts,
                                       {"method": req.method})
         log.info("training_job_created", job=name, method=req.method, base=req.base_model_version,
@@ -136,59 +154,21 @@ class TrainingJobs:
             yield event
 
     async def list(self, *, filter: str = "", order_by: str = "", page_size: int = 0,
-                   page_token: str = "") -> tuple[list[JobRecord], str]:
-        """One page of jobs matching ``filter`` (state / method / kind terms joined by AND)."""
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", f"must be >= 0, got {page_size}")
-        states, method, kind = _parse_filter(filter)
-        key = " ".join(order_by.split()).lower()
-        if key not in _ORDER_BY:
-            raise InvalidArgument.for_field("order_by", f"{order_by!r} must be one of: create_time [asc|desc], name [asc|desc]")
-        fingerprint = [sorted(s.value for s in states), method, kind, _ORDER_BY[key]]
-        offset = decode_page_token(page_token, fingerprint)
-        matching = await asyncio.to_thread(self._all, kind, states, _ORDER_BY[key], method)
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        page = matching[offset:offset + size]
-        more = offset + size < len(matching)
-        return page, encode_page_token(offset + size, fingerprint) if more else ""
-
-    def _all(self, kind: str | None, states: list[JobState], order: str, method: str | None) -> list[JobRecord]:
-        out, token = [], ""
-        while True:
-            page, token = self.store.list(kind=kind, states=states or None, page_size=MAX_PAGE_SIZE,
-                                          page_token=token, order_by=order)
-            out += [j for j in page if j.name.startswith(f"{COLLECTION}/")
-                    and (method is None or j.labels.get("method") == method)]
-            if not token:
-                return out
+                   page_token: str = "") -> Page[JobRecord]:
+        """One page of training and merge jobs (filtered, ordered and paged in SQL; see ``JOB_SCHEMA``)."""
+        query = parse(JOB_SCHEMA, filter=filter, order_by=order_by, page_size=page_size, page_token=page_token)
+        return await asyncio.to_thread(self.store.list, query, JOB_SCHEMA, kinds=tuple(JOB_KINDS))
 
     async def checkpoints(self, parent: str, *, filter: str = "", order_by: str = "", page_size: int = 0,
-                          page_token: str = "") -> tuple[list[Checkpoint], str]:
+                          page_token: str = "") -> Page[Checkpoint]:
         """Complete checkpoints (manifest written) of a job, with the metrics it reported at their steps."""
+        query = parse(CHECKPOINT_SCHEMA, filter=filter, order_by=order_by, page_size=page_size,
+                      page_token=page_token, scope=parent)
         job = await self.get(parent)
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", f"must be >= 0, got {page_size}")
-        step_filter = None
-        if filter.strip():
-            m = _STEP_FILTER_RE.match(filter)
-            if not m:
-                raise InvalidArgument.for_field("filter", f"{filter!r} must look like 'step >= 100'")
-            step_filter = (_STEP_OPS[m.group(1)], int(m.group(2)))
-        key = " ".join(order_by.split()).lower() or "step asc"
-        if key not in ("step", "step asc", "step desc"):
-            raise InvalidArgument.for_field("order_by", f"{order_by!r} must be 'step asc' or 'step desc'")
         found = await asyncio.to_thread(self._checkpoints, job)
-        if step_filter:
-            op, value = step_filter
-            found = [c for c in found if op(c.step, value)]
-        found.sort(key=lambda c: c.step, reverse=key == "step desc")
-        fingerprint = [filter.strip(), key]
-        offset = decode_page_token(page_token, fingerprint)
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        more = offset + size < len(found)
-        return found[offset:offset + size], encode_page_token(offset + size, fingerprint) if more else ""
+        return memory_page(found, query, CHECKPOINT_SCHEMA)
 
-    def _checkpoints(self, job: JobRecord) -> list[Checkpoint]:
+    def _checkpoints(self, job: JobRecord) -> Sequence[Checkpoint]:
         prefix = checkpoints_prefix(job.name)
         sizes: dict[int, int] = {}
         complete: set[int] = set()
@@ -220,30 +200,3 @@ class TrainingJobs:
 
 def _new_id(method: str) -> str:
     return f"{method}-{uuid.uuid4().hex[:10]}"
-
-
-def _parse_filter(text: str) -> tuple[list[JobState], str | None, str | None]:
-    """``state = JOB_STATE_RUNNING AND method = lora AND kind = merge`` -> (states, method, kind)."""
-    states: list[JobState] = []
-    method = kind = None
-    for term in re.split(r"\s+AND\s+", text.strip(), flags=re.IGNORECASE) if text.strip() else []:
-        key, sep, value = (p.strip() for p in term.partition("="))
-        value = value.strip("\"'")
-        if key == "state" and sep:
-            st = value.upper().removeprefix("JOB_STATE_")
-            if st not in JobState.__members__:
-                raise InvalidArgument.for_field("filter", f"unknown state {value!r}")
-            states.append(JobState(st))
-        elif key == "method" and sep:
-            method = value.lower().removeprefix("training_method_")
-            if method not in METHODS and method != "merge":
-                raise InvalidArgument.for_field("filter", f"unknown method {value!r}")
-        elif key == "kind" and sep:
-            kind = value.lower().removeprefix("training_job_kind_")
-            if kind not in JOB_KINDS:
-                raise InvalidArgument.for_field("filter", f"unknown kind {value!r}")
-        else:
-            raise InvalidArgument.for_field("filter", f"{term!r}: terms are state = X, method = Y or kind = Z joined by AND")
-    return states, method, kind
-
-

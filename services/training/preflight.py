@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from modelyard.registry.v1 import registry_pb2 as rpb
 from services.core.artifacts import ArtifactStore
 from services.core.errors import (
     DomainError,
@@ -26,13 +27,61 @@ from services.core.settings import S3Settings
 
 from .hardware import Hardware, choose_precision
 from .memory import MemoryEstimate, MemoryRequest, ModelShape, estimate_memory, gib
-from .registry_client import DatasetVersionInfo, ModelVersionInfo, RegistryClient
+from .recipes.spec import Launcher, TrainingSpec
 from .spec import METHOD_FORMATS, TrainingRequest, check_request, file_type_of, resolve_hyperparameters
 
 log = get_logger(__name__)
 
 HARDWARE_UNSUPPORTED = "HARDWARE_UNSUPPORTED"
 MAX_ROW_VIOLATIONS = 50  # violations listed per refusal (the message gives the total)
+
+
+class RegistryReader(Protocol):
+    """The registry calls preflight makes: ``modelyard.client.RegistryClient`` (or a fake in a unit test)."""
+
+    async def get_model_version(self, name: str) -> rpb.ModelVersion: ...
+    async def get_dataset_version(self, name: str) -> rpb.DatasetVersion: ...
+    async def validate_dataset(self, name: str, *, expected_format: str = "") -> rpb.ValidateDatasetResponse: ...
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """What training needs of a registry model version."""
+
+    name: str
+    ready: bool
+    kind: str  # base | adapter | merged | quantized
+    artifact_prefix: str
+    files: list[dict] = field(default_factory=list)  # {path, size, sha256}
+    parameter_count: int = 0
+    context_length: int = 0
+    base_model_version: str = ""  # lineage parent
+    dataset_versions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, v: rpb.ModelVersion) -> ModelVersionInfo:
+        return cls(
+            name=v.name, ready=v.state == rpb.MODEL_VERSION_STATE_READY,
+            kind=rpb.ModelKind.Name(v.kind).removeprefix("MODEL_KIND_").lower(), artifact_prefix=v.artifact_prefix,
+            files=[{"path": f.path, "size": f.size_bytes, "sha256": f.sha256} for f in v.files],
+            parameter_count=v.metadata.parameter_count, context_length=v.metadata.context_length,
+            base_model_version=v.lineage.base_model_version, dataset_versions=list(v.lineage.dataset_versions))
+
+
+@dataclass(frozen=True)
+class DatasetVersionInfo:
+    """What training needs of a registry dataset version."""
+
+    name: str
+    key: str
+    sha256: str
+    format: str
+    filename: str
+    row_count: int
+
+    @classmethod
+    def of(cls, d: rpb.DatasetVersion) -> DatasetVersionInfo:
+        return cls(d.name, d.artifact_key, d.sha256, d.format, d.filename, d.row_count)
 
 
 @dataclass(frozen=True)
@@ -55,7 +104,7 @@ class PreflightResult:
 
 
 class Preflight:
-    def __init__(self, registry: RegistryClient, store: ArtifactStore, hardware: Hardware, options: PreflightOptions) -> None:
+    def __init__(self, registry: RegistryReader, store: ArtifactStore, hardware: Hardware, options: PreflightOptions) -> None:
         self.registry = registry
         self.store = store
         self.hardware = hardware
@@ -75,18 +124,19 @@ class Preflight:
         shape = await self._shape(base)
         hp = resolve_hyperparameters(req, precision=precision, context_length=base.context_length,
                                      num_processes=processes)
-        launcher = req.launcher.kind
-        zero = (req.launcher.zero_stage or 2) if launcher == "deepspeed" else 0
+        launcher = Launcher.resolve(req.launcher.kind, processes, zero_stage=req.launcher.zero_stage,
+                                    offload_optimizer=req.launcher.offload_optimizer,
+                                    offload_parameters=req.launcher.offload_parameters)
         estimate = estimate_memory(shape, MemoryRequest(
-            method=req.method, use_lora=req.use_lora, precision=precision, batch_size=hp["batch_size"],
-            max_length=hp["max_length"], lora_rank=hp["lora_rank"], gradient_checkpointing=hp["gradient_checkpointing"],
-            accelerator=self.hardware.accelerator, num_processes=processes, zero_stage=zero,
-            offload_optimizer=req.launcher.offload_optimizer, offload_parameters=req.launcher.offload_parameters))
+            method=req.method, use_lora=req.use_lora, precision=precision, batch_size=hp.batch_size,
+            max_length=hp.max_length, lora_rank=hp.lora_rank, gradient_checkpointing=hp.gradient_checkpointing,
+            accelerator=self.hardware.accelerator, num_processes=processes, zero_stage=launcher.zero_stage,
+            offload_optimizer=launcher.offload, offload_parameters=launcher.offload_parameters))
         available = self._check_memory(estimate, processes, req)
         checkpoint_every = req.checkpoint_every_steps or self.options.default_checkpoint_every_steps
         has_eval = validation is not None or bool(req.hyperparameters.get("validation_split"))
         output_model = req.output_model or f"models/{base.name.split('/')[1]}-{req.method}"
-        spec = {
+        spec = TrainingSpec.model_validate({
             "method": req.method,
             "use_lora": req.use_lora,
             "base_model": {"name": base.name, "artifact_prefix": base.artifact_prefix, "files": base.files},
@@ -94,9 +144,7 @@ class Preflight:
             "validation_dataset": self._dataset_ref(validation) if validation else None,
             "validation_split": float(req.hyperparameters.get("validation_split") or 0.0),
             "hyperparameters": hp,
-            "launcher": {"kind": launcher, "num_processes": processes, "zero_stage": zero,
-                         "offload": req.launcher.offload_optimizer,
-                         "offload_parameters": req.launcher.offload_parameters},
+            "launcher": launcher,
             "log_every_steps": req.log_every_steps or 1,
             "eval_every_steps": req.eval_every_steps or (checkpoint_every if has_eval else 0),  # 0: at checkpoints
             "checkpoint_every_steps": checkpoint_every,
@@ -105,7 +153,7 @@ class Preflight:
                    "secure": self.options.s3.secure},
             "registry_addr": self.options.registry_addr,
             "omp_num_threads": self.options.omp_num_threads,
-        }
+        }).model_dump(mode="json")
         summary = {"accelerator": self.hardware.accelerator, "precision": precision,
                    "estimated_memory_bytes": estimate.total, "available_memory_bytes": available,
                    "parameter_count": shape.parameter_count, "trainable_parameter_count": estimate.trainable_parameters,
@@ -124,7 +172,7 @@ class Preflight:
     async def model_version(self, name: str, field_name: str) -> ModelVersionInfo:
         """A READY registry model version, errors naming ``field_name``."""
         try:
-            version = await self.registry.model_version(name)
+            version = ModelVersionInfo.of(await self.registry.get_model_version(name))
         except DomainError as err:
             raise _naming(err, field_name) from None
         if not version.ready:
@@ -134,7 +182,7 @@ class Preflight:
 
     async def _dataset(self, name: str, field_name: str, method: str) -> DatasetVersionInfo:
         try:
-            info = await self.registry.dataset_version(name)
+            info = DatasetVersionInfo.of(await self.registry.get_dataset_version(name))
         except DomainError as err:
             raise _naming(err, field_name) from None
         allowed = METHOD_FORMATS[method]
@@ -152,7 +200,7 @@ class Preflight:
             targets.append(("validation_dataset", validation))
         violations: list[FieldViolation] = []
         for prefix, info in targets:
-            _, problems = await self.registry.validate_dataset(info.name, info.format)
+            problems = (await self.registry.validate_dataset(info.name, expected_format=info.format)).errors
             for p in problems:
                 path = f"{prefix}.rows[{p.row}]" + (f".{p.field}" if p.field else "")
                 violations.append(FieldViolation(path, f"{info.name} row {p.row}: {p.reason}"))

@@ -1,25 +1,27 @@
-"""What a caller asks for (``TrainingRequest``) and the static checks and defaults of a job spec.
+"""What a caller asks for (``TrainingRequest``) and its static checks.
 
-The job spec dict itself (the contract with the recipes, see ``services.training.recipes``) is
-assembled by ``build_job_spec`` once preflight has resolved the registry inputs and the hardware.
+Defaults, bounds and docs of the hyperparameters live in one model,
+:class:`services.training.recipes.spec.Hyperparameters`; preflight resolves a request into the job spec
+with it once the registry inputs and the hardware are known, and the recipe parses that spec back.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import FieldViolation, InvalidArgument
 
-SFT_METHODS = ("full", "lora", "qlora", "dora")
-PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo", "cpo")
-METHODS = SFT_METHODS + PREFERENCE_METHODS
-LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LAUNCHERS = ("local", "torchrun", "deepspeed")
-GLOBAL_BATCH = 16  # ms-swift: gradient accumulation defaults to 16 / (batch * processes)
+from .recipes.spec import (
+    LAUNCHERS,
+    METHODS,
+    PREFERENCE_METHODS,
+    SFT_METHODS,
+    Hyperparameters,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what a request may ask for ("auto": chosen for the node)
 
 # Row formats a method can train on.
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
@@ -30,15 +32,6 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
 
 JOB_ID_RE = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 MODEL_NAME_RE = re.compile(r"^models/[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-# Hyperparameters a request may set, with their types (None values mean "default").
-HYPERPARAMETER_TYPES: dict[str, type] = {
-    "learning_rate": float, "lr_scheduler": str, "warmup_ratio": float, "num_epochs": float, "max_steps": int,
-    "batch_size": int, "gradient_accumulation_steps": int, "max_length": int, "seed": int, "packing": bool,
-    "lora_rank": int, "lora_alpha": float, "lora_dropout": float, "lora_target_modules": list,
-    "beta": float, "simpo_gamma": float, "precision": str, "weight_decay": float, "max_grad_norm": float,
-    "gradient_checkpointing": bool, "validation_split": float,
-}
 
 
 @dataclass
@@ -76,13 +69,6 @@ class TrainingRequest:
         return self.method != "full"
 
 
-def _positive(errors: list[FieldViolation], hp: dict[str, Any], name: str, *, allow_zero: bool = False) -> None:
-    value = hp.get(name)
-    if value is not None and (value < 0 or (value == 0 and not allow_zero) or
-                              (isinstance(value, float) and not math.isfinite(value))):
-        errors.append(FieldViolation(f"spec.hyperparameters.{name}", f"must be {'>= 0' if allow_zero else '> 0'}, got {value}"))
-
-
 def check_request(req: TrainingRequest) -> None:
     """Static checks (no I/O): InvalidArgument with one violation per bad field."""
     errors: list[FieldViolation] = []
@@ -110,21 +96,12 @@ def check_request(req: TrainingRequest) -> None:
             bad(f"spec.{name}", f"must be >= 0, got {getattr(req, name)}")
 
     hp = req.hyperparameters
-    for name in ("learning_rate", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_length",
-                 "lora_rank", "lora_alpha", "beta"):
-        _positive(errors, hp, name)
-    for name in ("weight_decay", "max_grad_norm", "simpo_gamma"):
-        _positive(errors, hp, name, allow_zero=True)
-    for name, upper in (("warmup_ratio", 1.0), ("lora_dropout", 1.0), ("validation_split", 1.0)):
-        value = hp.get(name)
-        if value is not None and not 0 <= value < upper:
-            bad(f"spec.hyperparameters.{name}", f"must be within [0, {upper:g}), got {value}")
-    if hp.get("max_steps") is not None and hp["max_steps"] < 1:
-        bad("spec.hyperparameters.max_steps", f"must be >= 1 when set, got {hp['max_steps']}")
-    if hp.get("lr_scheduler", "cosine") not in LR_SCHEDULERS:
-        bad("spec.hyperparameters.lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
+    errors += Hyperparameters.violations(hp, method=req.method, use_lora=req.use_lora)  # bounds: method-independent
     if hp.get("precision", "auto") not in PRECISIONS:
         bad("spec.hyperparameters.precision", f"must be one of {', '.join(PRECISIONS)}")
+    split = hp.get("validation_split")
+    if split is not None and not 0 <= split < 1:
+        bad("spec.hyperparameters.validation_split", f"must be within [0, 1), got {split}")
     if hp.get("validation_split") and req.validation_dataset_version:
         bad("spec.hyperparameters.validation_split", "set either validation_split or validation_dataset_version")
 
@@ -145,34 +122,11 @@ def check_request(req: TrainingRequest) -> None:
 
 
 def resolve_hyperparameters(req: TrainingRequest, *, precision: str, context_length: int,
-                            num_processes: int) -> dict[str, Any]:
-    """Every hyperparameter with its default filled (ms-swift's ``swift sft`` / ``swift rlhf``)."""
-    hp = {k: v for k, v in req.hyperparameters.items() if v is not None}
-    batch = int(hp.get("batch_size", 1))
-    targets = list(hp.get("lora_target_modules") or ["all-linear"])
-    return {
-        "learning_rate": float(hp.get("learning_rate", 1e-4 if req.use_lora else 1e-5)),
-        "lr_scheduler": hp.get("lr_scheduler", "cosine"),
-        "warmup_ratio": float(hp.get("warmup_ratio", 0.05)),
-        "num_epochs": float(hp.get("num_epochs", 1)),
-        "max_steps": int(hp.get("max_steps", -1)),
-        "batch_size": batch,
-        "gradient_accumulation_steps": int(hp.get("gradient_accumulation_steps",
-                                               max(1, GLOBAL_BATCH // (batch * max(1, num_processes))))),
-        "max_length": int(hp.get("max_length", context_length or 2048)),
-        "seed": int(hp.get("seed", 42)),
-        "packing": bool(hp.get("packing", False)),
-        "lora_rank": int(hp.get("lora_rank", 8)),
-        "lora_alpha": float(hp.get("lora_alpha", 32)),
-        "lora_dropout": float(hp.get("lora_dropout", 0.05)),
-        "lora_target_modules": "all-linear" if targets == ["all-linear"] else targets,
-        "beta": float(hp.get("beta", 2.0 if req.method == "simpo" else 0.1)),
-        "simpo_gamma": float(hp.get("simpo_gamma", 1.0)),
-        "precision": precision,
-        "weight_decay": float(hp.get("weight_decay", 0.1)),
-        "max_grad_norm": float(hp.get("max_grad_norm", 1.0)),
-        "gradient_checkpointing": bool(hp.get("gradient_checkpointing", True)),
-    }
+                            num_processes: int) -> Hyperparameters:
+    """Every hyperparameter with its default filled (see :meth:`Hyperparameters.resolve`)."""
+    return Hyperparameters.resolve({k: v for k, v in req.hyperparameters.items() if k != "precision"},
+                                   method=req.method, use_lora=req.use_lora, precision=precision,
+                                   num_processes=num_processes, context_length=context_length)
 
 
 def file_type_of(filename: str) -> str:

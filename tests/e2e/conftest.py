@@ -91,7 +91,7 @@ def yard_stack(data_dir: Path, extra_env: dict[str, str] | None = None) -> Itera
     """``yard up --detach`` on free ports (never the defaults), yield, then ``yard down``.
 
     ``extra_env`` reaches every service (e.g. ``YARD_INFERENCE_...`` settings)."""
-    ports = dict(zip(PORTED, free_ports(len(PORTED))))
+    ports = dict(zip(PORTED, free_ports(len(PORTED)), strict=True))
     base = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
             "COLUMNS": "200"}
     up_env = {**base, **{f"YARD_STACK_PORT_{name.upper()}": str(port) for name, port in ports.items()},

@@ -15,9 +15,9 @@ import grpc
 import httpx
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from google.rpc import error_details_pb2
 
 from cli.s3server import free_port
 from services.core.errors import InvalidArgument, NotFound, Unavailable
@@ -169,7 +169,8 @@ async def test_client_retries_unavailable_until_the_server_is_up():
         return await _start(port=port)
 
     starter = asyncio.create_task(late_start())
-    async with make_channel(f"127.0.0.1:{port}", retry_attempts=8, retry_backoff_s=0.1) as ch:
+    # the retries span ~35 s (backoff up to 2 s): far more than a late start on a loaded machine needs
+    async with make_channel(f"127.0.0.1:{port}", retry_attempts=20, retry_backoff_s=0.1) as ch:
         reply = json.loads((await stub(ch, "Echo")(StringValue(value="late"))).value)
     server = await starter
     await server.stop(grace=0)
@@ -181,39 +182,99 @@ async def test_deadline_is_applied_by_default():
     try:
         async with make_channel(server.address, default_timeout_s=0.3) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub(ch, "Slow")(StringValue(value="2"))
+                await stub(ch, "Slow")(StringValue(value="60"))  # the deadline, not the call, ends it
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         await server.stop(grace=0)
 
 
-def test_sigterm_drains_an_in_flight_call():
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.echo_service", "1.0"], stdout=subprocess.PIPE,
-                            text=True, cwd=os.getcwd())
+def _wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _echo_process(tmp_path, **env: str) -> subprocess.Popen:
+    """``python -m tests.support.echo_service`` (run_service with its own settings class)."""
+    full_env = {**os.environ, "YARD_ECHO_DATA_DIR": str(tmp_path / "data"), **env}
+    return subprocess.Popen([sys.executable, "-m", "tests.support.echo_service"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.getcwd(), env=full_env)
+
+
+def test_sigterm_drains_an_in_flight_call(tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    # Health is NOT_SERVING for the drain notice before new calls are refused; the in-flight call
+    # has the grace period. Both are far longer than this test needs: no step races a clock.
+    proc = _echo_process(tmp_path, YARD_ECHO_GRPC__DRAIN_NOTICE_S="3", YARD_ECHO_GRPC__GRACE_PERIOD_S="60")
     try:
         port = int(proc.stdout.readline())
         address = f"127.0.0.1:{port}"
 
         async def scenario():
             async with make_channel(address, retry_attempts=1) as ch:
-                slow = asyncio.ensure_future(stub(ch, "Slow")(StringValue(value="2.5")))
-                await asyncio.sleep(0.5)
+                held = asyncio.ensure_future(stub(ch, "Gate")(StringValue(value=str(gate))))
+                await asyncio.to_thread(_wait_for, (gate / "entered").exists, what="the call to be in flight")
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
                 health = health_pb2_grpc.HealthStub(ch)
-                during = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
-                await asyncio.sleep(1.2)  # past the drain notice: new calls are refused
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub(ch, "Echo")(StringValue(value="late"))
-                return during, (await slow).value, refused.value.code()
+                deadline = time.monotonic() + 30
+                during = None
+                while during != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+                    during = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+                    await asyncio.sleep(0.02)
+                refused = None
+                while refused is None and time.monotonic() < deadline:  # past the drain notice: refused
+                    try:
+                        await stub(ch, "Echo")(StringValue(value="late"))
+                        await asyncio.sleep(0.05)
+                    except grpc.aio.AioRpcError as exc:
+                        refused = exc.code()
+                assert not held.done()  # still held by the gate through the whole drain
+                (gate / "release").touch()
+                return during, (await held).value, refused
 
-        during, slow_result, refused_code = asyncio.run(scenario())
+        during, held_result, refused_code = asyncio.run(scenario())
         assert during == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert slow_result == "done"
+        assert held_result == "done"
         assert refused_code == grpc.StatusCode.UNAVAILABLE
-        out, _ = proc.communicate(timeout=15)
+        out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "exited-cleanly" in out
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_service_process_logs_library_records_as_json(tmp_path):
+    proc = _echo_process(tmp_path, YARD_ECHO_GRPC__GRACE_PERIOD_S="5")
+    try:
+        port = int(proc.stdout.readline())
+
+        async def call() -> str:
+            async with make_channel(f"127.0.0.1:{port}") as ch:
+                return (await stub(ch, "LogStdlib")(StringValue(value="hi"), metadata=(("x-request-id", "rid-7"),))).value
+
+        assert asyncio.run(call()) == "logged"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "exited-cleanly" in out
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line is JSON
+    library = [line for line in lines if line.get("logger") == "thirdparty.lib"]
+    assert len(library) == 1, err
+    record = library[0]
+    assert record["event"] == "library says hi" and record["level"] == "warning" and record["detail"] == 7
+    assert record["service"] == "echo" and record["request_id"] == "rid-7" and record["timestamp"]
+    assert any(line.get("event") == "server_started" for line in lines)
+
+
+def test_service_with_invalid_settings_exits_with_a_clear_error(tmp_path):
+    proc = _echo_process(tmp_path, YARD_ECHO_EVENT_LOOP="tornado")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and out == ""
+    assert "invalid echo settings" in err and "event_loop" in err

@@ -3,12 +3,18 @@ first chunk, never a non-ready replica), and `yard keys` / `yard usage` against 
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 
 import grpc
 import httpx
 import openai
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from cli.gateway_cmds import keys_app, usage
@@ -74,6 +80,12 @@ def test_retry_on_another_replica_before_the_first_chunk(replicas):
     assert ready[0]["ejected"] and not ready[1]["ejected"] and ready[2]["models"] == []
 
 
+def _yard(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``yard`` entry point in a child process, its stdout a pipe."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_keys_and_usage_cli_against_a_running_gateway(tmp_path):
     bg = BackgroundLoop()
     fake = FakeInference()
@@ -87,7 +99,9 @@ def test_keys_and_usage_cli_against_a_running_gateway(tmp_path):
         created = runner.invoke(keys_app, ["create", "--name", "ci", "--rpm", "5"], env=env)
         assert created.exit_code == 0, created.output
         secret = created.output.strip().splitlines()[-1]
-        key_id = created.output.split()[1]
+        found = re.search(r"created (key_\w+)", created.output)  # the in-process gateway logs in this output too
+        assert found, created.output
+        key_id = found.group(1)
         assert secret.startswith("sk-yard-") and "rpm 5" in created.output
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0)
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "one two"}])
@@ -95,12 +109,19 @@ def test_keys_and_usage_cli_against_a_running_gateway(tmp_path):
         listed = runner.invoke(keys_app, ["list"], env=env)
         assert listed.exit_code == 0 and "ci" in listed.output and "active" in listed.output
         assert secret not in listed.output
+        as_json = _yard(env, "keys", "list", "-o", "json")  # a child process: the gateway's logs stay out of its stdout
+        assert as_json.returncode == 0, as_json.stderr
+        keys = json.loads(as_json.stdout)
+        assert [(k["id"], k["name"], k["rpm"]) for k in keys] == [(key_id, "ci", 5)] and secret not in as_json.stdout
 
         usage_app = typer.Typer()
         usage_app.command()(usage)
         shown = runner.invoke(usage_app, ["--key", key_id], env=env)
         assert shown.exit_code == 0, shown.output
         assert "tiny" in shown.output and " 6 " in shown.output  # 2 prompt + 4 completion tokens
+        as_yaml = _yard(env, "usage", "--key", key_id, "-o", "yaml")
+        assert as_yaml.returncode == 0, as_yaml.stderr
+        assert [(r["model"], r["total_tokens"]) for r in yaml.safe_load(as_yaml.stdout)] == [("tiny", 6)]
 
         revoked = runner.invoke(keys_app, ["revoke", key_id], env=env)
         assert revoked.exit_code == 0 and "revoked" in revoked.output

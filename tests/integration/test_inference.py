@@ -145,17 +145,17 @@ async def versions(workdir, module_s3, registry) -> dict[str, str]:
     store = S3ArtifactStore.connect(module_s3)
     model_dir = build_tiny_model(workdir / "tiny")
     store.upload_dir("uploads/tiny/base", model_dir)
-    base = (await registry.CreateModelVersion(rpb.CreateModelVersionRequest(
+    base = await registry.CreateModelVersion(rpb.CreateModelVersionRequest(
         parent="models/tiny", version_id="base",
-        model_version=rpb.ModelVersion(artifact_prefix="uploads/tiny/base")))).model_version
+        model_version=rpb.ModelVersion(artifact_prefix="uploads/tiny/base")))
     out = {"base": base.name}
     for key, seed in (("lora", 1), ("lora2", 2)):
         adapter_dir = make_lora_adapter(model_dir, workdir / key, seed=seed)
         store.upload_dir(f"uploads/tiny-{key}/v1", adapter_dir)
-        adapter = (await registry.RegisterDerivedVersion(rpb.RegisterDerivedVersionRequest(
+        adapter = await registry.RegisterDerivedVersion(rpb.RegisterDerivedVersionRequest(
             parent=f"models/tiny-{key}", version_id="v1", kind=rpb.MODEL_KIND_ADAPTER,
             artifact_prefix=f"uploads/tiny-{key}/v1",
-            lineage=rpb.Lineage(base_model_version=base.name)))).model_version
+            lineage=rpb.Lineage(base_model_version=base.name)))
         out[key] = adapter.name
     return out
 
@@ -201,12 +201,15 @@ async def test_deploy_becomes_ready_and_marks_the_version(stub, registry, versio
     assert d.engine == pb.ENGINE_TRANSFORMERS and d.model_version == versions["base"]
     assert [a.alias for a in d.adapters] == ["styled"] and d.served_model_name == "tiny"
     assert d.engine_endpoints and d.engine_endpoints[0].startswith("http://127.0.0.1:")
-    base = (await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["base"]))).model_version
+    base = await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["base"]))
     assert DEPLOYMENT in base.deployed_by
     listed = await stub.ListDeployments(pb.ListDeploymentsRequest(filter="state = DEPLOYMENT_STATE_READY"))
     assert [x.name for x in listed.deployments] == [DEPLOYMENT]
     none = await stub.ListDeployments(pb.ListDeploymentsRequest(filter="state = DEPLOYMENT_STATE_FAILED"))
     assert not none.deployments
+    both = await stub.ListDeployments(pb.ListDeploymentsRequest(
+        filter=f'engine = ENGINE_TRANSFORMERS AND model_version = "{versions["base"]}"', order_by="name desc"))
+    assert [x.name for x in both.deployments] == [DEPLOYMENT] and not both.next_page_token
 
 
 async def test_deploy_errors_name_the_problem(stub, versions):
@@ -230,6 +233,10 @@ async def test_deploy_errors_name_the_problem(stub, versions):
     assert code == grpc.StatusCode.NOT_FOUND
     code, _, msg = await rpc_error(stub.ListDeployments(pb.ListDeploymentsRequest(page_size=-1)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in msg
+    code, _, msg = await rpc_error(stub.ListDeployments(pb.ListDeploymentsRequest(filter="colour = red")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "filter" in msg and "colour" in msg
+    code, _, msg = await rpc_error(stub.ListDeployments(pb.ListDeploymentsRequest(order_by="engine")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "order_by" in msg
 
 
 # ----------------------------------------------------------------------------- data plane
@@ -357,7 +364,7 @@ async def test_cancelled_stream_aborts_the_engine_request(stub):
             break
     call.cancel()
     async with httpx.AsyncClient(base_url=d.engine_endpoints[0]) as http:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while (await http.get("/health")).json()["running"] != 0:
             assert time.monotonic() < deadline, "the engine kept generating for a cancelled call"
             await asyncio.sleep(0.05)
@@ -372,7 +379,7 @@ async def test_load_and_unload_adapter_at_runtime(stub, registry, versions):
     code, _, _ = await rpc_error(stub.LoadAdapter(pb.LoadAdapterRequest(name=DEPLOYMENT, adapter=pb.Adapter(
         alias="other", model_version=versions["lora2"]))))
     assert code == grpc.StatusCode.ALREADY_EXISTS
-    v = (await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["lora2"]))).model_version
+    v = await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["lora2"]))
     assert DEPLOYMENT in v.deployed_by
     d = await stub.UnloadAdapter(pb.UnloadAdapterRequest(name=DEPLOYMENT, alias="other"))
     assert [a.alias for a in d.adapters] == ["styled"]
@@ -413,21 +420,48 @@ async def test_cli_lists_shows_and_chats(service):
 # ----------------------------------------------------------------------------- failures and restarts (last)
 
 
+def _gate_engine_starts(deployments, gate: asyncio.Event):
+    """Engines made from now on start only once ``gate`` is set (the engines stay real): the test sees
+    the deployment DEGRADED for as long as it needs, not for however long a restart happens to take.
+    Returns the original factory, to put back."""
+    original = deployments.engine_factory
+
+    def gated(kind, spec):
+        engine = original(kind, spec)
+        start = engine.start
+
+        async def start_when_let():
+            await gate.wait()
+            await start()
+
+        engine.start = start_when_let
+        return engine
+
+    deployments.engine_factory = gated
+    return original
+
+
 async def test_killed_engine_ends_stream_unavailable_then_recovers(service, stub):
     app = service["app"]
-    call = stub.Complete(pb.CompleteRequest(deployment=DEPLOYMENT, prompt="Tell me a story",
-                                            sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)))
-    pids = app.deployments.engine_pids(DEPLOYMENT)
-    assert pids
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for _chunk in call:
-            if pids:
-                os.kill(pids.pop(), signal.SIGKILL)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    degraded = await wait_state(stub, DEPLOYMENT, {pb.DEPLOYMENT_STATE_DEGRADED}, timeout=10)
-    assert degraded.error.message and "exited" in degraded.error.message
-    code, reason, _ = await rpc_error(complete(stub, "Hello", max_tokens=1))
-    assert code == grpc.StatusCode.UNAVAILABLE and reason in {"DEPLOYMENT_NOT_READY", "ENGINE_UNAVAILABLE"}
+    restart = asyncio.Event()
+    original_factory = _gate_engine_starts(app.deployments, restart)
+    try:
+        call = stub.Complete(pb.CompleteRequest(deployment=DEPLOYMENT, prompt="Tell me a story",
+                                                sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)))
+        pids = app.deployments.engine_pids(DEPLOYMENT)
+        assert pids
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _chunk in call:
+                if pids:
+                    os.kill(pids.pop(), signal.SIGKILL)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        degraded = await wait_state(stub, DEPLOYMENT, {pb.DEPLOYMENT_STATE_DEGRADED})
+        assert degraded.error.message and "exited" in degraded.error.message
+        code, reason, _ = await rpc_error(complete(stub, "Hello", max_tokens=1))
+        assert code == grpc.StatusCode.UNAVAILABLE and reason == "DEPLOYMENT_NOT_READY"
+    finally:
+        app.deployments.engine_factory = original_factory
+        restart.set()
     await wait_state(stub, DEPLOYMENT, {pb.DEPLOYMENT_STATE_READY}, timeout=120)
     assert texts(await complete(stub, "Hello", max_tokens=2, **GREEDY))
 
@@ -455,7 +489,7 @@ async def test_undeploy_stops_the_engine_and_removes_the_marker(service, registr
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    base = (await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["base"]))).model_version
+    base = await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["base"]))
     assert DEPLOYMENT not in base.deployed_by
     code, _, _ = await rpc_error(complete(stub, "Hello", max_tokens=1))
     assert code == grpc.StatusCode.NOT_FOUND
@@ -465,20 +499,21 @@ async def test_adapter_fixture_has_nonzero_lora_b(workdir, versions):
     from safetensors import safe_open
 
     with safe_open(str(workdir / "lora" / "adapter_model.safetensors"), "pt") as f:
-        b = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
+        b = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]  # noqa: SIM118 - safe_open, not a dict
     assert b and all(float(t.abs().sum()) > 0 for t in b)
     assert json.loads((workdir / "lora" / "adapter_config.json").read_text())["r"] == 4
 
 
 async def test_engine_server_paces_a_stream_under_load_without_changing_it(workdir, versions):
     """The transformers engine's own pacing (the service passes its rule): a streamed answer comes in
-    fewer, merged SSE events — first at once —, with the same text and tokens as unpaced."""
+    fewer, merged SSE events — first at once —, with the same text and tokens as unpaced. The interval
+    (400 ms) is far above a token's time, so merging does not depend on how busy the machine is."""
     port = _free_port()
     log = (workdir / "paced-engine.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.inference.engines.transformers_server", "--model", str(workdir / "tiny"),
-        "--port", str(port), "--served-model-name", "tiny", "--stream-interval-ms", "150",
-        "--stream-max-interval-ms", "150", "--stream-pacing-min-streams", "1", stdout=log, stderr=log,
+        "--port", str(port), "--served-model-name", "tiny", "--stream-interval-ms", "400",
+        "--stream-max-interval-ms", "400", "--stream-pacing-min-streams", "1", stdout=log, stderr=log,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
@@ -507,7 +542,7 @@ async def test_engine_server_paces_a_stream_under_load_without_changing_it(workd
     tokens = [t for e in events for t in e["logprobs"]["tokens"]]
     assert tokens == whole["logprobs"]["tokens"] and len(tokens) == 48
     assert events[-1]["finish_reason"] == "length"
-    # at most one event per 150 ms after the first (plus the last, sent at once), not one per token
-    assert len(events) <= 2 + took / 0.15, (len(events), took)
+    # at most one event per 400 ms after the first (plus the last, sent at once), not one per token
+    assert len(events) <= 2 + took / 0.4, (len(events), took)
     assert len(events) < 48
     assert first_at < took

@@ -35,9 +35,9 @@ async def test_smollm2_on_vllm_chats_completes_and_tokenizes(workdir, module_s3,
     store = S3ArtifactStore.connect(module_s3)
     prefix = f"uploads/smollm2/{uuid.uuid4().hex[:8]}"
     store.upload_dir(prefix, build_smollm2())
-    base = (await registry.CreateModelVersion(rpb.CreateModelVersionRequest(
+    base = await registry.CreateModelVersion(rpb.CreateModelVersionRequest(
         parent="models/smollm2", version_id="v1",
-        model_version=rpb.ModelVersion(artifact_prefix=prefix)))).model_version
+        model_version=rpb.ModelVersion(artifact_prefix=prefix)))
 
     settings = inference_settings(workdir, module_s3, registry.addr)
     settings = settings.model_copy(update={"vllm_python": VLLM_PYTHON, "engine_start_timeout_s": 420})

@@ -11,8 +11,19 @@ import torch
 from cli.demo_models import build_smollm2
 from services.core.jobs import Worker
 from services.training.recipes.data import IGNORE_INDEX, tokenize_conversation
-from tests.integration.test_recipes import (DATA, FAST, KINDS, events_of, job_env, jobs, make_spec, run_job,  # noqa: F401
-                                            store, upload_dataset, upload_model)
+from tests.integration.test_recipes import (  # noqa: F401
+    DATA,
+    FAST,
+    KINDS,
+    events_of,
+    job_env,
+    jobs,
+    make_spec,
+    run_job,
+    store,
+    upload_dataset,
+    upload_model,
+)
 
 
 def _answer_logprob(model, tokenizer, messages: list[dict]) -> float:

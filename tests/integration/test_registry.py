@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cli.demo_models import build_tiny_model, smollm2_gguf_path
+from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.registry.v1 import registry_pb2 as pb
 from modelyard.registry.v1 import registry_pb2_grpc
 from services.core.artifacts import S3ArtifactStore, file_key
@@ -28,6 +29,8 @@ from services.core.grpc_client import error_from_rpc_error, make_channel
 from services.core.settings import GrpcServerSettings
 from services.registry.app import build_app
 from services.registry.settings import RegistrySettings
+
+TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED)
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -47,7 +50,7 @@ async def registry(tmp_path, s3_settings, store):
     """A running registry and a stub connected to it."""
     settings = RegistrySettings(
         data_dir=tmp_path / "data", s3=s3_settings, grpc=GrpcServerSettings(port=0), import_workers=1,
-        watch_interval_s=0.05, hf_endpoint="http://127.0.0.1:9", hf_token=None,
+        worker_poll_interval_s=0.1, hf_endpoint="http://127.0.0.1:9", hf_token=None,
     )
     app = build_app(settings, metrics=False, default_port=0)
     await app.start()
@@ -68,17 +71,20 @@ async def rpc_error(call) -> tuple[grpc.StatusCode, str, str]:
 
 
 async def wait_import(stub, name: str) -> pb.ModelImport:
-    """Follow WatchImport to the end; the last state seen."""
-    last = None
+    """Follow WatchImport to its end (a terminal state change), then the import as it is."""
+    states = []
     async for event in stub.WatchImport(pb.WatchImportRequest(name=name), timeout=600):
-        last = event.model_import
-    assert last is not None
-    return last
+        if event.HasField("state_change"):
+            states.append(event.state_change.state)
+    assert states and states[-1] in TERMINAL, states
+    done = await stub.GetImport(pb.GetImportRequest(name=name))
+    assert done.state == states[-1]
+    return done
 
 
 async def import_model(stub, parent: str, source: str, **kw) -> pb.ModelImport:
-    started = (await stub.ImportModel(pb.ImportModelRequest(parent=parent, source_uri=source, **kw))).model_import
-    assert started.state == pb.IMPORT_STATE_PENDING
+    started = await stub.ImportModel(pb.ImportModelRequest(parent=parent, source_uri=source, **kw))
+    assert started.state == cpb.JOB_STATE_QUEUED and started.stage == "queued"
     return await wait_import(stub, started.name)
 
 
@@ -86,7 +92,7 @@ def safetensors_param_count(folder: Path) -> int:
     total = 0
     for path in folder.glob("*.safetensors"):
         with safe_open(str(path), "np") as f:
-            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open is not a dict
     return total
 
 
@@ -103,7 +109,7 @@ async def create_base(stub, store, tiny_model: Path, parent="models/tiny", versi
     resp = await stub.CreateModelVersion(pb.CreateModelVersionRequest(
         parent=parent, version_id=version_id,
         model_version=pb.ModelVersion(artifact_prefix=f"uploads/{parent}/{version_id}", description="tiny base")))
-    return resp.model_version
+    return resp
 
 
 # ----------------------------------------------------------------------------- models and versions
@@ -111,10 +117,10 @@ async def create_base(stub, store, tiny_model: Path, parent="models/tiny", versi
 
 async def test_import_tiny_model_from_local_folder_inspects_and_serves_files(registry, tiny_model, tmp_path):
     done = await import_model(registry, "models/tiny", str(tiny_model), version_id="v1", labels={"team": "a"})
-    assert done.state == pb.IMPORT_STATE_SUCCEEDED, done.error
+    assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
     assert done.progress.fraction == 1.0 and done.model_version == "models/tiny/versions/v1"
 
-    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name="models/tiny/versions/v1"))).model_version
+    v = await registry.GetModelVersion(pb.GetModelVersionRequest(name="models/tiny/versions/v1"))
     assert v.state == pb.MODEL_VERSION_STATE_READY
     assert (v.kind, v.format) == (pb.MODEL_KIND_BASE, pb.MODEL_FORMAT_SAFETENSORS)
     assert v.metadata.architecture == "Qwen2ForCausalLM"
@@ -135,11 +141,11 @@ async def test_import_tiny_model_from_local_folder_inspects_and_serves_files(reg
     body = httpx.get(by_path["model.safetensors"].url).content
     assert hashlib.sha256(body).hexdigest() == by_path["model.safetensors"].file.sha256
 
-    model = (await registry.GetModel(pb.GetModelRequest(name="models/tiny"))).model
+    model = await registry.GetModel(pb.GetModelRequest(name="models/tiny"))
     assert model.version_count == 1
     updated = (await registry.UpdateModelVersion(pb.UpdateModelVersionRequest(
         model_version=pb.ModelVersion(name=v.name, description="new", labels={"x": "y"}),
-        update_mask=field_mask_pb2.FieldMask(paths=["description"])))).model_version
+        update_mask=field_mask_pb2.FieldMask(paths=["description"]))))
     assert updated.description == "new" and dict(updated.labels) == {"team": "a"}
 
 
@@ -148,7 +154,7 @@ async def test_failed_imports_leave_no_version_and_name_the_problem(registry, ti
     shutil.copytree(tiny_model, no_config)
     (no_config / "config.json").unlink()
     failed = await import_model(registry, "models/broken", str(no_config))
-    assert failed.state == pb.IMPORT_STATE_FAILED
+    assert failed.state == cpb.JOB_STATE_FAILED
     assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "config.json" in failed.error.message
 
@@ -157,7 +163,7 @@ async def test_failed_imports_leave_no_version_and_name_the_problem(registry, ti
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     failed2 = await import_model(registry, "models/broken", str(truncated))
-    assert failed2.state == pb.IMPORT_STATE_FAILED
+    assert failed2.state == cpb.JOB_STATE_FAILED
     assert failed2.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "model.safetensors" in failed2.error.message and "truncated" in failed2.error.message
     from google.rpc import error_details_pb2
@@ -233,7 +239,7 @@ async def test_paging_over_250_versions_visits_each_once(registry, tiny_model, s
             break
     assert pages == 3 and len(seen) == len(set(seen)) == 250
     assert seen == sorted(seen, reverse=True)
-    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name=seen[0]))).model_version
+    v = await registry.GetModelVersion(pb.GetModelVersionRequest(name=seen[0]))
     assert v.format == pb.MODEL_FORMAT_PEFT_ADAPTER and v.metadata.parameter_count == 256
 
     default = await registry.ListModelVersions(pb.ListModelVersionsRequest(parent="models/-", page_size=0))
@@ -251,12 +257,12 @@ async def test_lineage_guards_delete_and_force_removes_artifacts(registry, tiny_
     store.upload_dir("jobs/j1/adapter", make_adapter(tmp_path / "adapter"))
     adapter = (await registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
         parent="models/tiny-chat", kind=pb.MODEL_KIND_ADAPTER, artifact_prefix="jobs/j1/adapter",
-        lineage=pb.Lineage(base_model_version=base.name, job="trainingJobs/j1")))).model_version
+        lineage=pb.Lineage(base_model_version=base.name, job="trainingJobs/j1"))))
     assert adapter.name == "models/tiny-chat/versions/v1"
     store.upload_dir("jobs/j2/merged", tiny_model)
     merged = (await registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
         parent="models/tiny-chat", kind=pb.MODEL_KIND_MERGED, artifact_prefix="jobs/j2/merged",
-        lineage=pb.Lineage(base_model_version=adapter.name, job="trainingJobs/j2")))).model_version
+        lineage=pb.Lineage(base_model_version=adapter.name, job="trainingJobs/j2"))))
 
     graph = await registry.GetLineage(pb.GetLineageRequest(name=merged.name, direction=pb.LINEAGE_DIRECTION_ANCESTORS))
     assert [n.name for n in graph.nodes] == [merged.name, adapter.name, base.name]
@@ -361,9 +367,7 @@ class _Hub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def loopback_hub(tiny_model, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the import child process reads it
     _Hub.files = {p.name: p.read_bytes() for p in tiny_model.iterdir() if p.is_file()}
     _Hub.files["pytorch_model.bin"] = b"pickle weights the registry must not fetch"
     _Hub.requests = []
@@ -378,15 +382,15 @@ def loopback_hub(tiny_model, monkeypatch):
 async def test_hub_import_through_a_loopback_hub(registry, loopback_hub, tiny_model):
     registry.app.settings.hf_endpoint = loopback_hub
     done = await import_model(registry, "models/hub-tiny", "hf://acme/tiny@main")
-    assert done.state == pb.IMPORT_STATE_SUCCEEDED, done.error
-    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))).model_version
+    assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
+    v = await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))
     assert "pytorch_model.bin" not in {f.path for f in v.files}
     assert {f.path for f in v.files} == {p.name for p in tiny_model.iterdir() if p.is_file()}
     assert v.metadata.parameter_count == safetensors_param_count(tiny_model)
     assert any(r.startswith("GET /acme/tiny/resolve/") and r.endswith("model.safetensors") for r in _Hub.requests)
 
     missing = await import_model(registry, "models/hub-missing", "hf://acme/absent")
-    assert missing.state == pb.IMPORT_STATE_FAILED
+    assert missing.state == cpb.JOB_STATE_FAILED
     assert missing.error.code == grpc.StatusCode.NOT_FOUND.value[0], missing.error.message
 
 
@@ -410,7 +414,7 @@ async def upload(stub, parent: str, filename: str, data: bytes, chunk: int = 7) 
         for i in range(0, len(data), chunk):
             yield pb.UploadDatasetRequest(chunk=data[i:i + chunk])
 
-    return (await stub.UploadDataset(messages())).dataset_version
+    return await stub.UploadDataset(messages())
 
 
 async def test_dataset_upload_hashes_content_and_validation_reports_exactly_the_bad_rows(registry, tiny_model, store,
@@ -441,7 +445,7 @@ async def test_dataset_upload_hashes_content_and_validation_reports_exactly_the_
     adapter = (await registry.RegisterDerivedVersion(pb.RegisterDerivedVersionRequest(
         parent="models/tiny-chat", kind=pb.MODEL_KIND_ADAPTER, artifact_prefix="jobs/j1/adapter",
         lineage=pb.Lineage(base_model_version=base.name, dataset_versions=[first.name], job="trainingJobs/j1",
-                           parameters={"lr": 1e-4, "method": "lora"})))).model_version
+                           parameters={"lr": 1e-4, "method": "lora"}))))
     assert dict(adapter.lineage.parameters) == {"lr": 1e-4, "method": "lora"}
     code, reason, _ = await rpc_error(registry.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(name=first.name)))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_HAS_DESCENDANTS")
@@ -453,11 +457,35 @@ async def test_dataset_upload_hashes_content_and_validation_reports_exactly_the_
 
 
 @pytest.mark.slow
-async def test_import_smollm2_from_gguf_counts_its_parameters(registry):
+async def test_import_smollm2_from_gguf_counts_its_parameters_and_the_stored_model_answers(registry, tmp_path):
     done = await import_model(registry, "models/smollm2-135m", str(smollm2_gguf_path()))
-    assert done.state == pb.IMPORT_STATE_SUCCEEDED, done.error
-    v = (await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))).model_version
+    assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
+    v = await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))
     # 134,515,008: the count of the model loaded with transformers (tied embeddings counted once).
     assert abs(v.metadata.parameter_count - 134_515_008) <= 134_515_008 * 0.01
     assert v.metadata.architecture == "LlamaForCausalLM" and v.metadata.context_length == 8192
     assert v.metadata.has_chat_template and "model.safetensors" in {f.path for f in v.files}
+
+    # The registry's own conversion output, fetched back through its verified download path, loads
+    # with transformers and answers.
+    folder = tmp_path / "downloaded"
+    for f in v.files:
+        chunks = [r async for r in registry.DownloadFile(pb.DownloadFileRequest(name=v.name, path=f.path))]
+        dest = folder / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"".join(c.chunk for c in chunks[1:]))
+        assert hashlib.sha256(dest.read_bytes()).hexdigest() == f.sha256
+    answer = await asyncio.to_thread(_ask, folder, "What is the capital of France?")
+    assert "Paris" in answer, answer
+
+
+def _ask(folder: Path, question: str) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

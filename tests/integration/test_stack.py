@@ -99,8 +99,10 @@ class Fleet:
         return ServiceSpec(name=name, argv=[sys.executable, str(self.script), name, mode, str(self.stops)], port=port)
 
     def settings(self, **kw) -> StackSettings:
-        ports = dict(zip(("gateway", "registry", "training", "quantization", "evaluation", "inference", "s3"), free_ports(7)))
-        kw = {"data_dir": self.data_dir, "startup_timeout_s": 30.0, "stop_timeout_s": 5.0, **{f"port_{k}": v for k, v in ports.items()}, **kw}
+        names = ("gateway", "registry", "training", "quantization", "evaluation", "inference", "s3")
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
+        kw = {"data_dir": self.data_dir, "startup_timeout_s": 30.0, "stop_timeout_s": 5.0,
+              **{f"port_{k}": v for k, v in ports.items()}, **kw}
         return StackSettings(**kw)
 
 
@@ -140,7 +142,8 @@ def test_started_services_are_healthy_get_the_env_contract_and_stop_in_reverse_o
         assert env["YARD_TRAINING_S3__ACCESS_KEY"] == settings.s3_access_key
         assert env["YARD_TRAINING_S3__SECRET_KEY"] == settings.s3_secret_key.get_secret_value()
         assert "YARD_TRAINING_TRAINING_ADDR" not in env
-        assert json.loads((fleet.data_dir / "registry" / "env.json").read_text())["YARD_REGISTRY_TRAINING_ADDR"] == f"{HOST}:{train_port}"
+        registry_env = json.loads((fleet.data_dir / "registry" / "env.json").read_text())
+        assert registry_env["YARD_REGISTRY_TRAINING_ADDR"] == f"{HOST}:{train_port}"
         assert sorted(p.name for p in (fleet.data_dir / "logs").iterdir()) == ["registry.log", "s3.log", "training.log"]
         pids = [s.pid for s in stack.states()]
     finally:
@@ -162,6 +165,10 @@ def test_detached_stack_shows_in_status_and_down_stops_every_process(fleet):
         for service in state.services:
             line = next(line for line in result.stdout.splitlines() if f" {service.name} " in line)
             assert "SERVING" in line and service.address in line and str(service.pid) in line
+        as_json = yard("status", "--data-dir", str(fleet.data_dir), "-o", "json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert [(s["name"], s["address"], s["pid"], s["health"]) for s in json.loads(as_json.stdout)] == [
+            (s.name, s.address, s.pid, "SERVING") for s in state.services]
 
         with pytest.raises(StackError, match="already running"):
             start_detached(settings, [fleet.spec("registry", reg_port)])
@@ -225,9 +232,12 @@ def test_child_that_exits_at_start_is_named_with_its_log_and_the_rest_is_stopped
 
 
 def test_service_that_never_serves_times_out_naming_it(fleet):
-    settings = fleet.settings(startup_timeout_s=1.5)
+    # Long enough for the stand-in to be up and answer NOT_SERVING on a busy machine (it never turns SERVING,
+    # so the test always waits this long; a short window read DOWN when the interpreter started slowly).
+    settings = fleet.settings(startup_timeout_s=10.0)
     port = free_ports(1)[0]
-    with pytest.raises(StackError, match=r"quantization was not healthy .* \(health: NOT_SERVING\); see its log .*quantization\.log"):
+    unhealthy = r"quantization was not healthy .* \(health: NOT_SERVING\); see its log .*quantization\.log"
+    with pytest.raises(StackError, match=unhealthy):
         start_stack(settings, [fleet.spec("quantization", port, mode="not-serving")])
     assert not port_in_use(HOST, port) and not port_in_use(HOST, settings.port_s3)
 

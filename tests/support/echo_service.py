@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf.wrappers_pb2 import StringValue
+from pydantic_settings import SettingsConfigDict
 
 from services.core.context import current_request_id
+from services.core.entrypoint import run_service
 from services.core.errors import InvalidArgument, NotFound
 from services.core.grpc_client import make_channel
+from services.core.grpc_server import GrpcServer
+from services.core.settings import ServiceSettings
 
 SERVICE = "modelyard.testing.v1.EchoService"
 
@@ -29,12 +35,25 @@ class EchoServicer:
             raise InvalidArgument.for_field("page_size", "must be >= 0, got -1")
         raise NotFound(f"model {request.value!r} not found", reason="MODEL_NOT_FOUND", metadata={"name": request.value})
 
+    async def LogStdlib(self, request: StringValue, context) -> StringValue:
+        """Logs through the standard library, as a third-party library (grpc, uvicorn...) does."""
+        logging.getLogger("thirdparty.lib").warning("library says %s", request.value, extra={"detail": 7})
+        return StringValue(value="logged")
+
     async def Crash(self, request: StringValue, context) -> StringValue:
         secret = {"db_password": "hunter2"}
         return StringValue(value=str(1 / 0) + str(secret))
 
     async def Slow(self, request: StringValue, context) -> StringValue:
         await asyncio.sleep(float(request.value))
+        return StringValue(value="done")
+
+    async def Gate(self, request: StringValue, context) -> StringValue:
+        """A call held in flight by the test: creates ``<dir>/entered``, returns once ``<dir>/release`` exists."""
+        gate = Path(request.value)
+        (gate / "entered").touch()
+        while not (gate / "release").exists():
+            await asyncio.sleep(0.01)
         return StringValue(value="done")
 
     async def Relay(self, request: StringValue, context) -> StringValue:
@@ -66,7 +85,8 @@ def add_to_server(servicer: EchoServicer, server) -> None:
     def unary(fn):
         return grpc.unary_unary_rpc_method_handler(fn, StringValue.FromString, StringValue.SerializeToString)
 
-    handlers = {name: unary(getattr(servicer, name)) for name in ("Echo", "Fail", "Crash", "Slow", "Relay")}
+    unary_names = ("Echo", "Fail", "Crash", "Slow", "Gate", "Relay", "LogStdlib")
+    handlers = {name: unary(getattr(servicer, name)) for name in unary_names}
     for name in ("Count", "Ticks"):
         handlers[name] = grpc.unary_stream_rpc_method_handler(
             getattr(servicer, name), StringValue.FromString, StringValue.SerializeToString)
@@ -79,20 +99,27 @@ def stub(channel: grpc.aio.Channel, method: str, stream: bool = False):
                    response_deserializer=StringValue.FromString)
 
 
-async def _main() -> None:  # python -m tests.support.echo_service: a real server process for SIGTERM tests
-    from services.core.grpc_server import GrpcServer
-    from services.core.logging import configure_logging
-    from services.core.settings import GrpcServerSettings
+class EchoSettings(ServiceSettings):
+    """Settings of the echo process (env prefix ``YARD_ECHO_``), as a real service has."""
 
-    configure_logging(level="INFO", json=True, service="echo")
-    settings = GrpcServerSettings(port=0, grace_period_s=10, drain_notice_s=float(sys.argv[1]))
-    server = GrpcServer(settings, service="echo", metrics=False)
+    model_config = SettingsConfigDict(env_prefix="YARD_ECHO_", env_nested_delimiter="__", extra="ignore")
+
+
+@dataclass
+class EchoApp:
+    server: GrpcServer
+
+    async def start(self) -> None:
+        await self.server.start()
+        print(self.server.port, flush=True)  # the test reads the port from the first line of stdout
+
+
+def build_app(settings: EchoSettings) -> EchoApp:
+    server = GrpcServer(settings.grpc, service="echo", metrics=False)
     server.add_servicer(add_to_server, EchoServicer(), SERVICE)
-    await server.start()
-    print(server.port, flush=True)
-    await server.wait_for_termination()
+    return EchoApp(server)
+
+
+if __name__ == "__main__":  # python -m tests.support.echo_service: a real service process (SIGTERM, logging tests)
+    run_service(build_app, EchoSettings)
     print("exited-cleanly", flush=True)
-
-
-if __name__ == "__main__":
-    asyncio.run(_main())

@@ -11,10 +11,8 @@ The last message (chat) or the prompt (completions) picks the script:
 Prompt tokens are whitespace-separated words. Completions with ``echo`` send the prompt first,
 with one logprob per prompt word (the first one unset: nothing precedes it).
 
-Chunks are sent with ``context.write`` rather than ``yield``: a cancelled call then cancels the
-handler while it awaits. A handler suspended at ``yield`` when its client cancels is finalized
-later by the event loop, and the chassis' access-log interceptor then calls ``context.peer()`` on
-the freed call, which crashes the process (segfault; reported to the lead).
+Chunks are yielded, as the real servicer (``services/inference/servicer.py``) does, so the gateway
+meets the same server-side stream handling (a cancelled call cancels or finalizes the generator).
 
 Also here: ``BackgroundLoop`` (an event loop in a thread, for servers shared by sync tests) and
 ``serve_gateway`` (the gateway app under uvicorn on a free port in that loop).
@@ -30,12 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import structlog
 
 from modelyard.inference.v1 import inference_pb2 as pb
 from modelyard.inference.v1 import inference_pb2_grpc as pb_grpc
 from services.core.context import current_request_id
 from services.core.errors import Internal, InvalidArgument, NotFound, error_class_for
 from services.core.grpc_server import GrpcServer
+from services.core.logging import configure_logging
 from services.core.settings import GrpcServerSettings
 
 REPLY = ["Hello", " from", " the", " fake"]
@@ -86,7 +86,7 @@ class FakeInference(pb_grpc.InferenceServiceServicer):
         script = request.messages[-1].content if request.messages else ""
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
         async for chunk in self._generate(script, request.sampling, prompt_tokens, chat=True):
-            await context.write(chunk)
+            yield chunk
 
     async def Complete(self, request: pb.CompleteRequest, context):
         self._record("Complete", request)
@@ -100,7 +100,7 @@ class FakeInference(pb_grpc.InferenceServiceServicer):
                                 top_logprobs=[] if i == 0 else [pb.TopLogprob(token=t, logprob=-1.0 - i)])
                 for i, t in enumerate(tokens)])
         async for chunk in self._generate(request.prompt, request.sampling, prompt_tokens, chat=False, echo=echo):
-            await context.write(chunk)
+            yield chunk
 
     async def _generate(self, script: str, sampling: pb.SamplingParams, prompt_tokens: int, *, chat: bool,
                         echo: pb.CompleteChoiceDelta | None = None):
@@ -143,7 +143,7 @@ class FakeInference(pb_grpc.InferenceServiceServicer):
                         for i in range(n)])
             usage = pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion)
             yield pb.ChatChunk(id="chat-fake", usage=usage) if chat else pb.CompleteChunk(id="cmpl-fake", usage=usage)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled while awaiting, or closed at a yield
             self.cancelled.append(current_request_id())
             raise
 
@@ -190,6 +190,9 @@ class GatewayServer:
     def __init__(self, bg: BackgroundLoop, app) -> None:
         import uvicorn
 
+        if not structlog.is_configured():
+            # as `python -m gateway` does: log lines go to stderr, never into a CLI's captured stdout
+            configure_logging(json=False)
         self._bg = bg
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))

@@ -1,22 +1,27 @@
-"""An in-process registry + training service pair on loopback (port 0), for the training tests."""
+"""An in-process registry + training service pair on loopback (port 0), for the training tests.
+
+``Stack.registry`` is the SDK's ``RegistryClient``. ``Stack.training`` is still a raw
+``TrainingServiceStub`` (over a channel whose unary calls raise typed ``DomainError``s) while the
+training tests move to ``TrainingClient`` (``Stack.training_client``).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import pytest
 
-from modelyard.registry.v1 import registry_pb2 as rpb
-from modelyard.registry.v1 import registry_pb2_grpc
+from modelyard.client import DomainError, RegistryClient, TrainingClient
+from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.training.v1 import training_pb2 as tpb
 from modelyard.training.v1 import training_pb2_grpc
-from services.core.grpc_client import error_from_rpc_error, make_channel
+from services.core.grpc_client import make_channel
 from services.core.settings import GrpcServerSettings, S3Settings
+from services.core.status import error_from_rpc_error
 from services.registry.app import build_app as build_registry
 from services.registry.settings import RegistrySettings
 from services.training.app import TrainingApp
@@ -26,8 +31,9 @@ from services.training.settings import TrainingSettings
 
 @dataclass
 class Stack:
-    registry: registry_pb2_grpc.RegistryServiceStub
+    registry: RegistryClient
     training: training_pb2_grpc.TrainingServiceStub
+    training_client: TrainingClient
     training_addr: str
     app: TrainingApp
 
@@ -45,46 +51,45 @@ async def training_stack(data_dir: Path, s3: S3Settings, *, worker: bool = True,
         cancel_grace_s=5, **training)
     app = build_training(settings, metrics=False, default_port=0)
     await app.start()
-    reg_channel = make_channel(registry_addr, default_timeout_s=120)
-    channel = make_channel(app.server.address, default_timeout_s=120)
+    registry = RegistryClient(registry_addr, timeout=120)
+    training = TrainingClient(app.server.address, timeout=120)
+    channel = make_channel(app.server.address, default_timeout_s=120, typed_errors=True)
     try:
-        yield Stack(registry_pb2_grpc.RegistryServiceStub(reg_channel), training_pb2_grpc.TrainingServiceStub(channel),
-                    app.server.address, app)
+        yield Stack(registry, training_pb2_grpc.TrainingServiceStub(channel), training, app.server.address, app)
     finally:
         await channel.close()
-        await reg_channel.close()
+        await training.close()
+        await registry.close()
         await app.stop(grace=1)
         await reg_app.stop(grace=1)
 
 
-async def import_model(stub: registry_pb2_grpc.RegistryServiceStub, folder: Path, parent: str = "models/tiny",
+async def import_model(registry: RegistryClient, folder: Path, parent: str = "models/tiny",
                        version_id: str = "base") -> str:
     """Import a local model folder into the registry; its version name once READY."""
-    started = (await stub.ImportModel(rpb.ImportModelRequest(parent=parent, version_id=version_id,
-                                                             source_uri=str(folder)))).model_import
-    last = started
-    async for event in stub.WatchImport(rpb.WatchImportRequest(name=started.name), timeout=300):
-        last = event.model_import
-    assert last.state == rpb.IMPORT_STATE_SUCCEEDED, last.error
-    return last.model_version
+    started = await registry.import_model(parent=parent, version_id=version_id, source_uri=str(folder))
+    done = await registry.wait_import(started.name, timeout=300)
+    assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
+    return done.model_version
 
 
-async def upload_dataset(stub: registry_pb2_grpc.RegistryServiceStub, parent: str, path: Path) -> str:
-    data = path.read_bytes()
-
-    async def messages():
-        yield rpb.UploadDatasetRequest(metadata=rpb.DatasetUploadMetadata(parent=parent, filename=path.name))
-        for i in range(0, len(data), 1 << 16):
-            yield rpb.UploadDatasetRequest(chunk=data[i:i + (1 << 16)])
-
-    return (await stub.UploadDataset(messages())).dataset_version.name
+async def upload_dataset(registry: RegistryClient, parent: str, path: Path) -> str:
+    """Upload a local dataset file as a new version of ``parent``; the version name."""
+    return (await registry.upload_dataset(path, parent=parent, chunk_bytes=1 << 16)).name
 
 
-async def rpc_error(call) -> tuple[grpc.StatusCode, object]:
-    """Await ``call`` expecting a failure: (code, the typed DomainError with reason and violations)."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+async def rpc_error(call: Awaitable[object]) -> tuple[grpc.StatusCode, DomainError]:
+    """Await ``call`` expecting a failure: (code, the typed DomainError with reason and violations).
+
+    SDK calls raise the DomainError themselves; a raw stream's AioRpcError is converted here.
+    """
+    try:
         await call
-    return info.value.code(), error_from_rpc_error(info.value)
+    except DomainError as err:
+        return err.code, err
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), error_from_rpc_error(exc)
+    raise AssertionError("the call succeeded; a failure was expected")
 
 
 def lora_job(base: str, datasets: list[str], method: int = tpb.TRAINING_METHOD_LORA, **spec) -> tpb.TrainingJob:

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.core.errors import InvalidArgument, NotFound
 from services.core import datasets
 from services.core.datasets import (
     DatasetFormat,
@@ -25,6 +24,7 @@ from services.core.datasets import (
     to_preference,
     validate_dataset,
 )
+from services.core.errors import InvalidArgument, NotFound
 
 DATA = Path(__file__).parent.parent / "data" / "datasets"
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"

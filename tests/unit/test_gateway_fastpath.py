@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import TypeVar
 
 import pytest
 
 from gateway import protocol as p
 from gateway.auth.keys import ANONYMOUS
 from gateway.content_filter import ContentFilter
-from gateway.routes.generation import EventStream
-from gateway.serving import DONE, CallContext, Serving, Upstream, chat_logprobs
+from gateway.routes.sse import EventStream
+from gateway.serving import DONE, CallContext, OpenAIServing, Upstream
+from gateway.serving.chat import ServingChat, chat_logprobs
+from gateway.serving.completions import ServingCompletion
 from modelyard.inference.v1 import inference_pb2 as pb
 from services.core.errors import DeadlineExceeded
 
@@ -55,9 +58,12 @@ def test_completion_chunks_are_byte_identical_to_the_models(model):
                 assert envelope.event([p.completion_choice_json(index, text, finish)]) == expected
 
 
-def serving(terms: list[str]) -> Serving:
+S = TypeVar("S", bound=OpenAIServing)
+
+
+def serving(cls: type[S], terms: list[str]) -> S:
     """Just what the events need: the content filter."""
-    out = Serving.__new__(Serving)
+    out = cls.__new__(cls)
     out.filter = ContentFilter(terms)
     return out
 
@@ -126,7 +132,7 @@ async def test_chat_events_match_the_models(logprobs, include_usage, terms):
     req = p.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], n=2, stream=True,
                                   logprobs=logprobs, stream_options={"include_usage": include_usage})
     ctx = CallContext(request_id="r", key=ANONYMOUS, model="m", endpoint="chat.completions", started=0.0)
-    events = [e async for e in serving(terms).chat_events(ctx, req, FakeUpstream(chat_messages()))]
+    events = [e async for e in serving(ServingChat, terms).chat_events(ctx, req, FakeUpstream(chat_messages()))]
     first = json.loads(events[0][6:])
     assert events == reference_chat_events(req, first["id"], first["created"], "m", chat_messages(), terms)
     assert (ctx.prompt_tokens, ctx.completion_tokens, ctx.content_deltas) == (3, 5, 3)
@@ -139,7 +145,7 @@ async def test_completion_events_match_the_models():
                 pb.CompleteChunk(choices=[last])]
     ctx = CallContext(request_id="r", key=ANONYMOUS, model="m", endpoint="completions", started=0.0)
     upstreams = [FakeUpstream(messages), FakeUpstream(messages)]
-    events = [e async for e in serving([]).completion_events(ctx, req, upstreams)]
+    events = [e async for e in serving(ServingCompletion, []).completion_events(ctx, req, upstreams)]
     first = json.loads(events[0][6:])
     expected = [sse(p.Completion(id=first["id"], created=first["created"], model="m", choices=[
         p.CompletionChoice(index=prompt, text=text, logprobs=None, finish_reason=finish)]))
@@ -156,9 +162,12 @@ class Client:
     def __init__(self) -> None:
         self.sent: list[dict] = []
         self.gone = asyncio.Event()
+        self.body_sent = asyncio.Event()  # a first body message reached send
 
     async def send(self, message: dict) -> None:
         self.sent.append(message)
+        if message["type"] == "http.response.body":
+            self.body_sent.set()
 
     async def receive(self) -> dict:
         await self.gone.wait()
@@ -189,11 +198,12 @@ async def test_event_stream_without_done_ends_with_an_empty_body():
 
 @pytest.mark.parametrize("blocked_in", ["read", "send"])
 async def test_disconnect_closes_the_events_and_returns_normally(blocked_in):
-    closed, hang = asyncio.Event(), asyncio.Event()
+    closed, hang, waiting = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def events():
         try:
             yield b"data: 1\n\n"
+            waiting.set()
             await hang.wait()  # the upstream read that never answers
             yield b"data: 2\n\n"
         finally:
@@ -204,12 +214,13 @@ async def test_disconnect_closes_the_events_and_returns_normally(blocked_in):
         async def send(message: dict) -> None:
             client.sent.append(message)
             if len(client.sent) == 2:
+                waiting.set()
                 await hang.wait()  # a slow client: the write waits for the socket to drain
-        client.send = send
+        client.send = send  # type: ignore[method-assign]
     task = asyncio.ensure_future(EventStream(events(), {})({"type": "http"}, client.receive, client.send))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(waiting.wait(), 10)  # blocked where the test wants it
     client.gone.set()
-    await asyncio.wait_for(task, 2)
+    await asyncio.wait_for(task, 10)
     assert closed.is_set() and task.result() is None and not task.cancelled()
     assert [m.get("body") for m in client.sent[1:]] == [b"data: 1\n\n"]
 
@@ -221,23 +232,55 @@ async def test_a_cancelled_response_still_raises():
 
     client = Client()
     task = asyncio.ensure_future(EventStream(events(), {})({"type": "http"}, client.receive, client.send))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(client.body_sent.wait(), 10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
 
 # ---------------------------------------------------------------- idle watchdog
+# A manual clock drives the watchdog: time moves only when the test says, so no margin of
+# wall-clock time decides a result on a busy machine.
+
+
+class ManualClock:
+    """``time`` and ``call_at`` of an event loop, on a clock that ``advance`` moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._timers: list[tuple[float, asyncio.TimerHandle]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback, *args) -> asyncio.TimerHandle:
+        handle = asyncio.TimerHandle(when, callback, args, asyncio.get_running_loop())
+        self._timers.append((when, handle))
+        return handle
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock, running each timer that falls due on the way (timers may add timers)."""
+        self.now += seconds
+        while due := sorted((t for t in self._timers if t[0] <= self.now), key=lambda t: t[0]):
+            self._timers.remove(due[0])
+            if not due[0][1].cancelled():
+                due[0][1]._run()
 
 
 class FakeCall:
-    def __init__(self, gaps: list[float]) -> None:
-        self._gaps = iter(gaps)
+    """A gRPC stream call whose messages the test hands over one by one."""
+
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[pb.ChatChunk] = asyncio.Queue()
+        self.reading = asyncio.Event()
         self.cancelled = False
 
     async def read(self):
-        await asyncio.sleep(next(self._gaps))
-        return pb.ChatChunk()
+        self.reading.set()
+        try:
+            return await self.replies.get()
+        finally:
+            self.reading.clear()
 
     def done(self) -> bool:
         return self.cancelled
@@ -251,34 +294,63 @@ class FakeReplica:
         pass
 
 
-def upstream(gaps: list[float], idle_s: float) -> Upstream:
-    return Upstream(None, FakeReplica(), None, FakeCall(gaps), pb.ChatChunk(), idle_s)
+IDLE_S = 1.0
+
+
+def upstream() -> tuple[Upstream, FakeCall, ManualClock]:
+    call, clock = FakeCall(), ManualClock()
+    return Upstream(None, FakeReplica(), None, call, pb.ChatChunk(), IDLE_S, clock=clock), call, clock
+
+
+async def read_taking(up: Upstream, call: FakeCall, clock: ManualClock, seconds: float):
+    """One read during which ``seconds`` pass before the engine's message arrives."""
+    task = asyncio.ensure_future(up.__anext__())
+    await asyncio.wait_for(call.reading.wait(), 10)
+    clock.advance(seconds)
+    call.replies.put_nowait(pb.ChatChunk())
+    return await task
 
 
 async def test_reads_faster_than_idle_never_time_out_however_long_the_stream():
-    up = upstream([0.03] * 10, idle_s=0.1)  # 0.3 s in all, 3 times idle_s
-    for _ in range(11):
-        await up.__anext__()
+    up, call, clock = upstream()
+    await up.__anext__()  # the first chunk, read before
+    for _ in range(10):  # 3 x idle_s in all, each read 0.3 x idle_s
+        await read_taking(up, call, clock, 0.3 * IDLE_S)
+    assert clock.now == pytest.approx(3 * IDLE_S)
     up.close()
+    assert call.cancelled
 
 
 async def test_a_read_waiting_idle_s_fails_with_idle_chunk_timeout():
-    up = upstream([0.02, 0.02, 5.0], idle_s=0.1)
+    up, call, clock = upstream()
     await up.__anext__()
-    await up.__anext__()
-    await up.__anext__()
+    await read_taking(up, call, clock, 0.3 * IDLE_S)
+    await read_taking(up, call, clock, 0.3 * IDLE_S)  # the watchdog armed at 0 fires in the next read
+
+    async def engine_goes_quiet() -> None:
+        await call.reading.wait()
+        clock.advance(0.5 * IDLE_S)  # at 1.1: the first timer re-arms for this read (due at 1.6)
+        for _ in range(3):  # let a cancellation, had there been one, reach the read
+            await asyncio.sleep(0)
+        assert call.reading.is_set(), "cancelled before idle_s passed"
+        clock.advance(0.5 * IDLE_S)  # at 1.6: this read waited idle_s
+
+    quiet = asyncio.ensure_future(engine_goes_quiet())
     with pytest.raises(DeadlineExceeded) as err:
         await up.__anext__()  # in this task: the watchdog's cancel must leave no trace on it
+    await quiet
     assert err.value.reason == "IDLE_CHUNK_TIMEOUT" and asyncio.current_task().cancelling() == 0
     up.close()
 
 
 async def test_cancelling_the_reader_is_not_a_timeout():
-    up = upstream([5.0], idle_s=0.05)
+    up, call, clock = upstream()
     await up.__anext__()
     task = asyncio.ensure_future(up.__anext__())
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(call.reading.wait(), 10)
+    clock.advance(0.5 * IDLE_S)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    clock.advance(10 * IDLE_S)  # the watchdog finds no read to cancel
     up.close()

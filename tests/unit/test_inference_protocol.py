@@ -7,7 +7,7 @@ import pytest
 from modelyard.inference.v1 import inference_pb2 as pb
 from services.core.errors import InvalidArgument, NotFound, Unimplemented
 from services.inference import protocol
-from services.inference.deployments import _parse_filter, _parse_order, parse_name
+from services.inference.deployments import parse_name
 from services.inference.engines.base import _http_error
 from services.inference.engines.scheduler import _safe_end
 
@@ -92,13 +92,7 @@ def test_safe_end_holds_back_possible_stop_prefixes(text, stops, end):
     assert _safe_end(text, stops) == end
 
 
-def test_list_filter_order_and_names():
-    assert _parse_filter('state = DEPLOYMENT_STATE_READY AND engine = ENGINE_VLLM') == [("state", "READY"),
-                                                                                      ("engine", "VLLM")]
-    with pytest.raises(InvalidArgument, match="filter"):
-        _parse_filter("color = red")
-    with pytest.raises(InvalidArgument, match="order_by"):
-        _parse_order("size")
+def test_deployment_names():  # listing: tests/unit/test_inference_listing.py
     assert parse_name("deployments/chat-1") == "chat-1"
     with pytest.raises(InvalidArgument, match="name"):
         parse_name("chat")

@@ -17,11 +17,12 @@ from starlette.routing import Route
 
 from modelyard.inference.v1 import inference_pb2 as pb
 from services.inference import protocol
-from services.inference.engines.sse_client import ConnectionLost, SseClient, SseEvents
 from services.inference.engines.base import EngineSpec, StreamRate
+from services.inference.engines.sse_client import ConnectionLost, SseClient, SseEvents
 from services.inference.engines.transformers_engine import TransformersEngine
 from services.inference.engines.vllm_engine import VllmEngine
 from services.inference.streaming import Pacer, Pacing, paced
+from tests.support.virtual_time import virtual_time
 
 # ====================================================================== SseEvents
 
@@ -628,6 +629,8 @@ def test_complete_chunks_merges_interleaved_choices_per_index():
 
 
 # ====================================================================== pacing
+# The timing tests run on a virtual clock (tests/support/virtual_time.py): times are exact, whatever
+# the load of the machine.
 
 
 async def _source(n_items, gap_s, *, log=None, per_batch=1, fail=None):
@@ -653,6 +656,7 @@ async def _source(n_items, gap_s, *, log=None, per_batch=1, fail=None):
             log.append(("closed", loop.time()))
 
 
+@virtual_time
 async def test_paced_first_batch_at_once_then_at_most_one_per_interval():
     loop = asyncio.get_running_loop()
     log: list = []
@@ -665,20 +669,14 @@ async def test_paced_first_batch_at_once_then_at_most_one_per_interval():
     times = [t for t, _ in batches]
     items = [item["k"] for _, b in batches for item in b]
     assert items == list(range(25))  # in order, each once
-    # the first token is not delayed, and goes out alone
-    assert times[0] - start < 0.05
+    # the first token is not delayed, and goes out alone; then one burst per interval (0.48 s of
+    # tokens: at 0.2 and 0.4); the end of the stream goes out when it comes (0.48), not at the next slot
+    assert [t - start for t in times] == pytest.approx([0.0, 0.2, 0.4, 0.48], abs=1e-9)
     assert batches[0][1] == [{"k": 0}]
-    # then the stream is sent in bursts, at most one per interval
-    assert len(batches) >= 3
-    for prev, cur in zip(times, times[1:-1]):
-        assert cur - prev >= interval - 0.01, times
     for _, b in batches[1:-1]:
-        assert len(b) >= 5, [len(b) for _, b in batches]
-    assert len(batches) <= 4  # ~0.48 s of tokens at one burst per 0.2 s
-    # the end of the stream goes out when it comes, not at the next slot
+        assert len(b) >= 9, [len(b) for _, b in batches]
     end_time = next(t for kind, t in log if kind == "end")
-    assert finished - end_time < 0.1
-    assert times[-1] - end_time < 0.1
+    assert finished == pytest.approx(end_time, abs=1e-9) and times[-1] == pytest.approx(end_time, abs=1e-9)
 
 
 async def test_paced_interval_zero_forwards_every_batch():
@@ -696,6 +694,7 @@ async def test_paced_interval_zero_forwards_every_batch():
     assert out == source_batches and len(out) == 6
 
 
+@virtual_time
 async def test_paced_forwards_items_before_an_error_then_raises_it():
     loop = asyncio.get_running_loop()
     error = ValueError("engine failed")
@@ -706,9 +705,10 @@ async def test_paced_forwards_items_before_an_error_then_raises_it():
             got.extend(batch)
     assert info.value is error
     assert got == [{"k": 0}, {"k": 1}, {"k": 2}]
-    assert loop.time() - start < 0.3  # the error did not wait for the next slot
+    assert loop.time() - start == pytest.approx(0.04)  # the error did not wait for the next slot (0.5)
 
 
+@virtual_time
 async def test_paced_close_early_closes_the_source():
     log: list = []
     gen = paced(_source(10_000, 0.01, log=log), lambda: 0.05)
@@ -725,6 +725,7 @@ async def test_paced_close_early_closes_the_source():
     assert sum(kind == "batch" for kind, _ in log) == n_batches  # nothing reads the source any more
 
 
+@virtual_time
 async def test_pacer_paces_only_with_enough_open_streams():
     loop = asyncio.get_running_loop()
     pacer = Pacer(interval_s=0.2, min_streams=2)
@@ -741,6 +742,7 @@ async def test_pacer_paces_only_with_enough_open_streams():
     # two streams: paced
     log_a: list = []
     log_b: list = []
+    started = loop.time()
     a = pacer.stream(_source(10, 0.02, log=log_a))
     b = pacer.stream(_source(10, 0.02, log=log_b))
     first_a = await a.__anext__()
@@ -760,8 +762,8 @@ async def test_pacer_paces_only_with_enough_open_streams():
     for first, rest_batches, log in ((first_a, rest_a, log_a), (first_b, rest_b, log_b)):
         items = first + [item for _, batch in rest_batches for item in batch]
         assert [i["k"] for i in items] == list(range(10))
-        assert len(rest_batches) <= 2  # 9 items over 0.18 s: merged, not 9 messages
-        assert any(len(batch) >= 5 for _, batch in rest_batches)
+        # 9 items over 0.18 s, under one interval: one message when the stream ends, not 9
+        assert [(t, len(batch)) for t, batch in rest_batches] == [(pytest.approx(started + 0.18), 9)]
         assert any(kind == "closed" for kind, _ in log)
 
 
@@ -786,6 +788,7 @@ async def test_pacer_with_zero_interval_forwards_batches_unchanged():
     assert pacer.open_streams == 0
 
 
+@virtual_time
 async def test_pacer_forwards_a_stream_the_engine_paced_as_it_comes_and_counts_it():
     pacer = Pacer(interval_s=0.2, min_streams=1)
     log: list = []
@@ -824,13 +827,15 @@ async def test_engine_streams_measure_the_per_stream_rate_and_vllm_sends_its_str
             assert len(burst) == 31 and engine.stream_rate.tokens_per_s == 0
             assert "stream_interval" not in app.bodies[-1]
 
-            await run(max_tokens=11, delay=0.02)  # 10 tokens after the first in >= 0.2 s
-            assert 20 < engine.stream_rate.tokens_per_s < 100  # ~50 (timer and read jitter aside)
+            await run(max_tokens=11, delay=0.02)  # 10 tokens after the first in 0.2 s: ~50 tokens/s
+            # Real sockets on a real clock: a loaded machine only stretches the stream, so the bounds are
+            # wide (up to 1.25 s for the 10 tokens) and still prove it was measured, not a burst (0).
+            assert 8 < engine.stream_rate.tokens_per_s < 200
             await run(max_tokens=11, delay=0.02, n=2)  # n > 1: the choices share the time, not counted
             measured = engine.stream_rate.tokens_per_s
             await run(max_tokens=2)
             assert engine.stream_rate.tokens_per_s == measured
-            assert app.bodies[-1]["stream_interval"] == int(measured * 0.25) >= 5  # what vLLM is asked
+            assert app.bodies[-1]["stream_interval"] == int(measured * 0.25) >= 2  # what vLLM is asked
             assert app.bodies[-1]["stream"] is True and app.bodies[-1]["stream_options"] == {"include_usage": True}
         finally:
             await engine.stop()

@@ -6,10 +6,18 @@ import time
 
 import pytest
 
+from services.core import listing
 from services.core.db import Database
-from services.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    error_dict,
+    error_to_domain,
+)
 from services.core.jobs import JOB_ATTEMPTS_EXHAUSTED, EventType, JobState, JobStore, NewEvent
-from services.core.jobs.records import error_dict, error_to_domain
+from services.core.jobs.store import JOB_SCHEMA
 
 
 @pytest.fixture
@@ -40,19 +48,28 @@ def test_create_validates_fields_and_refuses_duplicates(store):
 def test_list_filters_orders_and_pages(store):
     names = [store.create("a" if i % 2 else "b", {}, name=f"jobs/j{i:02d}").name for i in range(7)]
     store.request_cancel("jobs/j00")
-    page, token = store.list(order_by="name", page_size=3)
-    assert [j.name for j in page] == names[:3] and token
-    page2, token2 = store.list(order_by="name", page_size=3, page_token=token)
-    page3, token3 = store.list(order_by="name", page_size=3, page_token=token2)
-    assert [j.name for j in page2 + page3] == names[3:] and token3 == ""
-    assert [j.name for j in store.list(kind="b", states=[JobState.QUEUED], order_by="name desc")[0]] == [
+
+    def page(**kw):
+        token = kw.pop("page_token", "")
+        kinds = kw.pop("kinds", ())
+        return store.list(listing.parse(JOB_SCHEMA, page_token=token, **kw), kinds=kinds)
+
+    p1 = page(order_by="name", page_size=3)
+    assert [j.name for j in p1.items] == names[:3] and p1.next_page_token and p1.total_size == 7
+    p2 = page(order_by="name", page_size=3, page_token=p1.next_page_token)
+    p3 = page(order_by="name", page_size=3, page_token=p2.next_page_token)
+    assert [j.name for j in p2.items + p3.items] == names[3:] and p3.next_page_token == ""
+    assert [j.name for j in page(kinds=["b"], filter="state = JOB_STATE_QUEUED", order_by="name desc").items] == [
         "jobs/j06", "jobs/j04", "jobs/j02"]
+    assert [j.name for j in page(filter="state = cancelled").items] == ["jobs/j00"]
     with pytest.raises(InvalidArgument, match="page_token"):
-        store.list(order_by="name desc", page_size=3, page_token=token)
+        page(order_by="name desc", page_size=3, page_token=p1.next_page_token)
     with pytest.raises(InvalidArgument, match="page_size"):
-        store.list(page_size=-1)
+        page(page_size=-1)
     with pytest.raises(InvalidArgument, match="order_by"):
-        store.list(order_by="state")
+        page(order_by="state")
+    with pytest.raises(InvalidArgument, match="filter"):
+        page(filter="state = SLEEPING")
 
 
 def test_claim_takes_oldest_queued_job_of_known_kinds_once(store):

@@ -13,7 +13,7 @@ from cli.demo_models import build_tiny_model
 from services.core.errors import InvalidArgument
 from services.training.recipes import data as D
 from services.training.recipes.merge import merge_adapter
-from services.training.recipes.spec import parse_spec
+from services.training.recipes.spec import Hyperparameters, Launcher, parse_spec
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                 {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And 3+3?"},
@@ -120,11 +120,14 @@ def test_bad_spec_names_each_field():
     assert {"spec.method", "spec.datasets", "spec.hyperparameters.lora_rank"} <= fields
 
 
+def resolved(precision: str = "fp32", **given) -> Hyperparameters:
+    return Hyperparameters.resolve(given, method="lora", use_lora=True, precision=precision)
+
+
 def test_deepspeed_config_follows_the_launcher_spec():
     from services.training.recipes.distributed import deepspeed_config
-    from services.training.recipes.spec import Hyperparameters, Launcher
 
-    hp = Hyperparameters(batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    hp = resolved(batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5)
     z2 = deepspeed_config(Launcher(kind="deepspeed", num_processes=2, zero_stage=2), hp)
     zero = z2["zero_optimization"]
     assert zero["stage"] == 2 and "offload_optimizer" not in zero and "offload_param" not in zero
@@ -132,15 +135,19 @@ def test_deepspeed_config_follows_the_launcher_spec():
     assert z2["train_batch_size"] == 3 * 4 * 2 and z2["gradient_clipping"] == 0.5
     assert z2["bf16"] == z2["fp16"] == {"enabled": False}  # fp32
     assert z2["zero_allow_untested_optimizer"] is True and z2["zero_force_ds_cpu_optimizer"] is False
-    z3 = deepspeed_config(Launcher(kind="deepspeed", num_processes=4, zero_stage=3, offload=True),
-                          Hyperparameters(precision="bf16"))
+    z3 = deepspeed_config(Launcher(kind="deepspeed", num_processes=4, zero_stage=3, offload=True,
+                                   offload_parameters=True), resolved("bf16", gradient_accumulation_steps=1))
     zero = z3["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert z3["train_batch_size"] == 1 * 1 * 4 and z3["bf16"] == {"enabled": True}
-    z2_offload = deepspeed_config(Launcher(kind="deepspeed", num_processes=2, zero_stage=2, offload=True), hp)
+    z2_offload = deepspeed_config(Launcher(kind="deepspeed", num_processes=2, zero_stage=2, offload=True,
+                                           offload_parameters=True), hp)
     assert "offload_optimizer" in z2_offload["zero_optimization"]
     assert "offload_param" not in z2_offload["zero_optimization"]  # parameter offload is ZeRO-3 only
+    z3_optimizer_only = deepspeed_config(Launcher(kind="deepspeed", num_processes=2, zero_stage=3, offload=True), hp)
+    assert "offload_optimizer" in z3_optimizer_only["zero_optimization"]
+    assert "offload_param" not in z3_optimizer_only["zero_optimization"]  # only when asked for
 
 
 def test_deepspeed_config_matches_the_trainer_arguments(tmp_path):
@@ -148,10 +155,9 @@ def test_deepspeed_config_matches_the_trainer_arguments(tmp_path):
     from transformers import TrainingArguments
 
     from services.training.recipes.distributed import deepspeed_config
-    from services.training.recipes.spec import Hyperparameters, Launcher
 
     config = deepspeed_config(Launcher(kind="deepspeed", num_processes=1, zero_stage=2),
-                              Hyperparameters(batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.7))
+                              resolved(batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.7))
 
     def mismatches(accumulation: int) -> list[str]:
         args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_grad_norm=0.7,

@@ -1,10 +1,16 @@
-"""services.core.runtime: the startup heap is taken out of the collector's scans."""
+"""services.core.runtime and entrypoint: the startup heap leaves the collector's scans; a service's settings."""
 
 from __future__ import annotations
 
 import gc
 
+import pytest
+from pydantic import ValidationError
+
+from services.core.entrypoint import loop_factory, service_name_of
 from services.core.runtime import freeze_startup_heap
+from services.inference.settings import InferenceSettings
+from services.registry.settings import RegistrySettings
 
 
 def _in_oldest_generation(obj: object) -> bool:
@@ -26,3 +32,13 @@ def test_freeze_startup_heap_moves_the_live_objects_out_of_full_collections():
         assert gc.collect() >= 1
     finally:
         gc.unfreeze()
+
+
+def test_service_settings_name_the_service_and_its_event_loop(monkeypatch):
+    assert service_name_of(RegistrySettings) == "registry" and service_name_of(InferenceSettings) == "inference"
+    assert loop_factory("asyncio") is None
+    monkeypatch.setenv("YARD_REGISTRY_EVENT_LOOP", "asyncio")
+    assert RegistrySettings().event_loop == "asyncio"  # read through the settings class, with its prefix
+    monkeypatch.setenv("YARD_REGISTRY_EVENT_LOOP", "tornado")
+    with pytest.raises(ValidationError):
+        RegistrySettings()

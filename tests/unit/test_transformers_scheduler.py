@@ -82,7 +82,7 @@ async def test_requests_joining_and_leaving_a_batch_get_their_solo_answers(model
         assert batched.running == 0
     finally:
         batched.stop()
-    for i, (want, have) in enumerate(zip(solo, got)):
+    for i, (want, have) in enumerate(zip(solo, got, strict=True)):
         assert have[0] == want[0] and have[2] == want[2], f"request {i} ({PROMPTS[i]!r}): batched {have} != alone {want}"
         assert have[1] == pytest.approx(want[1], abs=1e-4), f"request {i} ({PROMPTS[i]!r}): log-probabilities differ"
     assert any(merged_with_finished_rows), merged_with_finished_rows

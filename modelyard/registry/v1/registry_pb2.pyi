@@ -1,9 +1,11 @@
 import datetime
 
+from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
+from modelyard.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -56,14 +58,6 @@ class LineageNodeType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LINEAGE_NODE_TYPE_UNSPECIFIED: _ClassVar[LineageNodeType]
     LINEAGE_NODE_TYPE_MODEL_VERSION: _ClassVar[LineageNodeType]
     LINEAGE_NODE_TYPE_DATASET_VERSION: _ClassVar[LineageNodeType]
-
-class ImportState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    IMPORT_STATE_UNSPECIFIED: _ClassVar[ImportState]
-    IMPORT_STATE_PENDING: _ClassVar[ImportState]
-    IMPORT_STATE_RUNNING: _ClassVar[ImportState]
-    IMPORT_STATE_SUCCEEDED: _ClassVar[ImportState]
-    IMPORT_STATE_FAILED: _ClassVar[ImportState]
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_BASE: ModelKind
 MODEL_KIND_ADAPTER: ModelKind
@@ -90,11 +84,6 @@ LINEAGE_RELATION_DATASET: LineageRelation
 LINEAGE_NODE_TYPE_UNSPECIFIED: LineageNodeType
 LINEAGE_NODE_TYPE_MODEL_VERSION: LineageNodeType
 LINEAGE_NODE_TYPE_DATASET_VERSION: LineageNodeType
-IMPORT_STATE_UNSPECIFIED: ImportState
-IMPORT_STATE_PENDING: ImportState
-IMPORT_STATE_RUNNING: ImportState
-IMPORT_STATE_SUCCEEDED: ImportState
-IMPORT_STATE_FAILED: ImportState
 
 class Model(_message.Message):
     __slots__ = ("name", "description", "labels", "version_count", "create_time", "update_time")
@@ -206,23 +195,11 @@ class CreateModelRequest(_message.Message):
     model: Model
     def __init__(self, model_id: _Optional[str] = ..., model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
-class CreateModelResponse(_message.Message):
-    __slots__ = ("model",)
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    model: Model
-    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
-
 class GetModelRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class GetModelResponse(_message.Message):
-    __slots__ = ("model",)
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    model: Model
-    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "filter", "order_by")
@@ -254,12 +231,6 @@ class UpdateModelRequest(_message.Message):
     update_mask: _field_mask_pb2.FieldMask
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
-class UpdateModelResponse(_message.Message):
-    __slots__ = ("model",)
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    model: Model
-    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
-
 class DeleteModelRequest(_message.Message):
     __slots__ = ("name", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -267,12 +238,6 @@ class DeleteModelRequest(_message.Message):
     name: str
     force: bool
     def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
-
-class DeleteModelResponse(_message.Message):
-    __slots__ = ("deleted_versions",)
-    DELETED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
-    deleted_versions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, deleted_versions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateModelVersionRequest(_message.Message):
     __slots__ = ("parent", "version_id", "model_version")
@@ -284,23 +249,11 @@ class CreateModelVersionRequest(_message.Message):
     model_version: ModelVersion
     def __init__(self, parent: _Optional[str] = ..., version_id: _Optional[str] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
 
-class CreateModelVersionResponse(_message.Message):
-    __slots__ = ("model_version",)
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    model_version: ModelVersion
-    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
-
 class GetModelVersionRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class GetModelVersionResponse(_message.Message):
-    __slots__ = ("model_version",)
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    model_version: ModelVersion
-    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
 
 class ListModelVersionsRequest(_message.Message):
     __slots__ = ("parent", "page_size", "page_token", "filter", "order_by")
@@ -334,12 +287,6 @@ class UpdateModelVersionRequest(_message.Message):
     update_mask: _field_mask_pb2.FieldMask
     def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
-class UpdateModelVersionResponse(_message.Message):
-    __slots__ = ("model_version",)
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    model_version: ModelVersion
-    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
-
 class DeleteModelVersionRequest(_message.Message):
     __slots__ = ("name", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -347,12 +294,6 @@ class DeleteModelVersionRequest(_message.Message):
     name: str
     force: bool
     def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
-
-class DeleteModelVersionResponse(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class RegisterDerivedVersionRequest(_message.Message):
     __slots__ = ("parent", "version_id", "kind", "format", "artifact_prefix", "lineage", "description", "labels")
@@ -381,12 +322,6 @@ class RegisterDerivedVersionRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     def __init__(self, parent: _Optional[str] = ..., version_id: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., artifact_prefix: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class RegisterDerivedVersionResponse(_message.Message):
-    __slots__ = ("model_version",)
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    model_version: ModelVersion
-    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
-
 class SetDeploymentMarkerRequest(_message.Message):
     __slots__ = ("name", "deployment", "deployed")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -396,12 +331,6 @@ class SetDeploymentMarkerRequest(_message.Message):
     deployment: str
     deployed: bool
     def __init__(self, name: _Optional[str] = ..., deployment: _Optional[str] = ..., deployed: _Optional[bool] = ...) -> None: ...
-
-class SetDeploymentMarkerResponse(_message.Message):
-    __slots__ = ("model_version",)
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    model_version: ModelVersion
-    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
 
 class LineageNode(_message.Message):
     __slots__ = ("name", "type", "kind", "job", "deleted")
@@ -447,39 +376,31 @@ class GetLineageResponse(_message.Message):
     edges: _containers.RepeatedCompositeFieldContainer[LineageEdge]
     def __init__(self, nodes: _Optional[_Iterable[_Union[LineageNode, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[LineageEdge, _Mapping]]] = ...) -> None: ...
 
-class ImportProgress(_message.Message):
-    __slots__ = ("fraction", "stage", "bytes_done", "bytes_total")
-    FRACTION_FIELD_NUMBER: _ClassVar[int]
-    STAGE_FIELD_NUMBER: _ClassVar[int]
-    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
-    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
-    fraction: float
-    stage: str
-    bytes_done: int
-    bytes_total: int
-    def __init__(self, fraction: _Optional[float] = ..., stage: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
-
 class ModelImport(_message.Message):
-    __slots__ = ("name", "source_uri", "model_version", "state", "progress", "error", "create_time", "update_time", "end_time")
+    __slots__ = ("name", "state", "error", "progress", "create_time", "start_time", "end_time", "attempt_count", "source_uri", "model_version", "stage")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_COUNT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    STATE_FIELD_NUMBER: _ClassVar[int]
-    PROGRESS_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
-    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
-    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
+    state: _common_pb2.JobState
+    error: _status_pb2.Status
+    progress: _common_pb2.JobProgress
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    attempt_count: int
     source_uri: str
     model_version: str
-    state: ImportState
-    progress: ImportProgress
-    error: _status_pb2.Status
-    create_time: _timestamp_pb2.Timestamp
-    update_time: _timestamp_pb2.Timestamp
-    end_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., source_uri: _Optional[str] = ..., model_version: _Optional[str] = ..., state: _Optional[_Union[ImportState, str]] = ..., progress: _Optional[_Union[ImportProgress, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    stage: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.JobProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., source_uri: _Optional[str] = ..., model_version: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class ImportModelRequest(_message.Message):
     __slots__ = ("parent", "version_id", "source_uri", "description", "labels")
@@ -502,23 +423,11 @@ class ImportModelRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     def __init__(self, parent: _Optional[str] = ..., version_id: _Optional[str] = ..., source_uri: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class ImportModelResponse(_message.Message):
-    __slots__ = ("model_import",)
-    MODEL_IMPORT_FIELD_NUMBER: _ClassVar[int]
-    model_import: ModelImport
-    def __init__(self, model_import: _Optional[_Union[ModelImport, _Mapping]] = ...) -> None: ...
-
 class GetImportRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class GetImportResponse(_message.Message):
-    __slots__ = ("model_import",)
-    MODEL_IMPORT_FIELD_NUMBER: _ClassVar[int]
-    model_import: ModelImport
-    def __init__(self, model_import: _Optional[_Union[ModelImport, _Mapping]] = ...) -> None: ...
 
 class ListImportsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "filter", "order_by")
@@ -543,16 +452,18 @@ class ListImportsResponse(_message.Message):
     def __init__(self, model_imports: _Optional[_Iterable[_Union[ModelImport, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class WatchImportRequest(_message.Message):
+    __slots__ = ("name", "after_sequence")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    after_sequence: int
+    def __init__(self, name: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class CancelImportRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class WatchImportResponse(_message.Message):
-    __slots__ = ("model_import",)
-    MODEL_IMPORT_FIELD_NUMBER: _ClassVar[int]
-    model_import: ModelImport
-    def __init__(self, model_import: _Optional[_Union[ModelImport, _Mapping]] = ...) -> None: ...
 
 class DownloadUrl(_message.Message):
     __slots__ = ("file", "url")
@@ -705,23 +616,11 @@ class UploadDatasetRequest(_message.Message):
     chunk: bytes
     def __init__(self, metadata: _Optional[_Union[DatasetUploadMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
-class UploadDatasetResponse(_message.Message):
-    __slots__ = ("dataset_version",)
-    DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
-    dataset_version: DatasetVersion
-    def __init__(self, dataset_version: _Optional[_Union[DatasetVersion, _Mapping]] = ...) -> None: ...
-
 class GetDatasetRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class GetDatasetResponse(_message.Message):
-    __slots__ = ("dataset",)
-    DATASET_FIELD_NUMBER: _ClassVar[int]
-    dataset: Dataset
-    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "filter", "order_by")
@@ -750,12 +649,6 @@ class GetDatasetVersionRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class GetDatasetVersionResponse(_message.Message):
-    __slots__ = ("dataset_version",)
-    DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
-    dataset_version: DatasetVersion
-    def __init__(self, dataset_version: _Optional[_Union[DatasetVersion, _Mapping]] = ...) -> None: ...
 
 class ListDatasetVersionsRequest(_message.Message):
     __slots__ = ("parent", "page_size", "page_token", "filter", "order_by")
@@ -788,12 +681,6 @@ class DeleteDatasetVersionRequest(_message.Message):
     name: str
     force: bool
     def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
-
-class DeleteDatasetVersionResponse(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ValidateDatasetRequest(_message.Message):
     __slots__ = ("name", "model_version", "max_length", "expected_format")

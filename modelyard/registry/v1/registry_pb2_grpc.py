@@ -3,6 +3,8 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from modelyard.common.v1 import common_pb2 as modelyard_dot_common_dot_v1_dot_common__pb2
 from modelyard.registry.v1 import registry_pb2 as modelyard_dot_registry_dot_v1_dot_registry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -38,12 +40,12 @@ class RegistryServiceStub:
         self.CreateModel = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/CreateModel',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/GetModel',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ListModels',
@@ -53,22 +55,22 @@ class RegistryServiceStub:
         self.UpdateModel = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/UpdateModel',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
                 _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/DeleteModel',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.CreateModelVersion = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/CreateModelVersion',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelVersionRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelVersionResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
         self.GetModelVersion = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/GetModelVersion',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelVersionRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelVersionResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
         self.ListModelVersions = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ListModelVersions',
@@ -78,22 +80,22 @@ class RegistryServiceStub:
         self.UpdateModelVersion = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/UpdateModelVersion',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelVersionRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelVersionResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
         self.DeleteModelVersion = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/DeleteModelVersion',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelVersionRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelVersionResponse.FromString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.RegisterDerivedVersion = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/RegisterDerivedVersion',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.RegisterDerivedVersionRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.RegisterDerivedVersionResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
         self.SetDeploymentMarker = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/SetDeploymentMarker',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentMarkerRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentMarkerResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
         self.GetLineage = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/GetLineage',
@@ -103,12 +105,12 @@ class RegistryServiceStub:
         self.ImportModel = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ImportModel',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ImportModelRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ImportModelResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.FromString,
                 _registered_method=True)
         self.GetImport = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/GetImport',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetImportRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetImportResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.FromString,
                 _registered_method=True)
         self.ListImports = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ListImports',
@@ -118,7 +120,12 @@ class RegistryServiceStub:
         self.WatchImport = channel.unary_stream(
                 '/modelyard.registry.v1.RegistryService/WatchImport',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.WatchImportRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.WatchImportResponse.FromString,
+                response_deserializer=modelyard_dot_common_dot_v1_dot_common__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.CancelImport = channel.unary_unary(
+                '/modelyard.registry.v1.RegistryService/CancelImport',
+                request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CancelImportRequest.SerializeToString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.FromString,
                 _registered_method=True)
         self.GetDownloadUrls = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/GetDownloadUrls',
@@ -133,12 +140,12 @@ class RegistryServiceStub:
         self.UploadDataset = channel.stream_unary(
                 '/modelyard.registry.v1.RegistryService/UploadDataset',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UploadDatasetRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UploadDatasetResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DatasetVersion.FromString,
                 _registered_method=True)
         self.GetDataset = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/GetDataset',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Dataset.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ListDatasets',
@@ -148,7 +155,7 @@ class RegistryServiceStub:
         self.GetDatasetVersion = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/GetDatasetVersion',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetVersionRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetVersionResponse.FromString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DatasetVersion.FromString,
                 _registered_method=True)
         self.ListDatasetVersions = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ListDatasetVersions',
@@ -158,7 +165,7 @@ class RegistryServiceStub:
         self.DeleteDatasetVersion = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/DeleteDatasetVersion',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetVersionRequest.SerializeToString,
-                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetVersionResponse.FromString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.ValidateDataset = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ValidateDataset',
@@ -287,7 +294,17 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchImport(self, request, context):
-        """Streams an import's state each time it changes, until it finishes.
+        """Streams the import's stored events after `after_sequence`, then live
+        events until it finishes (the same JobEvent stream as every job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelImport(self, request, context):
+        """Stops a queued or running import; it ends in JOB_STATE_CANCELLED and
+        nothing of its version is left behind. A finished import is
+        FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -363,12 +380,12 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'CreateModel': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateModel,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -378,22 +395,22 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'UpdateModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateModel,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelResponse.SerializeToString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'CreateModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateModelVersion,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelVersionRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelVersionResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'GetModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelVersion,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelVersionRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelVersionResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'ListModelVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModelVersions,
@@ -403,22 +420,22 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'UpdateModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateModelVersion,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelVersionRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelVersionResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'DeleteModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModelVersion,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelVersionRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelVersionResponse.SerializeToString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'RegisterDerivedVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterDerivedVersion,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.RegisterDerivedVersionRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.RegisterDerivedVersionResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'SetDeploymentMarker': grpc.unary_unary_rpc_method_handler(
                     servicer.SetDeploymentMarker,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentMarkerRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentMarkerResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'GetLineage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLineage,
@@ -428,12 +445,12 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'ImportModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportModel,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ImportModelRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ImportModelResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.SerializeToString,
             ),
             'GetImport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImport,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetImportRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetImportResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.SerializeToString,
             ),
             'ListImports': grpc.unary_unary_rpc_method_handler(
                     servicer.ListImports,
@@ -443,7 +460,12 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'WatchImport': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchImport,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.WatchImportRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.WatchImportResponse.SerializeToString,
+                    response_serializer=modelyard_dot_common_dot_v1_dot_common__pb2.JobEvent.SerializeToString,
+            ),
+            'CancelImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelImport,
+                    request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.CancelImportRequest.FromString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.SerializeToString,
             ),
             'GetDownloadUrls': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDownloadUrls,
@@ -458,12 +480,12 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UploadDatasetRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.UploadDatasetResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DatasetVersion.SerializeToString,
             ),
             'GetDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDataset,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.Dataset.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
@@ -473,7 +495,7 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'GetDatasetVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDatasetVersion,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetVersionRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetVersionResponse.SerializeToString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DatasetVersion.SerializeToString,
             ),
             'ListDatasetVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasetVersions,
@@ -483,7 +505,7 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'DeleteDatasetVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDatasetVersion,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetVersionRequest.FromString,
-                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetVersionResponse.SerializeToString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'ValidateDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.ValidateDataset,
@@ -518,7 +540,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/CreateModel',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
@@ -545,7 +567,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/GetModel',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
@@ -599,7 +621,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/UpdateModel',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
@@ -626,7 +648,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/DeleteModel',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
@@ -653,7 +675,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/CreateModelVersion',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelVersionRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.CreateModelVersionResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -680,7 +702,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/GetModelVersion',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelVersionRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.GetModelVersionResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -734,7 +756,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/UpdateModelVersion',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelVersionRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.UpdateModelVersionResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -761,7 +783,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/DeleteModelVersion',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelVersionRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteModelVersionResponse.FromString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
@@ -788,7 +810,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/RegisterDerivedVersion',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.RegisterDerivedVersionRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.RegisterDerivedVersionResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -815,7 +837,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/SetDeploymentMarker',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentMarkerRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentMarkerResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -869,7 +891,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/ImportModel',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.ImportModelRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.ImportModelResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -896,7 +918,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/GetImport',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.GetImportRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.GetImportResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -950,7 +972,34 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/WatchImport',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.WatchImportRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.WatchImportResponse.FromString,
+            modelyard_dot_common_dot_v1_dot_common__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.registry.v1.RegistryService/CancelImport',
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.CancelImportRequest.SerializeToString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelImport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1031,7 +1080,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/UploadDataset',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.UploadDatasetRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.UploadDatasetResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.DatasetVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1058,7 +1107,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/GetDataset',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1112,7 +1161,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/GetDatasetVersion',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetVersionRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.GetDatasetVersionResponse.FromString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.DatasetVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1166,7 +1215,7 @@ class RegistryService:
             target,
             '/modelyard.registry.v1.RegistryService/DeleteDatasetVersion',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetVersionRequest.SerializeToString,
-            modelyard_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetVersionResponse.FromString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -267,12 +267,14 @@ class Checkpoint(_message.Message):
     def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifact_prefix: _Optional[str] = ..., size_bytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
-    __slots__ = ("training_job", "training_job_id")
+    __slots__ = ("training_job", "training_job_id", "validate_only")
     TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
     TRAINING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     training_job: TrainingJob
     training_job_id: str
-    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ..., training_job_id: _Optional[str] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ..., training_job_id: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class GetTrainingJobRequest(_message.Message):
     __slots__ = ("name",)

@@ -81,7 +81,8 @@ class TrainingServiceServicer:
 
     def CreateTrainingJob(self, request, context):
         """Validates the spec (preflight: datasets, hardware, memory), persists the
-        job in JOB_STATE_QUEUED and returns it at once.
+        job in JOB_STATE_QUEUED and returns it at once, its spec resolved (every
+        default filled). With `validate_only`, only preflight runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,7 +119,8 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCheckpoints(self, request, context):
-        """Lists the checkpoints a job saved, by ascending step.
+        """Lists the complete checkpoints a job saved, by ascending step unless
+        `order_by` says otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,10 +14,18 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "JobState": "records", "JobRecord": "records", "JobEvent": "records", "NewEvent": "records",
-    "EventType": "records", "TERMINAL_STATES": "records", "JOB_CRASHED": "records",
+    "JobState": "records",
+    "JobRecord": "records",
+    "JobEvent": "records",
+    "NewEvent": "records",
+    "EventType": "records",
+    "TERMINAL_STATES": "records",
+    "JOB_CRASHED": "records",
     "JOB_ATTEMPTS_EXHAUSTED": "records",
-    "JobStore": "store", "JobContext": "context", "Worker": "worker", "watch": "stream",
+    "JobStore": "store",
+    "JobContext": "context",
+    "Worker": "worker",
+    "watch": "stream",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import DomainError
+from ..errors import DomainError, error_dict
 from .context import JobContext, JobInterrupted, open_channel
-from .records import error_dict
 
 
 def load_kind(target: str) -> Callable[[JobContext], dict[str, Any] | None]:
@@ -41,8 +40,14 @@ def main(argv: list[str]) -> int:
     channel = open_channel(int(argv[0]))
     start = json.loads(sys.stdin.readline())
     threading.Thread(target=_die_with_parent, name="parent-watch", daemon=True).start()
-    ctx = JobContext(name=start["name"], spec=start["spec"], attempt=start["attempt"],
-                     workdir=Path(start["workdir"]), resume_state=start.get("resume_state"), channel=channel)
+    ctx = JobContext(
+        name=start["name"],
+        spec=start["spec"],
+        attempt=start["attempt"],
+        workdir=Path(start["workdir"]),
+        resume_state=start.get("resume_state"),
+        channel=channel,
+    )
     ctx._install_signal_handler()
     try:
         result = load_kind(start["target"])(ctx)

@@ -72,8 +72,9 @@ class JobContext:
     ) -> None:
         if fraction is not None and not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be within [0, 1], got {fraction}")
-        self._channel.send({"t": "progress", "fraction": fraction, "step": step, "total_steps": total_steps,
-                            "eta_s": eta_s})
+        self._channel.send(
+            {"t": "progress", "fraction": fraction, "step": step, "total_steps": total_steps, "eta_s": eta_s}
+        )
 
     def set_outputs(self, outputs: dict[str, Any]) -> None:
         """Outputs known so far (merged with the dict ``run`` returns)."""

@@ -1,4 +1,5 @@
-"""Plain records of the job runtime: states, jobs, events and the error shape stored with a job."""
+"""Plain records of the job runtime: states, jobs and events. A job's ``error`` is the one stored error
+form of ``services.core.errors`` (``error_dict`` / ``error_to_domain``, re-exported here)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import grpc
-
-from ..errors import DomainError, FieldViolation, error_class_for
+from ..errors import DomainError, error_to_domain
 
 # Reasons the runtime itself puts in a job's error.
 JOB_CRASHED = "JOB_CRASHED"
@@ -90,27 +89,3 @@ class NewEvent:
     message: str
     data: dict[str, Any] = field(default_factory=dict)
     time: datetime | None = None
-
-
-def error_dict(err: DomainError) -> dict[str, Any]:
-    """The stored form of a DomainError."""
-    return {
-        "code": err.code.name,
-        "reason": err.reason,
-        "message": err.message,
-        "domain": err.domain,
-        "metadata": dict(err.metadata),
-        "violations": [{"field": v.field, "description": v.description} for v in err.violations],
-    }
-
-
-def error_to_domain(error: dict[str, Any]) -> DomainError:
-    """Back from the stored form to the typed error (unknown codes become Internal)."""
-    cls = error_class_for(getattr(grpc.StatusCode, str(error.get("code")), grpc.StatusCode.INTERNAL))
-    return cls(
-        error.get("message", ""),
-        reason=error.get("reason") or None,
-        domain=error.get("domain", "modelyard"),
-        metadata=dict(error.get("metadata") or {}),
-        violations=[FieldViolation(v["field"], v["description"]) for v in error.get("violations") or []],
-    )

@@ -8,12 +8,13 @@ change and its ``state`` event are written in the same transaction.
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast, overload
 
 from sqlalchemy import (
     JSON,
@@ -32,12 +33,13 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..db import Database, Migration, create_tables, utcnow
-from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from ..paging import decode_page_token, encode_page_token
+from ..errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, error_dict
+from ..listing import EQUALITY, Field, Page, Query, Schema, enum_value, int_value, sql_page, time_value
 from ..logging import get_logger
 from .records import (
     JOB_ATTEMPTS_EXHAUSTED,
@@ -53,17 +55,7 @@ from .records import (
 log = get_logger(__name__)
 
 COMPONENT = "jobs"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,62}){0,3}$")
-_ORDER_BY = {
-    "created_at": ("created_at", False),
-    "created_at asc": ("created_at", False),
-    "created_at desc": ("created_at", True),
-    "name": ("name", False),
-    "name asc": ("name", False),
-    "name desc": ("name", True),
-}
 
 metadata = MetaData()
 
@@ -105,12 +97,51 @@ job_events = Table(
 
 MIGRATIONS = [Migration(1, "jobs and job_events", create_tables(jobs, job_events))]
 
+JOB_FIELDS: dict[str, Field] = {
+    "name": Field(jobs.c.name, lambda j: j.name, sortable=True),
+    "kind": Field(jobs.c.kind, lambda j: j.kind),
+    "state": Field(
+        jobs.c.state,
+        lambda j: j.state.value,
+        parse=enum_value("JOB_STATE_", upper=True, choices=[s.value for s in JobState]),
+        ops=EQUALITY,
+    ),
+    "attempt": Field(jobs.c.attempt, lambda j: j.attempt, parse=int_value),
+    "create_time": Field(jobs.c.created_at, lambda j: j.created_at, parse=time_value, sortable=True),
+    "start_time": Field(jobs.c.started_at, lambda j: j.started_at, parse=time_value, sortable=True),
+    "end_time": Field(jobs.c.finished_at, lambda j: j.finished_at, parse=time_value, sortable=True),
+}
 
+
+def job_schema(extra: dict[str, Field] | None = None, default_order: str = "create_time desc") -> Schema:
+    """The list schema of jobs (name, kind, state, attempt, create/start/end_time, labels.KEY), plus a
+    service's own ``extra`` fields, e.g. one read from the spec JSON: ``Field(jobs.c.spec["method"].as_string())``."""
+    return Schema(
+        {**JOB_FIELDS, **(extra or {})},
+        default_order=default_order,
+        name=JOB_FIELDS["name"],
+        labels=jobs.c.labels,
+        labels_get=lambda j: j.labels,
+    )
+
+
+JOB_SCHEMA = job_schema()
+
+
+@overload
+def _aware(dt: datetime) -> datetime: ...
+@overload
+def _aware(dt: None) -> None: ...
 def _aware(dt: datetime | None) -> datetime | None:
     """SQLite gives naive datetimes back; every stored time is UTC."""
     if dt is None or dt.tzinfo is not None:
         return dt
     return dt.replace(tzinfo=timezone.utc)
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE/DELETE matched (``Session.execute`` is typed as returning a plain Result)."""
+    return cast(CursorResult, result).rowcount
 
 
 def _record(row: Any) -> JobRecord:
@@ -137,13 +168,17 @@ def _record(row: Any) -> JobRecord:
 
 
 def _event(row: Any) -> JobEvent:
-    return JobEvent(job=row.job, seq=row.seq, time=_aware(row.time), type=EventType(row.type),
-                    message=row.message, data=row.data)
+    return JobEvent(
+        job=row.job, seq=row.seq, time=_aware(row.time), type=EventType(row.type), message=row.message, data=row.data
+    )
 
 
 def _not_owned(name: str, worker_id: str) -> FailedPrecondition:
-    return FailedPrecondition(f"job {name} is no longer running on worker {worker_id}", reason="JOB_NOT_OWNED",
-                              metadata={"job": name, "worker": worker_id})
+    return FailedPrecondition(
+        f"job {name} is no longer running on worker {worker_id}",
+        reason="JOB_NOT_OWNED",
+        metadata={"job": name, "worker": worker_id},
+    )
 
 
 def _check_json(field_name: str, value: Any) -> None:
@@ -178,17 +213,29 @@ class JobStore:
         name = name or f"jobs/{uuid.uuid4().hex}"
         if not _NAME_RE.match(name):
             raise InvalidArgument.for_field(
-                "name", f"{name!r} must be 1 to 4 segments of letters, digits, '.', '_' or '-' separated by '/'")
+                "name", f"{name!r} must be 1 to 4 segments of letters, digits, '.', '_' or '-' separated by '/'"
+            )
         _check_json("spec", spec)
         _check_json("labels", labels or {})
         now = utcnow()
         try:
             with self.db.session() as s:
-                s.execute(insert(jobs).values(
-                    name=name, kind=kind, state=JobState.QUEUED.value, spec=spec, attempt=1,
-                    max_attempts=max_attempts, created_at=now, progress=empty_progress(), outputs={},
-                    cancel_requested=False, labels=dict(labels or {}), last_seq=0,
-                ))
+                s.execute(
+                    insert(jobs).values(
+                        name=name,
+                        kind=kind,
+                        state=JobState.QUEUED.value,
+                        spec=spec,
+                        attempt=1,
+                        max_attempts=max_attempts,
+                        created_at=now,
+                        progress=empty_progress(),
+                        outputs={},
+                        cancel_requested=False,
+                        labels=dict(labels or {}),
+                        last_seq=0,
+                    )
+                )
                 self._append(s, name, [NewEvent(EventType.STATE, "queued", {"state": JobState.QUEUED.value})])
                 return self._get(s, name)
         except IntegrityError:
@@ -198,36 +245,14 @@ class JobStore:
         with self.db.session() as s:
             return self._get(s, name)
 
-    def list(
-        self,
-        kind: str | None = None,
-        states: Iterable[JobState] | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        order_by: str = "created_at desc",
-    ) -> tuple[list[JobRecord], str]:
-        """One page of jobs and the token of the next page ("" on the last page)."""
-        if page_size < 0:
-            raise InvalidArgument.for_field("page_size", f"must be >= 0, got {page_size}")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        key = " ".join(order_by.split()).lower()
-        if key not in _ORDER_BY:
-            raise InvalidArgument.for_field("order_by", f"{order_by!r} is not one of {sorted(_ORDER_BY)}")
-        column, desc = _ORDER_BY[key]
-        state_values = sorted(JobState(st).value for st in states) if states else []
-        fingerprint = [kind, state_values, key]
-        offset = decode_page_token(page_token, fingerprint)
-        q = select(jobs)
-        if kind:
-            q = q.where(jobs.c.kind == kind)
-        if state_values:
-            q = q.where(jobs.c.state.in_(state_values))
-        col = jobs.c[column]
-        q = q.order_by(col.desc() if desc else col.asc(), jobs.c.name.desc() if desc else jobs.c.name.asc())
+    def list(self, query: Query, schema: Schema | None = None, *, kinds: Sequence[str] = ()) -> Page[JobRecord]:
+        """One page of jobs of ``kinds`` (all when empty) matching ``query``, filtered, ordered and paged in
+        SQL. ``schema`` defaults to ``job_schema()``; a service passes its own to add fields of its specs."""
+        stmt = select(jobs)
+        if kinds:
+            stmt = stmt.where(jobs.c.kind.in_(list(kinds)))
         with self.db.session() as s:
-            rows = s.execute(q.offset(offset).limit(size + 1)).all()
-        token = encode_page_token(offset + size, fingerprint) if len(rows) > size else ""
-        return [_record(r) for r in rows[:size]], token
+            return sql_page(s, stmt, query, schema or JOB_SCHEMA, _record)
 
     # ----------------------------------------------------------------- worker side
 
@@ -239,24 +264,44 @@ class JobStore:
         if not kinds:
             return None
         with self.db.session() as s:
-            candidates = s.execute(
-                select(jobs.c.name).where(jobs.c.state == JobState.QUEUED.value, jobs.c.kind.in_(list(kinds)))
-                .order_by(jobs.c.created_at, jobs.c.name).limit(8)
-            ).scalars().all()
+            candidates = (
+                s.execute(
+                    select(jobs.c.name)
+                    .where(jobs.c.state == JobState.QUEUED.value, jobs.c.kind.in_(list(kinds)))
+                    .order_by(jobs.c.created_at, jobs.c.name)
+                    .limit(8)
+                )
+                .scalars()
+                .all()
+            )
         for name in candidates:
             now = utcnow()
             with self.db.session() as s:
                 res = s.execute(
-                    update(jobs).where(jobs.c.name == name, jobs.c.state == JobState.QUEUED.value).values(
-                        state=JobState.RUNNING.value, worker=worker_id, heartbeat_at=now, child_pid=None,
+                    update(jobs)
+                    .where(jobs.c.name == name, jobs.c.state == JobState.QUEUED.value)
+                    .values(
+                        state=JobState.RUNNING.value,
+                        worker=worker_id,
+                        heartbeat_at=now,
+                        child_pid=None,
                         started_at=func.coalesce(jobs.c.started_at, now),
                     )
                 )
-                if res.rowcount != 1:
+                if _rowcount(res) != 1:
                     continue  # another worker was faster
                 job = self._get(s, name)
-                self._append(s, name, [NewEvent(EventType.STATE, "running", {
-                    "state": JobState.RUNNING.value, "worker": worker_id, "attempt": job.attempt})])
+                self._append(
+                    s,
+                    name,
+                    [
+                        NewEvent(
+                            EventType.STATE,
+                            "running",
+                            {"state": JobState.RUNNING.value, "worker": worker_id, "attempt": job.attempt},
+                        )
+                    ],
+                )
                 return job
         return None
 
@@ -264,7 +309,7 @@ class JobStore:
         """Record the pid of the child process running the current attempt."""
         with self.db.session() as s:
             res = s.execute(self._owned(name, worker_id).values(child_pid=pid))
-            if res.rowcount != 1:
+            if _rowcount(res) != 1:
                 raise _not_owned(name, worker_id)
             self._append(s, name, [NewEvent(EventType.LOG, "child process started", {"pid": pid, "worker": worker_id})])
 
@@ -296,26 +341,29 @@ class JobStore:
             values["resume_state"] = resume_state
         with self.db.session() as s:
             if values or events:  # write first: the ownership check and the writes are one transaction
-                if s.execute(self._owned(name, worker_id).values(worker=worker_id, **values)).rowcount != 1:
+                if _rowcount(s.execute(self._owned(name, worker_id).values(worker=worker_id, **values))) != 1:
                     raise _not_owned(name, worker_id)
                 self._append(s, name, events)
                 return bool(s.execute(select(jobs.c.cancel_requested).where(jobs.c.name == name)).scalar())
-            row = s.execute(select(jobs.c.state, jobs.c.worker, jobs.c.cancel_requested)
-                            .where(jobs.c.name == name)).first()
+            row = s.execute(
+                select(jobs.c.state, jobs.c.worker, jobs.c.cancel_requested).where(jobs.c.name == name)
+            ).first()
             if row is None or row.state != JobState.RUNNING.value or row.worker != worker_id:
                 raise _not_owned(name, worker_id)
             return bool(row.cancel_requested)
 
-    def append_events(self, name: str, events: Sequence[NewEvent]) -> list[JobEvent]:
+    def append_events(self, name: str, events: Sequence[NewEvent]) -> builtins.list[JobEvent]:
         """Store events; the store gives them consecutive ``seq`` numbers (1, 2, ... per job)."""
         with self.db.session() as s:
             return self._append(s, name, events)
 
-    def events(self, name: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
+    def events(self, name: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[JobEvent]:
         with self.db.session() as s:
             return self._events(s, name, after_seq, limit)
 
-    def state_and_events(self, name: str, after_seq: int, limit: int = 1000) -> tuple[JobState, list[JobEvent]]:
+    def state_and_events(
+        self, name: str, after_seq: int, limit: int = 1000
+    ) -> tuple[JobState, builtins.list[JobEvent]]:
         """The job's state read *before* its events after ``after_seq``: when the state is terminal the
         events include the last one (a terminal state and its event are committed together)."""
         with self.db.session() as s:
@@ -340,7 +388,7 @@ class JobStore:
             values: dict[str, Any] = {"state": state.value, "finished_at": utcnow(), "error": error}
             if outputs is not None:
                 values["outputs"] = outputs
-            if s.execute(self._owned(name, worker_id).values(**values)).rowcount != 1:
+            if _rowcount(s.execute(self._owned(name, worker_id).values(**values))) != 1:
                 raise _not_owned(name, worker_id)
             data: dict[str, Any] = {"state": state.value}
             if error:
@@ -356,17 +404,19 @@ class JobStore:
             raise _not_owned(name, worker_id)
         return self.get(name)
 
-    def requeue_stale(self, heartbeat_timeout_s: float) -> list[str]:
+    def requeue_stale(self, heartbeat_timeout_s: float) -> builtins.list[str]:
         """Requeue (or fail, see ``lose_attempt``) RUNNING jobs whose heartbeat is older than the timeout."""
         cutoff = utcnow() - timedelta(seconds=heartbeat_timeout_s)
         with self.db.session() as s:
-            rows = s.execute(select(jobs).where(jobs.c.state == JobState.RUNNING.value,
-                                                jobs.c.heartbeat_at < cutoff)).all()
+            rows = s.execute(
+                select(jobs).where(jobs.c.state == JobState.RUNNING.value, jobs.c.heartbeat_at < cutoff)
+            ).all()
         done = []
         for row in rows:
             job = _record(row)
-            if self._requeue(job, f"no heartbeat from worker {job.worker} for {heartbeat_timeout_s:g}s",
-                             stale_before=cutoff):
+            if self._requeue(
+                job, f"no heartbeat from worker {job.worker} for {heartbeat_timeout_s:g}s", stale_before=cutoff
+            ):
                 done.append(job.name)
         return done
 
@@ -375,59 +425,78 @@ class JobStore:
         FailedPrecondition(JOB_ALREADY_FINISHED)."""
         for _ in range(3):  # the job may move between QUEUED and RUNNING while we look
             with self.db.session() as s:
-                res = s.execute(update(jobs).where(jobs.c.name == name, jobs.c.state == JobState.QUEUED.value)
-                                .values(state=JobState.CANCELLED.value, cancel_requested=True, finished_at=utcnow()))
-                if res.rowcount == 1:
-                    self._append(s, name, [NewEvent(EventType.STATE, "cancelled",
-                                                    {"state": JobState.CANCELLED.value})])
+                res = s.execute(
+                    update(jobs)
+                    .where(jobs.c.name == name, jobs.c.state == JobState.QUEUED.value)
+                    .values(state=JobState.CANCELLED.value, cancel_requested=True, finished_at=utcnow())
+                )
+                if _rowcount(res) == 1:
+                    self._append(s, name, [NewEvent(EventType.STATE, "cancelled", {"state": JobState.CANCELLED.value})])
                     return self._get(s, name)
             with self.db.session() as s:
-                res = s.execute(update(jobs).where(jobs.c.name == name, jobs.c.state == JobState.RUNNING.value)
-                                .values(cancel_requested=True))
-                if res.rowcount == 1:
+                res = s.execute(
+                    update(jobs)
+                    .where(jobs.c.name == name, jobs.c.state == JobState.RUNNING.value)
+                    .values(cancel_requested=True)
+                )
+                if _rowcount(res) == 1:
                     self._append(s, name, [NewEvent(EventType.LOG, "cancel requested", {})])
                     return self._get(s, name)
             job = self.get(name)
             if job.state in TERMINAL_STATES:
-                raise FailedPrecondition(f"job {name} already finished ({job.state})",
-                                         reason="JOB_ALREADY_FINISHED", metadata={"job": name, "state": job.state})
+                raise FailedPrecondition(
+                    f"job {name} already finished ({job.state})",
+                    reason="JOB_ALREADY_FINISHED",
+                    metadata={"job": name, "state": job.state},
+                )
         raise FailedPrecondition(f"job {name} changed state while cancelling; retry", reason="JOB_STATE_CHANGED")
 
     # ----------------------------------------------------------------- internals
 
     @staticmethod
     def _owned(name: str, worker_id: str):
-        return update(jobs).where(jobs.c.name == name, jobs.c.state == JobState.RUNNING.value,
-                                  jobs.c.worker == worker_id)
+        return update(jobs).where(
+            jobs.c.name == name, jobs.c.state == JobState.RUNNING.value, jobs.c.worker == worker_id
+        )
 
     def _requeue(self, job: JobRecord, why: str, stale_before: datetime | None = None) -> bool:
         """Move a RUNNING job out of its lost attempt; False when it changed in the meantime."""
         now = utcnow()
+        values: dict[str, Any]
         if job.cancel_requested:
             state, values = JobState.CANCELLED, {"finished_at": now}
             event = NewEvent(EventType.STATE, "cancelled", {"state": state.value, "why": why})
         elif job.attempt >= job.max_attempts:
             state = JobState.FAILED
-            error = {"code": "ABORTED", "reason": JOB_ATTEMPTS_EXHAUSTED, "domain": "modelyard", "metadata": {},
-                     "violations": [],
-                     "message": f"job lost its attempt {job.attempt} of {job.max_attempts} ({why}); no attempts left"}
+            error = error_dict(
+                Aborted(
+                    f"job lost its attempt {job.attempt} of {job.max_attempts} ({why}); no attempts left",
+                    reason=JOB_ATTEMPTS_EXHAUSTED,
+                )
+            )
             values = {"finished_at": now, "error": error}
             event = NewEvent(EventType.STATE, "failed", {"state": state.value, "error": error})
         else:
             state = JobState.QUEUED
             values = {"attempt": job.attempt + 1, "worker": None, "heartbeat_at": None, "child_pid": None}
-            event = NewEvent(EventType.STATE, "worker lost, requeued",
-                             {"state": state.value, "why": why, "attempt": job.attempt + 1})
-        q = update(jobs).where(jobs.c.name == job.name, jobs.c.state == JobState.RUNNING.value,
-                               jobs.c.worker == job.worker, jobs.c.attempt == job.attempt)
+            event = NewEvent(
+                EventType.STATE, "worker lost, requeued", {"state": state.value, "why": why, "attempt": job.attempt + 1}
+            )
+        q = update(jobs).where(
+            jobs.c.name == job.name,
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.worker == job.worker,
+            jobs.c.attempt == job.attempt,
+        )
         if stale_before is not None:
             q = q.where(jobs.c.heartbeat_at < stale_before)
         with self.db.session() as s:
-            if s.execute(q.values(state=state.value, **values)).rowcount != 1:
+            if _rowcount(s.execute(q.values(state=state.value, **values))) != 1:
                 return False
             self._append(s, job.name, [event])
-        log.warning("job_attempt_lost", job=job.name, attempt=job.attempt, worker=job.worker, why=why,
-                    state=state.value)
+        log.warning(
+            "job_attempt_lost", job=job.name, attempt=job.attempt, worker=job.worker, why=why, state=state.value
+        )
         return True
 
     @staticmethod
@@ -438,29 +507,42 @@ class JobStore:
         return _record(row)
 
     @staticmethod
-    def _events(s: Session, name: str, after_seq: int, limit: int) -> list[JobEvent]:
-        rows = s.execute(select(job_events).where(job_events.c.job == name, job_events.c.seq > after_seq)
-                         .order_by(job_events.c.seq).limit(limit)).all()
+    def _events(s: Session, name: str, after_seq: int, limit: int) -> builtins.list[JobEvent]:
+        rows = s.execute(
+            select(job_events)
+            .where(job_events.c.job == name, job_events.c.seq > after_seq)
+            .order_by(job_events.c.seq)
+            .limit(limit)
+        ).all()
         return [_event(r) for r in rows]
 
     @staticmethod
-    def _append(s: Session, name: str, events: Sequence[NewEvent]) -> list[JobEvent]:
+    def _append(s: Session, name: str, events: Sequence[NewEvent]) -> builtins.list[JobEvent]:
         if not events:
             return []
         # Reserve the sequence numbers first: the UPDATE locks the job row (and, on SQLite, the database)
         # so concurrent writers get disjoint ranges.
         res = s.execute(update(jobs).where(jobs.c.name == name).values(last_seq=jobs.c.last_seq + len(events)))
-        if res.rowcount != 1:
+        if _rowcount(res) != 1:
             raise NotFound(f"job {name} not found", metadata={"job": name})
         last = s.execute(select(jobs.c.last_seq).where(jobs.c.name == name)).scalar_one()
         now = utcnow()
         stored = [
-            JobEvent(job=name, seq=last - len(events) + i + 1, time=e.time or now, type=EventType(e.type),
-                     message=e.message, data=dict(e.data))
+            JobEvent(
+                job=name,
+                seq=last - len(events) + i + 1,
+                time=e.time or now,
+                type=EventType(e.type),
+                message=e.message,
+                data=dict(e.data),
+            )
             for i, e in enumerate(events)
         ]
-        s.execute(insert(job_events), [
-            {"job": e.job, "seq": e.seq, "time": e.time, "type": e.type.value, "message": e.message, "data": e.data}
-            for e in stored
-        ])
+        s.execute(
+            insert(job_events),
+            [
+                {"job": e.job, "seq": e.seq, "time": e.time, "type": e.type.value, "message": e.message, "data": e.data}
+                for e in stored
+            ],
+        )
         return stored

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import FailedPrecondition
+from ..errors import FailedPrecondition, Internal, error_dict
 from ..logging import get_logger
 from .records import JOB_CRASHED, TERMINAL_STATES, EventType, JobRecord, JobState, NewEvent
 from .store import JobStore
@@ -35,8 +35,7 @@ _MAX_LOG_LINE = 16 * 1024
 
 
 def crash_error(message: str) -> dict[str, Any]:
-    return {"code": "INTERNAL", "reason": JOB_CRASHED, "message": message, "domain": "modelyard",
-            "metadata": {}, "violations": []}
+    return error_dict(Internal(message, reason=JOB_CRASHED))
 
 
 async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
@@ -80,30 +79,49 @@ class _Attempt:
         read_fd, write_fd = os.pipe()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                self.worker.python, "-m", "services.core.jobs.child", str(write_fd),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(write_fd,), start_new_session=True, cwd=self.workdir, env=self._child_env(),
+                self.worker.python,
+                "-m",
+                "services.core.jobs.child",
+                str(write_fd),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                cwd=self.workdir,
+                env=self._child_env(),
             )
         except OSError as e:
             os.close(read_fd)
             log.error("job_child_spawn_failed", error=str(e))
-            await asyncio.to_thread(self.store.finish, name, wid, JobState.FAILED,
-                                    crash_error(f"could not start the child process: {e}"))
+            await asyncio.to_thread(
+                self.store.finish, name, wid, JobState.FAILED, crash_error(f"could not start the child process: {e}")
+            )
             return
         finally:
             os.close(write_fd)
         log.info("job_child_started", pid=self.proc.pid)
         events = asyncio.StreamReader()
         transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(events), os.fdopen(read_fd, "rb", 0))
-        readers = asyncio.gather(self._read_events(events), self._read_output(self.proc.stdout, "stdout"),
-                                 self._read_output(self.proc.stderr, "stderr"))
+            lambda: asyncio.StreamReaderProtocol(events), os.fdopen(read_fd, "rb", 0)
+        )
+        stdin, stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
+        assert stdin is not None and stdout is not None and stderr is not None  # all three are PIPEs
+        readers = asyncio.gather(
+            self._read_events(events), self._read_output(stdout, "stdout"), self._read_output(stderr, "stderr")
+        )
         try:
             await asyncio.to_thread(self.store.set_child, name, wid, self.proc.pid)
-            start = {"target": self.worker.kinds[self.job.kind], "name": name, "spec": self.job.spec,
-                     "attempt": self.job.attempt, "workdir": str(self.workdir), "resume_state": self.job.resume_state}
-            self.proc.stdin.write((json.dumps(start) + "\n").encode())
-            await self.proc.stdin.drain()
+            start = {
+                "target": self.worker.kinds[self.job.kind],
+                "name": name,
+                "spec": self.job.spec,
+                "attempt": self.job.attempt,
+                "workdir": str(self.workdir),
+                "resume_state": self.job.resume_state,
+            }
+            stdin.write((json.dumps(start) + "\n").encode())
+            await stdin.drain()
             await self._supervise()
         except FailedPrecondition:
             self.lost = True  # requeued by another worker before the child started
@@ -114,7 +132,7 @@ class _Attempt:
         finally:
             await self.proc.wait()
             self._signal(signal.SIGKILL)  # whatever the job left behind in its process group
-            self.proc.stdin.close()
+            stdin.close()
             try:
                 await asyncio.wait_for(readers, timeout=10)
             except TimeoutError:
@@ -156,8 +174,13 @@ class _Attempt:
             try:
                 msg = json.loads(line)
             except ValueError:
-                self.pending.append(NewEvent(EventType.LOG, line.decode(errors="replace")[:_MAX_LOG_LINE],
-                                             {"stream": "events", "level": "warning"}))
+                self.pending.append(
+                    NewEvent(
+                        EventType.LOG,
+                        line.decode(errors="replace")[:_MAX_LOG_LINE],
+                        {"stream": "events", "level": "warning"},
+                    )
+                )
                 continue
             self._on_message(msg)
 
@@ -232,8 +255,15 @@ class _Attempt:
         progress = json.loads(json.dumps(self.progress)) if version != self.progress_saved else None
         resume = self.resume_state
         try:
-            cancel = await asyncio.to_thread(self.store.sync, self.job.name, self.worker.worker_id, events,
-                                             progress=progress, resume_state=resume, heartbeat=heartbeat)
+            cancel = await asyncio.to_thread(
+                self.store.sync,
+                self.job.name,
+                self.worker.worker_id,
+                events,
+                progress=progress,
+                resume_state=resume,
+                heartbeat=heartbeat,
+            )
         except BaseException:
             self.pending[:0] = events
             raise
@@ -245,6 +275,7 @@ class _Attempt:
     async def _conclude(self) -> None:
         assert self.proc is not None
         name, wid, rc = self.job.name, self.worker.worker_id, self.proc.returncode
+        assert rc is not None  # concluded after the process was waited for
         if self.lost:
             return
         try:
@@ -261,14 +292,20 @@ class _Attempt:
             elif t == "error":
                 job = await asyncio.to_thread(self.store.finish, name, wid, JobState.FAILED, final["error"])
             elif t == "crash":
-                job = await asyncio.to_thread(self.store.finish, name, wid, JobState.FAILED,
-                                              crash_error(final.get("message") or "job crashed"))
+                job = await asyncio.to_thread(
+                    self.store.finish, name, wid, JobState.FAILED, crash_error(final.get("message") or "job crashed")
+                )
             elif t == "interrupted" or rc < 0:
                 why = f"child process killed by {signal.Signals(-rc).name}" if rc < 0 else final.get("message", "")
                 job = await asyncio.to_thread(self.store.lose_attempt, name, wid, why)
             else:
-                job = await asyncio.to_thread(self.store.finish, name, wid, JobState.FAILED,
-                                              crash_error(f"child process exited with code {rc} without a result"))
+                job = await asyncio.to_thread(
+                    self.store.finish,
+                    name,
+                    wid,
+                    JobState.FAILED,
+                    crash_error(f"child process exited with code {rc} without a result"),
+                )
         except FailedPrecondition:
             log.warning("job_lost_to_another_worker")
             return

@@ -201,7 +201,7 @@ class HttpEngine:
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
@@ -266,7 +266,7 @@ class HttpEngine:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         stream = self._sse.stream(path, body)
         loop = asyncio.get_running_loop()
-        started = 0.0
+        started: float | None = None  # loop time of the first chunk
         try:
             async for status, payload in stream:
                 if status != 200:
@@ -276,7 +276,7 @@ class HttpEngine:
                     if failed:
                         yield payload[:failed]
                     raise _error_from_body(payload[failed], 500, self.kind)
-                if not started:
+                if started is None:
                     started = loop.time()
                 elif payload and (usage := payload[-1].get("usage")) and (body.get("n") or 1) == 1:
                     # n > 1: the choices share the time; the first chunk and the usage read apart

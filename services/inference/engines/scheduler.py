@@ -293,7 +293,7 @@ class Scheduler:
             return out
 
         layers = [(joined(old.keys, new.keys), joined(old.values, new.values))
-                  for old, new in zip(self._cache.layers, cache.layers)]
+                  for old, new in zip(self._cache.layers, cache.layers, strict=False)]
         self._mask = torch.cat([_left_pad(old_mask[:, first:], width, dim=1), _left_pad(mask, width, dim=1)])
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
         self._seqs = [self._seqs[i] for i in live] + list(seqs)
@@ -418,7 +418,7 @@ class Scheduler:
         if k <= 0:
             return []
         values, ids = lps.topk(k)
-        return [(self._piece(int(i)), float(v)) for v, i in zip(values, ids)]
+        return [(self._piece(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
 
 
 def _first_needed_column(mask: torch.Tensor) -> int:

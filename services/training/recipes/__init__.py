@@ -4,20 +4,19 @@ Contract with the training service
 ----------------------------------
 Job kind entry point: ``services.training.recipes.run:run_training(ctx: JobContext) -> dict`` (the outputs).
 
-``ctx.spec`` is the JSON dict the service builds, every default filled (typed in :mod:`.spec`)::
+``ctx.spec`` is the JSON dict the service builds, every default filled: :class:`.spec.TrainingSpec` (the
+one definition of its fields, defaults, bounds and docs; :meth:`.spec.Hyperparameters.resolve` computes the
+method-dependent defaults). Its shape::
 
     {"method": "full|lora|qlora|dora|dpo|orpo|kto|simpo|cpo", "use_lora": bool (preference methods),
      "base_model": {"name": "models/m/versions/v1", "artifact_prefix": "...", "files": [{"path","size","sha256"}]},
      "datasets": [{"name": "datasets/d/versions/v1", "key": "<s3 key>", "sha256": "...",
                    "format": "messages|alpaca|sharegpt|preference|kto", "file_type": "jsonl|json|parquet"}],
      "validation_dataset": {same shape} | null, "validation_split": 0.0,
-     "hyperparameters": {"learning_rate": 1e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "num_epochs": 1,
-         "max_steps": -1, "batch_size": 1, "gradient_accumulation_steps": 1, "max_length": 2048, "seed": 42,
-         "packing": false, "lora_rank": 8, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": "all-linear",
-         "beta": 0.1, "precision": "fp32|bf16|fp16", "weight_decay": 0.0, "max_grad_norm": 1.0},
-     "launcher": {"kind": "local|torchrun|deepspeed", "num_processes": 1, "zero_stage": 2, "offload": false},
-     "log_every_steps": 1, "eval_every_steps": 0, "checkpoint_every_steps": 0 (0 = one checkpoint at the end),
-     "output": {"model": "models/<name>", "merge": false, "description": ""},
+     "hyperparameters": {every field of spec.Hyperparameters},
+     "launcher": {"kind": "local|torchrun|deepspeed", "num_processes", "zero_stage", "offload", "offload_parameters"},
+     "log_every_steps", "eval_every_steps", "checkpoint_every_steps" (0 = one checkpoint at the end),
+     "output": {"model": "models/<name>", "merge": bool, "description": ""},
      "s3": {"endpoint": "...", "bucket": "...", "secure": false}, "registry_addr": "127.0.0.1:50051" ("" = skip),
      "omp_num_threads": 1}
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from services.core.artifacts import S3ArtifactStore
 
-
 _STEP_RE = re.compile(r"/checkpoints/step-(\d{8})/manifest\.json$")
 
 

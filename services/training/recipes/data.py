@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.core.errors import InvalidArgument
 from services.core.datasets import DatasetFormat, RowError, iter_rows, row_errors, to_kto, to_messages, to_preference
+from services.core.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

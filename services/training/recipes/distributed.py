@@ -26,8 +26,8 @@ def deepspeed_config(launcher: Launcher, hp: Hyperparameters) -> dict[str, Any]:
                             "reduce_scatter": True}
     if launcher.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-        if launcher.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if launcher.offload_parameters and launcher.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if launcher.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {

@@ -12,8 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from services.core.errors import DomainError
-from services.core.jobs.records import error_dict
+from services.core.errors import DomainError, error_dict
 
 from .events import FileSink, NullSink
 

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.core.artifacts import S3ArtifactStore
-from services.core.errors import Cancelled, DataLoss, Internal
+from services.core.errors import Cancelled, DataLoss, Internal, error_to_domain
 from services.core.jobs.context import JobContext
-from services.core.jobs.records import error_to_domain
 
 from . import rank as rank_files
 from .capability import check_capabilities

@@ -152,7 +152,8 @@ def _common_args(spec: TrainingSpec, plan: Plan, has_eval: bool, distributed: bo
         eval_steps=spec.eval_every_steps or None, prediction_loss_only=True,
         bf16=hp.precision == "bf16", fp16=hp.precision == "fp16", use_cpu=not cuda,
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
-        gradient_checkpointing=spec.method == "qlora",
+        gradient_checkpointing=hp.gradient_checkpointing or spec.method == "qlora",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     if spec.launcher.kind == "deepspeed":  # always a launched rank (see run.py)
         args["deepspeed"] = deepspeed_config(spec.launcher, hp)
@@ -191,7 +192,6 @@ def describe_engine(trainer: Trainer, world_size: int) -> str:
         stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
         return f"deepspeed zero-{stage} over {backend}, {world_size} ranks"
     return f"ddp over {backend}, {world_size} ranks" if world_size > 1 else "single process"
-    return args
 
 
 # --------------------------------------------------------------------------- recipes
@@ -260,18 +260,22 @@ def _preference_trainer(plan: Plan, spec: TrainingSpec, sink: EventSink, tokeniz
         val_records += held
     if val_rows is not None:
         val_records += D.preference_records(val_rows, spec.method)
-    args = {**args, "max_length": hp.max_length, "beta": hp.beta, "gradient_checkpointing": spec.method == "qlora"}
+    args = {**args, "max_length": hp.max_length, "beta": hp.beta}
     if spec.method == "dpo":
-        from trl import DPOConfig as Config, DPOTrainer as Cls
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Cls
     elif spec.method == "kto":
-        from trl import KTOConfig as Config, KTOTrainer as Cls
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Cls
     elif spec.method == "orpo":
-        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Cls
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Cls
     else:  # simpo and cpo: trl's CPOTrainer (SimPO = loss_type "simpo" without the NLL term)
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Cls
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Cls
 
         if spec.method == "simpo":
-            args.update(loss_type="simpo", cpo_alpha=0.0)
+            args.update(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=hp.simpo_gamma)
     model = AutoModelForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
     trainer = _with_counter(Cls)(
         model=model, args=Config(**args), train_dataset=Dataset.from_list(records),

@@ -1,20 +1,15 @@
-"""POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+"""Responses of the generation routes: the lean SSE stream and plain JSON."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Mapping
 
-from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from .. import protocol as p
-from ..auth.keys import ApiKey
-from ..deps import api_key, call_context, state
-from ..serving import DONE, until_disconnect
-
-router = APIRouter()
+from ..serving import DONE
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -40,6 +35,7 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
+        assert task is not None
         body_open, disconnected = True, False
 
         async def watch() -> None:
@@ -67,48 +63,9 @@ class EventStream(Response):
             watcher.cancel()
 
 
-def _json(model, headers: dict[str, str]) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+def event_stream(events: AsyncGenerator[bytes, None], headers: Mapping[str, str]) -> EventStream:
+    return EventStream(events, SSE_HEADERS | dict(headers))
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: p.ChatCompletionRequest, request: Request,
-                           key: ApiKey = Depends(api_key)) -> Response:
-    serving = state(request).serving
-    ctx = call_context(request, key, body.model, "chat.completions")
-    if body.stream:
-        upstream = await serving.start_chat(ctx, body)
-        events = serving.sse(ctx, serving.chat_events(ctx, body, upstream), [upstream])
-        return EventStream(events, SSE_HEADERS | ctx.reservation.headers)
-
-    async def work() -> p.ChatCompletion:
-        upstream = await serving.start_chat(ctx, body)
-        return await serving.chat_collect(ctx, body, upstream)
-
-    result = await until_disconnect(request.receive, work())
-    return _json(result, ctx.reservation.headers)
-
-
-@router.post("/v1/completions")
-async def completions(body: p.CompletionRequest, request: Request, key: ApiKey = Depends(api_key)) -> Response:
-    serving = state(request).serving
-    ctx = call_context(request, key, body.model, "completions")
-    if body.stream:
-        upstreams = await serving.start_completion(ctx, body)
-        events = serving.sse(ctx, serving.completion_events(ctx, body, upstreams), upstreams)
-        return EventStream(events, SSE_HEADERS | ctx.reservation.headers)
-
-    async def work() -> p.Completion:
-        upstreams = await serving.start_completion(ctx, body)
-        return await serving.completion_collect(ctx, body, upstreams)
-
-    result = await until_disconnect(request.receive, work())
-    return _json(result, ctx.reservation.headers)
-
-
-@router.post("/v1/embeddings")
-async def embeddings(body: p.EmbeddingRequest, request: Request, key: ApiKey = Depends(api_key)) -> Response:
-    serving = state(request).serving
-    ctx = call_context(request, key, body.model, "embeddings")
-    result = await until_disconnect(request.receive, serving.embed(ctx, body))
-    return _json(result, ctx.reservation.headers)
+def json_response(model: BaseModel, headers: Mapping[str, str]) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=dict(headers))

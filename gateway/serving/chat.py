@@ -1,0 +1,210 @@
+"""POST /v1/chat/completions: OpenAI chat requests -> the inference ``Chat`` stream -> chunks or one
+``chat.completion``."""
+
+from __future__ import annotations
+
+import json
+import operator
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from modelyard.inference.v1 import inference_pb2 as pb
+from services.core.errors import InvalidArgument
+
+from .. import protocol as p
+from ..errors import finite, token_logprob
+from ..routing import Target
+from .base import CallContext, OpenAIServing, Upstream, sampling_params
+
+ROLES = {
+    "system": pb.CHAT_ROLE_SYSTEM,
+    "user": pb.CHAT_ROLE_USER,
+    "assistant": pb.CHAT_ROLE_ASSISTANT,
+    "tool": pb.CHAT_ROLE_TOOL,
+    "developer": pb.CHAT_ROLE_DEVELOPER,
+}
+FORMATS = {
+    "text": pb.RESPONSE_FORMAT_TYPE_TEXT,
+    "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+_content = operator.attrgetter("content")
+
+
+def response_format(fmt: p.ResponseFormatIn | None) -> pb.ResponseFormat | None:
+    if fmt is None:
+        return None
+    out = pb.ResponseFormat(type=FORMATS[fmt.type])
+    if fmt.type == "json_schema":
+        schema = fmt.json_schema or {}
+        if "schema" not in schema:
+            raise InvalidArgument.for_field("response_format.json_schema.schema", "is required for json_schema")
+        out.json_schema_name = str(schema.get("name", ""))
+        out.json_schema = json.dumps(schema["schema"])
+        out.strict = bool(schema.get("strict", False))
+    return out
+
+
+def chat_logprobs(items: Any) -> p.ChatLogprobs:
+    return p.ChatLogprobs(
+        content=[
+            p.TokenLogprobOut(
+                token=lp.token,
+                logprob=token_logprob(lp),
+                bytes=list(lp.bytes) if lp.bytes else None,
+                top_logprobs=[
+                    p.TopLogprobOut(token=t.token, logprob=finite(t.logprob), bytes=list(t.bytes) if t.bytes else None)
+                    for t in lp.top_logprobs
+                ],
+            )
+            for lp in items
+        ]
+    )
+
+
+def chat_request(req: p.ChatCompletionRequest, target: Target) -> pb.ChatRequest:
+    messages = [
+        pb.ChatMessage(
+            role=ROLES[m.role],
+            content=m.text(),
+            name=m.name or "",
+            tool_call_id=m.tool_call_id or "",
+            tool_calls=[
+                pb.ToolCall(id=t.id, name=t.function.name, arguments=t.function.arguments) for t in m.tool_calls or ()
+            ],
+        )
+        for m in req.messages
+    ]
+    out = pb.ChatRequest(
+        deployment=target.deployment,
+        adapter=target.adapter,
+        messages=messages,
+        sampling=sampling_params(req, logprobs=req.logprobs, top_logprobs=req.top_logprobs if req.logprobs else None),
+        tools_json=json.dumps(req.tools) if req.tools else "",
+        tool_choice_json=json.dumps(req.tool_choice) if req.tool_choice is not None else "",
+    )
+    fmt = response_format(req.response_format)
+    if fmt is not None:
+        out.response_format.CopyFrom(fmt)
+    return out
+
+
+def _full_choice(d: pb.ChatChoiceDelta, content: str | None, finish: p.FinishReason | None, logprobs: bool) -> bytes:
+    """A choice with tool calls or logprobs, through its model (the plain ones are pre-serialized)."""
+    tool_calls = [
+        p.ToolCallDeltaOut(
+            index=t.index,
+            id=t.id or None,
+            type="function" if t.id else None,
+            function=p.FunctionDelta(name=t.name or None, arguments=t.arguments),
+        )
+        for t in d.tool_calls
+    ] or None
+    delta = p.ChatDelta(role="assistant" if d.role else None, content=content, tool_calls=tool_calls)
+    return (
+        p.ChatChunkChoice(
+            index=d.index, delta=delta, finish_reason=finish, logprobs=chat_logprobs(d.logprobs) if logprobs else None
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+class ServingChat(OpenAIServing):
+    def validate(self, req: p.ChatCompletionRequest) -> None:
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidArgument.for_field("top_logprobs", "requires logprobs=true")
+        self.filter.check_prompt((m.text() for m in req.messages), "messages")
+
+    async def start(self, ctx: CallContext, req: p.ChatCompletionRequest) -> Upstream:
+        """Validated, admitted, and its stream opened on a replica (its first chunk read)."""
+        self.validate(req)
+        await self.admit(ctx, sum(len(m.text()) for m in req.messages), req.max_new_tokens, req.n)
+        try:
+            return await self.open_stream(ctx, "Chat", lambda t: chat_request(req, t))
+        except BaseException:
+            self.settle(ctx)
+            raise
+
+    async def stream(self, ctx: CallContext, req: p.ChatCompletionRequest) -> AsyncGenerator[bytes, None]:
+        """The SSE events of a ``stream: true`` request, once its first chunk is in."""
+        upstream = await self.start(ctx, req)
+        return self.sse(ctx, self.chat_events(ctx, req, upstream), [upstream])
+
+    async def create(self, ctx: CallContext, req: p.ChatCompletionRequest) -> p.ChatCompletion:
+        """The ``chat.completion`` of a ``stream: false`` request."""
+        upstream = await self.start(ctx, req)
+        return await self.chat_collect(ctx, req, upstream)
+
+    def chat_events(
+        self, ctx: CallContext, req: p.ChatCompletionRequest, upstream: Upstream
+    ) -> AsyncGenerator[bytes, None]:
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        envelope = p.ChunkEnvelope(
+            p.ChatCompletionChunk(id=cid, created=created, model=ctx.model, choices=[]),
+            None if req.include_usage else {"usage"},
+        )
+        logprobs = req.logprobs
+
+        def render(d: pb.ChatChoiceDelta, text: str, finish: p.FinishReason | None) -> bytes:
+            content = text if (text or d.role) else None
+            if d.tool_calls or logprobs:
+                return _full_choice(d, content, finish, logprobs)
+            return p.chat_choice_json(d.index, bool(d.role), content, finish)
+
+        def usage_chunk() -> p.ChatCompletionChunk:
+            return p.ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=ctx.model,
+                choices=[],
+                usage=p.Usage.of(ctx.prompt_tokens, ctx.completion_tokens),
+            )
+
+        return self.choice_events(
+            ctx, [(upstream, render)], req.n, envelope, _content, usage_chunk if req.include_usage else None
+        )
+
+    async def chat_collect(
+        self, ctx: CallContext, req: p.ChatCompletionRequest, upstream: Upstream
+    ) -> p.ChatCompletion:
+        events: AsyncIterator[bytes] = self.chat_events(ctx, req.model_copy(update={"stream": False}), upstream)
+        chunks = await self.collect(ctx, events, [upstream], p.ChatCompletionChunk)
+        texts: dict[int, list[str]] = {}
+        tools: dict[int, dict[int, dict[str, str]]] = {}
+        logprobs: dict[int, list[p.TokenLogprobOut]] = {}
+        finish: dict[int, p.FinishReason | None] = {}
+        for chunk in chunks:
+            for c in chunk.choices:
+                texts.setdefault(c.index, []).append(c.delta.content or "")
+                for t in c.delta.tool_calls or ():
+                    call = tools.setdefault(c.index, {}).setdefault(t.index, {"id": "", "name": "", "arguments": ""})
+                    call["id"] = t.id or call["id"]
+                    call["name"] = t.function.name or call["name"]
+                    call["arguments"] += t.function.arguments
+                if c.logprobs is not None:
+                    logprobs.setdefault(c.index, []).extend(c.logprobs.content or ())
+                finish[c.index] = c.finish_reason or finish.get(c.index)
+        choices = []
+        for i in range(req.n):
+            calls = [
+                p.ToolCallOut(id=c["id"], function=p.FunctionOut(name=c["name"], arguments=c["arguments"]))
+                for _, c in sorted(tools.get(i, {}).items())
+            ] or None
+            content = "".join(texts.get(i, []))
+            choices.append(
+                p.ChatChoice(
+                    index=i,
+                    message=p.ChatMessageOut(content=content if content or not calls else None, tool_calls=calls),
+                    logprobs=p.ChatLogprobs(content=logprobs.get(i, [])) if req.logprobs else None,
+                    finish_reason=finish.get(i),
+                )
+            )
+        return p.ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=ctx.model,
+            choices=choices,
+            usage=p.Usage.of(ctx.prompt_tokens, ctx.completion_tokens),
+        )

@@ -1,0 +1,28 @@
+"""GET /v1/models and /v1/models/{model}: the model names some ready replica serves now."""
+
+from __future__ import annotations
+
+from .. import protocol as p
+from ..routing import Router, Target
+
+
+def model_card(t: Target) -> p.ModelCard:
+    """A deployment's base model (root: its model version) or one of its adapters (parent: the base)."""
+    parent = t.model.rsplit(":", 1)[0] if t.adapter else None
+    return p.ModelCard(id=t.model, created=t.created, root=t.model_version, parent=parent)
+
+
+class ServingModels:
+    """Reads the routing table only: no quota, no call to a replica."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def list(self) -> p.ModelList:
+        return p.ModelList(data=[model_card(t) for t in self.router.models()])
+
+    async def get(self, model: str) -> p.ModelCard:
+        """404 when no replica knows ``model``, 503 when it is known but ready nowhere."""
+        await self.router.resolve(model)
+        _, target = self.router.pick(model)
+        return model_card(target)

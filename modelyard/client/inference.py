@@ -1,0 +1,145 @@
+"""``InferenceClient``: deployments, adapters and generation of the inference service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from modelyard.inference.v1 import inference_pb2 as ipb
+from modelyard.inference.v1 import inference_pb2_grpc
+
+from ._base import ServiceClient, follow_pages
+
+
+class InferenceClient(ServiceClient):
+    """Typed async client of ``modelyard.inference.v1.InferenceService``."""
+
+    _stub_class = inference_pb2_grpc.InferenceServiceStub
+
+    async def deploy(
+        self, deployment: ipb.Deployment, *, deployment_id: str = "", timeout: float | None = None
+    ) -> ipb.Deployment:
+        """Create a deployment (it turns READY once its engine answers; poll ``get_deployment``)."""
+        return await self._unary(
+            "Deploy", ipb.DeployRequest(deployment=deployment, deployment_id=deployment_id), timeout
+        )
+
+    async def get_deployment(self, name: str, *, timeout: float | None = None) -> ipb.Deployment:
+        return await self._unary("GetDeployment", ipb.GetDeploymentRequest(name=name), timeout)
+
+    async def list_deployments(
+        self,
+        *,
+        filter: str = "",
+        order_by: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> ipb.ListDeploymentsResponse:
+        return await self._unary(
+            "ListDeployments",
+            ipb.ListDeploymentsRequest(filter=filter, order_by=order_by, page_size=page_size, page_token=page_token),
+            timeout,
+        )
+
+    def iter_deployments(
+        self, *, filter: str = "", order_by: str = "", page_size: int = 0, limit: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[ipb.Deployment]:
+        return follow_pages(
+            lambda token: self.list_deployments(
+                filter=filter, order_by=order_by, page_size=page_size, page_token=token, timeout=timeout
+            ),
+            "deployments",
+            limit,
+        )
+
+    async def undeploy(self, name: str, *, timeout: float | None = None) -> ipb.Deployment:
+        return await self._unary("Undeploy", ipb.UndeployRequest(name=name), timeout)
+
+    async def load_adapter(self, name: str, *, adapter: ipb.Adapter, timeout: float | None = None) -> ipb.Deployment:
+        return await self._unary("LoadAdapter", ipb.LoadAdapterRequest(name=name, adapter=adapter), timeout)
+
+    async def unload_adapter(self, name: str, *, alias: str, timeout: float | None = None) -> ipb.Deployment:
+        return await self._unary("UnloadAdapter", ipb.UnloadAdapterRequest(name=name, alias=alias), timeout)
+
+    def chat(
+        self,
+        *,
+        deployment: str,
+        messages: Sequence[ipb.ChatMessage],
+        adapter: str = "",
+        sampling: ipb.SamplingParams | None = None,
+        response_format: ipb.ResponseFormat | None = None,
+        tools_json: str = "",
+        tool_choice_json: str = "",
+        timeout: float | None = None,
+    ) -> AsyncIterator[ipb.ChatChunk]:
+        """The chunks of a chat completion (never retried: generation is not repeated behind your back)."""
+        return self._server_stream(
+            "Chat",
+            ipb.ChatRequest(
+                deployment=deployment,
+                adapter=adapter,
+                messages=list(messages),
+                sampling=sampling,
+                response_format=response_format,
+                tools_json=tools_json,
+                tool_choice_json=tool_choice_json,
+            ),
+            timeout,
+        )
+
+    def complete(
+        self,
+        *,
+        deployment: str,
+        prompt: str = "",
+        prompt_token_ids: Sequence[int] = (),
+        adapter: str = "",
+        sampling: ipb.SamplingParams | None = None,
+        echo: bool = False,
+        response_format: ipb.ResponseFormat | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ipb.CompleteChunk]:
+        """The chunks of a text completion of ``prompt`` (or ``prompt_token_ids``)."""
+        return self._server_stream(
+            "Complete",
+            ipb.CompleteRequest(
+                deployment=deployment,
+                adapter=adapter,
+                prompt=prompt,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling=sampling,
+                echo=echo,
+                response_format=response_format,
+            ),
+            timeout,
+        )
+
+    async def tokenize(
+        self,
+        *,
+        deployment: str,
+        prompt: str = "",
+        messages: Sequence[ipb.ChatMessage] = (),
+        add_generation_prompt: bool = False,
+        add_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> ipb.TokenizeResponse:
+        return await self._unary(
+            "Tokenize",
+            ipb.TokenizeRequest(
+                deployment=deployment,
+                prompt=prompt,
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                add_special_tokens=add_special_tokens,
+            ),
+            timeout,
+        )
+
+    async def embed(
+        self, *, deployment: str, inputs: Sequence[str], dimensions: int = 0, timeout: float | None = None
+    ) -> ipb.EmbedResponse:
+        return await self._unary(
+            "Embed", ipb.EmbedRequest(deployment=deployment, inputs=list(inputs), dimensions=dimensions), timeout
+        )
