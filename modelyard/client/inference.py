@@ -138,8 +138,10 @@ class InferenceClient(ServiceClient):
         )
 
     async def embed(
-        self, *, deployment: str, inputs: Sequence[str], dimensions: int = 0, timeout: float | None = None
+        self, *, deployment: str, inputs: Sequence[str], dimensions: int | None = None, timeout: float | None = None
     ) -> ipb.EmbedResponse:
-        return await self._unary(
-            "Embed", ipb.EmbedRequest(deployment=deployment, inputs=list(inputs), dimensions=dimensions), timeout
-        )
+        """Embed each of ``inputs``; ``dimensions`` truncates them (unset: the model's full size)."""
+        request = ipb.EmbedRequest(deployment=deployment, inputs=list(inputs))
+        if dimensions is not None:  # optional field: 0 would be sent (and rejected), not left unset
+            request.dimensions = dimensions
+        return await self._unary("Embed", request, timeout)

@@ -15,14 +15,13 @@ import signal
 import time
 from collections.abc import Iterator
 
-import grpc
 import httpx
 import openai
 import pytest
 
 from cli.demo_models import build_smollm2, build_tiny_model
+from modelyard.client import InferenceClient
 from modelyard.inference.v1 import inference_pb2 as pb
-from modelyard.inference.v1 import inference_pb2_grpc
 from tests.integration.test_inference import make_lora_adapter
 
 from .conftest import VLLM_PYTHON, YardStack, yard_stack
@@ -68,17 +67,30 @@ def stack(tmp_path_factory) -> Iterator[YardStack]:
         yield s
 
 
+class Deployments:
+    """Deployment state read through the SDK's InferenceClient (one short-lived client per read: the tests
+    here are synchronous, the SDK is asyncio)."""
+
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+
+    def get(self, name: str) -> pb.Deployment:
+        async def read() -> pb.Deployment:
+            async with InferenceClient(self.addr, timeout=10) as client:
+                return await client.get_deployment(f"deployments/{name}")
+
+        return asyncio.run(read())
+
+
 @pytest.fixture(scope="module")
-def inference(stack: YardStack) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
-    """A gRPC stub on the stack's inference service (deployment state and engine endpoints)."""
-    with grpc.insecure_channel(stack.inference_addr, options=[("grpc.enable_http_proxy", 0)]) as channel:
-        yield inference_pb2_grpc.InferenceServiceStub(channel)
+def inference(stack: YardStack) -> Deployments:
+    return Deployments(stack.inference_addr)
 
 
-def wait_state(stub, name: str, states: set[int], timeout: float) -> pb.Deployment:
+def wait_state(deployments: Deployments, name: str, states: set[int], timeout: float) -> pb.Deployment:
     deadline = time.monotonic() + timeout
     while True:
-        d = stub.GetDeployment(pb.GetDeploymentRequest(name=f"deployments/{name}"), timeout=10)
+        d = deployments.get(name)
         if d.state in states:
             return d
         if time.monotonic() > deadline:

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -29,9 +28,8 @@ from structlog.testing import capture_logs
 from cli.demo_models import build_tiny_model
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from modelyard.client import RegistryClient
+from modelyard.client import InferenceClient, RegistryClient
 from modelyard.inference.v1 import inference_pb2 as pb
-from modelyard.inference.v1 import inference_pb2_grpc as pb_grpc
 from modelyard.registry.v1 import registry_pb2 as rpb
 from services.core.artifacts import S3ArtifactStore
 from services.core.settings import GrpcServerSettings, S3Settings
@@ -96,30 +94,29 @@ def real(tmp_path_factory, s3_server) -> Iterator[dict]:
         inference = bg.run(start_inference(), timeout=60)
         inference_addr = f"127.0.0.1:{inference.server.port}"
 
-        async def deploy() -> tuple[pb_grpc.InferenceServiceStub, grpc.aio.Channel, pb.Deployment]:
-            channel = grpc.aio.insecure_channel(inference_addr)
-            stub = pb_grpc.InferenceServiceStub(channel)
-            await stub.Deploy(pb.DeployRequest(deployment_id="tiny", deployment=pb.Deployment(
-                model_version=version.name, engine=pb.ENGINE_TRANSFORMERS)), timeout=120)
+        async def deploy() -> tuple[InferenceClient, pb.Deployment]:
+            client = InferenceClient(inference_addr, timeout=30)
+            await client.deploy(pb.Deployment(model_version=version.name, engine=pb.ENGINE_TRANSFORMERS),
+                                deployment_id="tiny", timeout=120)
             deadline = time.monotonic() + 300
             while True:
-                dep = await stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/tiny"), timeout=30)
+                dep = await client.get_deployment("deployments/tiny")
                 if dep.state == pb.DEPLOYMENT_STATE_READY:
-                    return stub, channel, dep
+                    return client, dep
                 assert dep.state != pb.DEPLOYMENT_STATE_FAILED, dep.error.message
                 assert time.monotonic() < deadline, f"deployment stayed {pb.DeploymentState.Name(dep.state)}"
                 await asyncio.sleep(0.2)
 
-        stub, channel, dep = bg.run(deploy(), timeout=330)
+        inference_client, dep = bg.run(deploy(), timeout=330)
         gw = start_gateway(bg, work / "gateway", inference_addr, [])
         admin = httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
         try:
-            yield {"bg": bg, "work": work, "stub": stub, "inference_addr": inference_addr, "gw": gw, "admin": admin,
+            yield {"bg": bg, "work": work, "inference": inference_client, "inference_addr": inference_addr, "gw": gw, "admin": admin,
                    "engine_url": dep.engine_endpoints[0], "key": new_key(admin, "real")}
         finally:
             admin.close()
             gw.stop()
-            bg.run(channel.close())
+            bg.run(inference_client.close())
     finally:
         if inference is not None:
             bg.run(inference.stop(grace=1), timeout=60)
@@ -164,9 +161,9 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def direct_chat(real: dict, content: str, **sampling) -> tuple[str, pb.Usage]:
     """The inference service's own answer (text, usage) to a one-message chat, without the gateway."""
     async def call() -> tuple[str, pb.Usage]:
-        request = pb.ChatRequest(deployment="deployments/tiny", sampling=pb.SamplingParams(n=1, **sampling),
-                                 messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=content)])
-        chunks = [c async for c in real["stub"].Chat(request, timeout=120)]
+        chunks = [c async for c in real["inference"].chat(
+            deployment="deployments/tiny", sampling=pb.SamplingParams(n=1, **sampling),
+            messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=content)], timeout=120)]
         return "".join(d.content for c in chunks for d in c.choices), chunks[-1].usage
 
     return real["bg"].run(call(), timeout=150)
@@ -174,9 +171,8 @@ def direct_chat(real: dict, content: str, **sampling) -> tuple[str, pb.Usage]:
 
 def direct_complete(real: dict, prompt: str, **sampling) -> tuple[str, pb.Usage]:
     async def call() -> tuple[str, pb.Usage]:
-        request = pb.CompleteRequest(deployment="deployments/tiny", prompt=prompt,
-                                     sampling=pb.SamplingParams(n=1, **sampling))
-        chunks = [c async for c in real["stub"].Complete(request, timeout=120)]
+        chunks = [c async for c in real["inference"].complete(
+            deployment="deployments/tiny", prompt=prompt, sampling=pb.SamplingParams(n=1, **sampling), timeout=120)]
         return "".join(d.text for c in chunks for d in c.choices), chunks[-1].usage
 
     return real["bg"].run(call(), timeout=150)

@@ -16,18 +16,24 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 import pytest_asyncio
 
 from cli.demo_models import build_tiny_model
+from modelyard.client import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InferenceClient,
+    InvalidArgument,
+    NotFound,
+    RegistryClient,
+    Unavailable,
+)
 from modelyard.inference.v1 import inference_pb2 as pb
-from modelyard.inference.v1 import inference_pb2_grpc
 from modelyard.registry.v1 import registry_pb2 as rpb
-from modelyard.registry.v1 import registry_pb2_grpc
 from services.core.artifacts import S3ArtifactStore
-from services.core.grpc_client import error_from_rpc_error, make_channel
 from services.core.settings import GrpcServerSettings, S3Settings
 from services.inference.app import build_app as build_inference
 from services.inference.settings import InferenceSettings
@@ -67,16 +73,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def rpc_error(awaitable) -> tuple[grpc.StatusCode, str, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+async def fails(awaitable, error: type[DomainError]) -> DomainError:
+    """Await ``awaitable`` expecting the SDK to raise ``error`` (its gRPC code); the error."""
+    with pytest.raises(error) as info:
         await awaitable
-    return info.value.code(), error_from_rpc_error(info.value).reason, info.value.details()
+    return info.value
 
 
-async def wait_state(stub, name: str, states: set[int], timeout: float = 120) -> pb.Deployment:
+async def wait_state(inference: InferenceClient, name: str, states: set[int], timeout: float = 120) -> pb.Deployment:
     deadline = time.monotonic() + timeout
     while True:
-        d = await stub.GetDeployment(pb.GetDeploymentRequest(name=name))
+        d = await inference.get_deployment(name)
         if d.state in states:
             return d
         if time.monotonic() > deadline:
@@ -84,18 +91,19 @@ async def wait_state(stub, name: str, states: set[int], timeout: float = 120) ->
         await asyncio.sleep(0.2)
 
 
-async def chat(stub, content: str, **kw) -> list[pb.ChatChunk]:
+async def chat(inference: InferenceClient, content: str, **kw) -> list[pb.ChatChunk]:
     adapter = kw.pop("adapter", "")
-    request = pb.ChatRequest(deployment=DEPLOYMENT, adapter=adapter,
-                             messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=content)],
-                             sampling=pb.SamplingParams(**kw))
-    return [c async for c in stub.Chat(request)]
+    stream = inference.chat(deployment=DEPLOYMENT, adapter=adapter,
+                            messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=content)],
+                            sampling=pb.SamplingParams(**kw))
+    return [c async for c in stream]
 
 
-async def complete(stub, prompt: str, echo: bool = False, adapter: str = "", **kw) -> list[pb.CompleteChunk]:
-    request = pb.CompleteRequest(deployment=DEPLOYMENT, prompt=prompt, echo=echo, adapter=adapter,
-                                 sampling=pb.SamplingParams(**kw))
-    return [c async for c in stub.Complete(request)]
+async def complete(inference: InferenceClient, prompt: str, echo: bool = False, adapter: str = "",
+                   **kw) -> list[pb.CompleteChunk]:
+    stream = inference.complete(deployment=DEPLOYMENT, prompt=prompt, echo=echo, adapter=adapter,
+                                sampling=pb.SamplingParams(**kw))
+    return [c async for c in stream]
 
 
 def texts(chunks, field: str = "text") -> dict[int, str]:
@@ -131,11 +139,9 @@ async def registry(workdir, module_s3):
                                 import_workers=1, hf_endpoint="http://127.0.0.1:9", hf_token=None)
     app = build_registry(settings, metrics=False, default_port=0)
     await app.start()
-    channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=60)
-    stub = registry_pb2_grpc.RegistryServiceStub(channel)
-    stub.addr = f"127.0.0.1:{app.server.port}"  # type: ignore[attr-defined]
-    yield stub
-    await channel.close()
+    client = RegistryClient(f"127.0.0.1:{app.server.port}", timeout=60)
+    yield client
+    await client.close()
     await app.stop(grace=1)
 
 
@@ -145,17 +151,15 @@ async def versions(workdir, module_s3, registry) -> dict[str, str]:
     store = S3ArtifactStore.connect(module_s3)
     model_dir = build_tiny_model(workdir / "tiny")
     store.upload_dir("uploads/tiny/base", model_dir)
-    base = await registry.CreateModelVersion(rpb.CreateModelVersionRequest(
-        parent="models/tiny", version_id="base",
-        model_version=rpb.ModelVersion(artifact_prefix="uploads/tiny/base")))
+    base = await registry.create_model_version(
+        parent="models/tiny", version_id="base", model_version=rpb.ModelVersion(artifact_prefix="uploads/tiny/base"))
     out = {"base": base.name}
     for key, seed in (("lora", 1), ("lora2", 2)):
         adapter_dir = make_lora_adapter(model_dir, workdir / key, seed=seed)
         store.upload_dir(f"uploads/tiny-{key}/v1", adapter_dir)
-        adapter = await registry.RegisterDerivedVersion(rpb.RegisterDerivedVersionRequest(
+        adapter = await registry.register_derived_version(
             parent=f"models/tiny-{key}", version_id="v1", kind=rpb.MODEL_KIND_ADAPTER,
-            artifact_prefix=f"uploads/tiny-{key}/v1",
-            lineage=rpb.Lineage(base_model_version=base.name)))
+            artifact_prefix=f"uploads/tiny-{key}/v1", lineage=rpb.Lineage(base_model_version=base.name))
         out[key] = adapter.name
     return out
 
@@ -170,80 +174,78 @@ def inference_settings(workdir: Path, module_s3: S3Settings, registry_addr: str)
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def service(workdir, module_s3, registry, versions):
-    """The inference service with deployment ``tiny`` (base + adapter ``styled``) READY; (app, stub)."""
-    app = build_inference(inference_settings(workdir, module_s3, registry.addr), metrics=False, default_port=0)
+    """The inference service with deployment ``tiny`` (base + adapter ``styled``) READY; {app, client}."""
+    app = build_inference(inference_settings(workdir, module_s3, registry.target), metrics=False, default_port=0)
     await app.start()
-    channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=120)
-    stub = inference_pb2_grpc.InferenceServiceStub(channel)
-    created = await stub.Deploy(pb.DeployRequest(deployment_id="tiny", deployment=pb.Deployment(
+    client = InferenceClient(f"127.0.0.1:{app.server.port}", timeout=120)
+    created = await client.deploy(pb.Deployment(
         model_version=versions["base"], engine=pb.ENGINE_TRANSFORMERS,
         adapters=[pb.Adapter(alias="styled", model_version=versions["lora"])],
-        options=pb.EngineOptions(max_num_seqs=32))))
+        options=pb.EngineOptions(max_num_seqs=32)), deployment_id="tiny")
     assert created.state == pb.DEPLOYMENT_STATE_CREATING
-    await wait_state(stub, DEPLOYMENT, {pb.DEPLOYMENT_STATE_READY, pb.DEPLOYMENT_STATE_FAILED})
-    holder = {"app": app, "stub": stub, "channel": channel}
+    await wait_state(client, DEPLOYMENT, {pb.DEPLOYMENT_STATE_READY, pb.DEPLOYMENT_STATE_FAILED})
+    holder = {"app": app, "client": client}
     yield holder
-    await holder["channel"].close()
+    await holder["client"].close()
     await holder["app"].stop(grace=1)
 
 
 @pytest.fixture
-def stub(service):
-    return service["stub"]
+def inference(service) -> InferenceClient:
+    return service["client"]
 
 
 # ----------------------------------------------------------------------------- control plane
 
 
-async def test_deploy_becomes_ready_and_marks_the_version(stub, registry, versions):
-    d = await stub.GetDeployment(pb.GetDeploymentRequest(name=DEPLOYMENT))
+async def test_deploy_becomes_ready_and_marks_the_version(inference, registry, versions):
+    d = await inference.get_deployment(DEPLOYMENT)
     assert d.state == pb.DEPLOYMENT_STATE_READY, d.error.message
     assert d.engine == pb.ENGINE_TRANSFORMERS and d.model_version == versions["base"]
     assert [a.alias for a in d.adapters] == ["styled"] and d.served_model_name == "tiny"
     assert d.engine_endpoints and d.engine_endpoints[0].startswith("http://127.0.0.1:")
-    base = await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["base"]))
+    base = await registry.get_model_version(versions["base"])
     assert DEPLOYMENT in base.deployed_by
-    listed = await stub.ListDeployments(pb.ListDeploymentsRequest(filter="state = DEPLOYMENT_STATE_READY"))
+    listed = await inference.list_deployments(filter="state = DEPLOYMENT_STATE_READY")
     assert [x.name for x in listed.deployments] == [DEPLOYMENT]
-    none = await stub.ListDeployments(pb.ListDeploymentsRequest(filter="state = DEPLOYMENT_STATE_FAILED"))
+    none = await inference.list_deployments(filter="state = DEPLOYMENT_STATE_FAILED")
     assert not none.deployments
-    both = await stub.ListDeployments(pb.ListDeploymentsRequest(
-        filter=f'engine = ENGINE_TRANSFORMERS AND model_version = "{versions["base"]}"', order_by="name desc"))
+    both = await inference.list_deployments(
+        filter=f'engine = ENGINE_TRANSFORMERS AND model_version = "{versions["base"]}"', order_by="name desc")
     assert [x.name for x in both.deployments] == [DEPLOYMENT] and not both.next_page_token
+    assert [x.name async for x in inference.iter_deployments(page_size=1)] == [DEPLOYMENT]
 
 
-async def test_deploy_errors_name_the_problem(stub, versions):
-    code, reason, msg = await rpc_error(stub.Deploy(pb.DeployRequest(deployment=pb.Deployment(
-        model_version="models/tiny/versions/missing", engine=pb.ENGINE_TRANSFORMERS))))
-    assert code == grpc.StatusCode.NOT_FOUND, msg
-    code, _, msg = await rpc_error(stub.Deploy(pb.DeployRequest(deployment=pb.Deployment(
-        model_version=versions["base"]))))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "deployment.engine" in msg
-    code, reason, msg = await rpc_error(stub.Deploy(pb.DeployRequest(deployment=pb.Deployment(
-        model_version=versions["base"], engine=pb.ENGINE_VLLM))))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "ENGINE_NOT_INSTALLED"
-    assert "vLLM engine not installed: run make engine-vllm" in msg
-    code, reason, _ = await rpc_error(stub.Deploy(pb.DeployRequest(deployment_id="tiny", deployment=pb.Deployment(
-        model_version=versions["base"], engine=pb.ENGINE_TRANSFORMERS))))
-    assert code == grpc.StatusCode.ALREADY_EXISTS
-    code, _, msg = await rpc_error(stub.Deploy(pb.DeployRequest(deployment=pb.Deployment(
-        model_version=versions["lora"], engine=pb.ENGINE_TRANSFORMERS))))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "is an adapter" in msg
-    code, _, msg = await rpc_error(stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/nope")))
-    assert code == grpc.StatusCode.NOT_FOUND
-    code, _, msg = await rpc_error(stub.ListDeployments(pb.ListDeploymentsRequest(page_size=-1)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in msg
-    code, _, msg = await rpc_error(stub.ListDeployments(pb.ListDeploymentsRequest(filter="colour = red")))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "filter" in msg and "colour" in msg
-    code, _, msg = await rpc_error(stub.ListDeployments(pb.ListDeploymentsRequest(order_by="engine")))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "order_by" in msg
+async def test_deploy_errors_name_the_problem(inference, versions):
+    err = await fails(inference.deploy(pb.Deployment(
+        model_version="models/tiny/versions/missing", engine=pb.ENGINE_TRANSFORMERS)), NotFound)
+    assert "models/tiny/versions/missing" in err.message, err.message
+    err = await fails(inference.deploy(pb.Deployment(model_version=versions["base"])), InvalidArgument)
+    assert "deployment.engine" in err.message
+    assert "deployment.engine" in {v.field for v in err.violations}, err.violations
+    err = await fails(inference.deploy(pb.Deployment(model_version=versions["base"], engine=pb.ENGINE_VLLM)),
+                      FailedPrecondition)
+    assert err.reason == "ENGINE_NOT_INSTALLED"
+    assert "vLLM engine not installed: run make engine-vllm" in err.message
+    await fails(inference.deploy(pb.Deployment(model_version=versions["base"], engine=pb.ENGINE_TRANSFORMERS),
+                            deployment_id="tiny"), AlreadyExists)
+    err = await fails(inference.deploy(pb.Deployment(model_version=versions["lora"], engine=pb.ENGINE_TRANSFORMERS)),
+                      InvalidArgument)
+    assert "is an adapter" in err.message
+    await fails(inference.get_deployment("deployments/nope"), NotFound)
+    err = await fails(inference.list_deployments(page_size=-1), InvalidArgument)
+    assert "page_size" in err.message and [v.field for v in err.violations] == ["page_size"]
+    err = await fails(inference.list_deployments(filter="colour = red"), InvalidArgument)
+    assert "filter" in err.message and "colour" in err.message
+    err = await fails(inference.list_deployments(order_by="engine"), InvalidArgument)
+    assert "order_by" in err.message
 
 
 # ----------------------------------------------------------------------------- data plane
 
 
-async def test_chat_streams_deltas_then_usage(stub):
-    chunks = await chat(stub, "What is the capital of France?", max_tokens=6, **GREEDY)
+async def test_chat_streams_deltas_then_usage(inference):
+    chunks = await chat(inference, "What is the capital of France?", max_tokens=6, **GREEDY)
     assert len({c.id for c in chunks}) == 1
     deltas = [c for c in chunks if c.choices]
     assert deltas[0].choices[0].role == pb.CHAT_ROLE_ASSISTANT
@@ -253,34 +255,34 @@ async def test_chat_streams_deltas_then_usage(stub):
     assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 6
     reason = finish_reasons(chunks)[0]
     assert reason == (pb.FINISH_REASON_LENGTH if usage.completion_tokens == 6 else pb.FINISH_REASON_STOP)
-    again = await chat(stub, "What is the capital of France?", max_tokens=6, **GREEDY)
+    again = await chat(inference, "What is the capital of France?", max_tokens=6, **GREEDY)
     assert texts(again, "content") == texts(chunks, "content")  # greedy is deterministic
 
 
-async def test_completion_n2_max_tokens_and_seed(stub):
-    chunks = await complete(stub, "The capital of France is", n=2, max_tokens=5, temperature=1.0, seed=7)
+async def test_completion_n2_max_tokens_and_seed(inference):
+    chunks = await complete(inference, "The capital of France is", n=2, max_tokens=5, temperature=1.0, seed=7)
     out = texts(chunks)
     assert set(out) == {0, 1}
     reasons = finish_reasons(chunks)
     assert set(reasons) == {0, 1} and set(reasons.values()) <= {pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP}
     assert chunks[-1].usage.completion_tokens <= 10
-    same = await complete(stub, "The capital of France is", n=2, max_tokens=5, temperature=1.0, seed=7)
+    same = await complete(inference, "The capital of France is", n=2, max_tokens=5, temperature=1.0, seed=7)
     assert texts(same) == out  # a seed makes sampling reproducible
-    one = await complete(stub, "The capital of France is", max_tokens=1, **GREEDY)
+    one = await complete(inference, "The capital of France is", max_tokens=1, **GREEDY)
     assert finish_reasons(one) == {0: pb.FINISH_REASON_LENGTH} and one[-1].usage.completion_tokens == 1
 
 
-async def test_stop_string_cuts_the_output(stub):
-    full = texts(await complete(stub, "Hello! How can I", max_tokens=12, **GREEDY))[0]
+async def test_stop_string_cuts_the_output(inference):
+    full = texts(await complete(inference, "Hello! How can I", max_tokens=12, **GREEDY))[0]
     assert len(full) > 4
     stop = full[2:4]
-    cut = await complete(stub, "Hello! How can I", max_tokens=12, stop=[stop], **GREEDY)
+    cut = await complete(inference, "Hello! How can I", max_tokens=12, stop=[stop], **GREEDY)
     assert texts(cut)[0] == full[: full.index(stop)]
     assert finish_reasons(cut) == {0: pb.FINISH_REASON_STOP}
 
 
-async def test_logprobs_of_generated_tokens(stub):
-    chunks = await chat(stub, "Hello", max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY)
+async def test_logprobs_of_generated_tokens(inference):
+    chunks = await chat(inference, "Hello", max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY)
     logprobs = [lp for c in chunks for ch in c.choices for lp in ch.logprobs]
     assert len(logprobs) == chunks[-1].usage.completion_tokens or len(logprobs) == 4
     for lp in logprobs:
@@ -290,9 +292,9 @@ async def test_logprobs_of_generated_tokens(stub):
         assert lp.logprob == pytest.approx(lp.top_logprobs[0].logprob, abs=1e-5)
 
 
-async def test_echo_returns_prompt_logprobs_for_loglikelihood(stub):
+async def test_echo_returns_prompt_logprobs_for_loglikelihood(inference):
     prompt = "The capital of France is Paris"
-    chunks = await complete(stub, prompt, echo=True, max_tokens=1, logprobs=True, top_logprobs=1, **GREEDY)
+    chunks = await complete(inference, prompt, echo=True, max_tokens=1, logprobs=True, top_logprobs=1, **GREEDY)
     assert texts(chunks)[0].startswith(prompt)
     lps = [lp for c in chunks for ch in c.choices for lp in ch.logprobs]
     prompt_tokens = chunks[-1].usage.prompt_tokens
@@ -300,69 +302,69 @@ async def test_echo_returns_prompt_logprobs_for_loglikelihood(stub):
     assert not lps[0].HasField("logprob")  # nothing precedes the first token
     assert all(lp.HasField("logprob") and lp.logprob < 0 for lp in lps[1:])
     assert "".join(lp.token for lp in lps[:prompt_tokens]) == prompt
-    zero = await complete(stub, prompt, echo=True, max_tokens=0, logprobs=True, **GREEDY)
+    zero = await complete(inference, prompt, echo=True, max_tokens=0, logprobs=True, **GREEDY)
     assert texts(zero)[0] == prompt and zero[-1].usage.completion_tokens == 0
     assert [lp.logprob for c in zero for ch in c.choices for lp in ch.logprobs][1:] == \
         pytest.approx([lp.logprob for lp in lps[1:prompt_tokens]], abs=1e-4)
 
 
-async def test_adapter_changes_output_and_unknown_adapter_is_rejected(stub):
+async def test_adapter_changes_output_and_unknown_adapter_is_rejected(inference):
     prompt = "Write a short poem about the sea."
-    base = await complete(stub, prompt, max_tokens=8, logprobs=True, **GREEDY)
-    styled = await complete(stub, prompt, adapter="styled", max_tokens=8, logprobs=True, **GREEDY)
+    base = await complete(inference, prompt, max_tokens=8, logprobs=True, **GREEDY)
+    styled = await complete(inference, prompt, adapter="styled", max_tokens=8, logprobs=True, **GREEDY)
     base_lps = [lp.logprob for c in base for ch in c.choices for lp in ch.logprobs]
     styled_lps = [lp.logprob for c in styled for ch in c.choices for lp in ch.logprobs]
     assert texts(base) != texts(styled) or base_lps != pytest.approx(styled_lps, abs=1e-3)
-    code, _, msg = await rpc_error(complete(stub, prompt, adapter="nope", max_tokens=2))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "adapter" in msg
+    err = await fails(complete(inference, prompt, adapter="nope", max_tokens=2), InvalidArgument)
+    assert "adapter" in err.message
 
 
-async def test_engine_rejections_are_invalid_argument(stub):
-    code, reason, msg = await rpc_error(complete(stub, "Hello", max_tokens=100000))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "maximum context length" in msg
-    assert reason == "ENGINE_REJECTED_REQUEST"
-    code, _, msg = await rpc_error(complete(stub, "Hello", max_tokens=2, top_p=0.0))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in msg
-    code, _, msg = await rpc_error(chat(stub, "x", max_tokens=-1))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _, msg = await rpc_error(complete(stub, "", max_tokens=2))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in msg
+async def test_engine_rejections_are_invalid_argument(inference):
+    err = await fails(complete(inference, "Hello", max_tokens=100000), InvalidArgument)
+    assert "maximum context length" in err.message
+    assert err.reason == "ENGINE_REJECTED_REQUEST"
+    err = await fails(complete(inference, "Hello", max_tokens=2, top_p=0.0), InvalidArgument)
+    assert "top_p" in err.message
+    await fails(chat(inference, "x", max_tokens=-1), InvalidArgument)
+    err = await fails(complete(inference, "", max_tokens=2), InvalidArgument)
+    assert "prompt" in err.message
 
 
-async def test_sixteen_concurrent_streams_all_complete(stub):
+async def test_sixteen_concurrent_streams_all_complete(inference):
     results = await asyncio.gather(*(
-        complete(stub, f"Question {i}: what is two plus two?", max_tokens=8, temperature=0.8, seed=i)
+        complete(inference, f"Question {i}: what is two plus two?", max_tokens=8, temperature=0.8, seed=i)
         for i in range(16)))
     for chunks in results:
         assert set(finish_reasons(chunks)) == {0}
         assert chunks[-1].usage.completion_tokens >= 1
 
 
-async def test_tokenize_and_embed(stub):
-    tok = await stub.Tokenize(pb.TokenizeRequest(deployment=DEPLOYMENT, prompt="Hello world"))
+async def test_tokenize_and_embed(inference):
+    tok = await inference.tokenize(deployment=DEPLOYMENT, prompt="Hello world")
     assert len(tok.tokens) >= 2 and tok.max_model_len == 512
-    chat_tok = await stub.Tokenize(pb.TokenizeRequest(
+    chat_tok = await inference.tokenize(
         deployment=DEPLOYMENT, messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="Hello world")],
-        add_generation_prompt=True))
+        add_generation_prompt=True)
     assert len(chat_tok.tokens) > len(tok.tokens)
-    emb = await stub.Embed(pb.EmbedRequest(deployment=DEPLOYMENT, inputs=["Hello world", "the sea is blue"]))
+    emb = await inference.embed(deployment=DEPLOYMENT, inputs=["Hello world", "the sea is blue"])
     assert [e.index for e in emb.embeddings] == [0, 1]
     assert len(emb.embeddings[0].values) == 64 and emb.usage.prompt_tokens > 0
     assert sum(v * v for v in emb.embeddings[0].values) == pytest.approx(1.0, abs=1e-4)
-    short = await stub.Embed(pb.EmbedRequest(deployment=DEPLOYMENT, inputs=["Hello world"], dimensions=8))
+    short = await inference.embed(deployment=DEPLOYMENT, inputs=["Hello world"], dimensions=8)
     assert len(short.embeddings[0].values) == 8
 
 
-async def test_cancelled_stream_aborts_the_engine_request(stub):
-    d = await stub.GetDeployment(pb.GetDeploymentRequest(name=DEPLOYMENT))
-    call = stub.Complete(pb.CompleteRequest(deployment=DEPLOYMENT, prompt="Tell me a story",
-                                            sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)))
+async def test_cancelled_stream_aborts_the_engine_request(inference):
+    d = await inference.get_deployment(DEPLOYMENT)
+    stream = inference.complete(deployment=DEPLOYMENT, prompt="Tell me a story",
+                           sampling=pb.SamplingParams(max_tokens=400, temperature=1.0))
     seen = 0
-    async for _chunk in call:
-        seen += 1
-        if seen == 3:
-            break
-    call.cancel()
+    async with contextlib.aclosing(stream):  # closing the stream early cancels the call
+        async for _chunk in stream:
+            seen += 1
+            if seen == 3:
+                break
+    assert seen == 3
     async with httpx.AsyncClient(base_url=d.engine_endpoints[0]) as http:
         deadline = time.monotonic() + 60
         while (await http.get("/health")).json()["running"] != 0:
@@ -370,23 +372,19 @@ async def test_cancelled_stream_aborts_the_engine_request(stub):
             await asyncio.sleep(0.05)
 
 
-async def test_load_and_unload_adapter_at_runtime(stub, registry, versions):
-    d = await stub.LoadAdapter(pb.LoadAdapterRequest(name=DEPLOYMENT, adapter=pb.Adapter(
-        alias="other", model_version=versions["lora2"])))
+async def test_load_and_unload_adapter_at_runtime(inference, registry, versions):
+    d = await inference.load_adapter(DEPLOYMENT, adapter=pb.Adapter(alias="other", model_version=versions["lora2"]))
     assert [a.alias for a in d.adapters] == ["styled", "other"]
-    other = texts(await complete(stub, "The sea", adapter="other", max_tokens=4, **GREEDY))
+    other = texts(await complete(inference, "The sea", adapter="other", max_tokens=4, **GREEDY))
     assert 0 in other
-    code, _, _ = await rpc_error(stub.LoadAdapter(pb.LoadAdapterRequest(name=DEPLOYMENT, adapter=pb.Adapter(
-        alias="other", model_version=versions["lora2"]))))
-    assert code == grpc.StatusCode.ALREADY_EXISTS
-    v = await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["lora2"]))
+    await fails(inference.load_adapter(DEPLOYMENT, adapter=pb.Adapter(alias="other", model_version=versions["lora2"])),
+                AlreadyExists)
+    v = await registry.get_model_version(versions["lora2"])
     assert DEPLOYMENT in v.deployed_by
-    d = await stub.UnloadAdapter(pb.UnloadAdapterRequest(name=DEPLOYMENT, alias="other"))
+    d = await inference.unload_adapter(DEPLOYMENT, alias="other")
     assert [a.alias for a in d.adapters] == ["styled"]
-    code, _, _ = await rpc_error(complete(stub, "The sea", adapter="other", max_tokens=2))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _, _ = await rpc_error(stub.UnloadAdapter(pb.UnloadAdapterRequest(name=DEPLOYMENT, alias="other")))
-    assert code == grpc.StatusCode.NOT_FOUND
+    await fails(complete(inference, "The sea", adapter="other", max_tokens=2), InvalidArgument)
+    await fails(inference.unload_adapter(DEPLOYMENT, alias="other"), NotFound)
 
 
 CLI = ("import sys, typer\n"
@@ -411,7 +409,7 @@ async def test_cli_lists_shows_and_chats(service):
     assert rc == 0, err
     assert "tiny" in out and "READY" in out and "styled" in out
     rc, out, err = await run_cli(service, "chat", "tiny", "-m", "Hello", "--max-tokens", "3", "--temperature", "0")
-    expected = texts(await chat(service["stub"], "Hello", max_tokens=3, **GREEDY), "content")[0]
+    expected = texts(await chat(service["client"], "Hello", max_tokens=3, **GREEDY), "content")[0]
     assert rc == 0 and out == expected + "\n", err
     rc, out, err = await run_cli(service, "deployments", "show", "nope")
     assert rc == 1 and "deployments/nope not found" in err and "Traceback" not in err
@@ -441,58 +439,54 @@ def _gate_engine_starts(deployments, gate: asyncio.Event):
     return original
 
 
-async def test_killed_engine_ends_stream_unavailable_then_recovers(service, stub):
+async def test_killed_engine_ends_stream_unavailable_then_recovers(service, inference):
     app = service["app"]
     restart = asyncio.Event()
     original_factory = _gate_engine_starts(app.deployments, restart)
     try:
-        call = stub.Complete(pb.CompleteRequest(deployment=DEPLOYMENT, prompt="Tell me a story",
-                                                sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)))
+        stream = inference.complete(deployment=DEPLOYMENT, prompt="Tell me a story",
+                               sampling=pb.SamplingParams(max_tokens=400, temperature=1.0))
         pids = app.deployments.engine_pids(DEPLOYMENT)
         assert pids
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _chunk in call:
+        with pytest.raises(Unavailable):  # the stream ends with UNAVAILABLE (generation is never retried)
+            async for _chunk in stream:
                 if pids:
                     os.kill(pids.pop(), signal.SIGKILL)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        degraded = await wait_state(stub, DEPLOYMENT, {pb.DEPLOYMENT_STATE_DEGRADED})
+        degraded = await wait_state(inference, DEPLOYMENT, {pb.DEPLOYMENT_STATE_DEGRADED})
         assert degraded.error.message and "exited" in degraded.error.message
-        code, reason, _ = await rpc_error(complete(stub, "Hello", max_tokens=1))
-        assert code == grpc.StatusCode.UNAVAILABLE and reason == "DEPLOYMENT_NOT_READY"
+        err = await fails(complete(inference, "Hello", max_tokens=1), Unavailable)
+        assert err.reason == "DEPLOYMENT_NOT_READY"
     finally:
         app.deployments.engine_factory = original_factory
         restart.set()
-    await wait_state(stub, DEPLOYMENT, {pb.DEPLOYMENT_STATE_READY}, timeout=120)
-    assert texts(await complete(stub, "Hello", max_tokens=2, **GREEDY))
+    await wait_state(inference, DEPLOYMENT, {pb.DEPLOYMENT_STATE_READY}, timeout=120)
+    assert texts(await complete(inference, "Hello", max_tokens=2, **GREEDY))
 
 
 async def test_restarted_service_redeploys_stored_deployments(service, workdir, module_s3, registry):
-    await service["channel"].close()
+    await service["client"].close()
     await service["app"].stop(grace=1)
-    app = build_inference(inference_settings(workdir, module_s3, registry.addr), metrics=False, default_port=0)
+    app = build_inference(inference_settings(workdir, module_s3, registry.target), metrics=False, default_port=0)
     await app.start()
-    channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=120)
-    service.update(app=app, channel=channel, stub=inference_pb2_grpc.InferenceServiceStub(channel))
-    stub = service["stub"]
-    d = await wait_state(stub, DEPLOYMENT, {pb.DEPLOYMENT_STATE_READY}, timeout=120)
+    service.update(app=app, client=InferenceClient(f"127.0.0.1:{app.server.port}", timeout=120))
+    inference = service["client"]
+    d = await wait_state(inference, DEPLOYMENT, {pb.DEPLOYMENT_STATE_READY}, timeout=120)
     assert [a.alias for a in d.adapters] == ["styled"]
-    assert texts(await complete(stub, "Hello", adapter="styled", max_tokens=2, **GREEDY))
+    assert texts(await complete(inference, "Hello", adapter="styled", max_tokens=2, **GREEDY))
 
 
 async def test_undeploy_stops_the_engine_and_removes_the_marker(service, registry, versions):
-    stub = service["stub"]
+    inference = service["client"]
     pids = service["app"].deployments.engine_pids(DEPLOYMENT)
-    gone = await stub.Undeploy(pb.UndeployRequest(name=DEPLOYMENT))
+    gone = await inference.undeploy(DEPLOYMENT)
     assert gone.state == pb.DEPLOYMENT_STATE_DELETING
-    code, _, _ = await rpc_error(stub.GetDeployment(pb.GetDeploymentRequest(name=DEPLOYMENT)))
-    assert code == grpc.StatusCode.NOT_FOUND
+    await fails(inference.get_deployment(DEPLOYMENT), NotFound)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    base = await registry.GetModelVersion(rpb.GetModelVersionRequest(name=versions["base"]))
+    base = await registry.get_model_version(versions["base"])
     assert DEPLOYMENT not in base.deployed_by
-    code, _, _ = await rpc_error(complete(stub, "Hello", max_tokens=1))
-    assert code == grpc.StatusCode.NOT_FOUND
+    await fails(complete(inference, "Hello", max_tokens=1), NotFound)
 
 
 async def test_adapter_fixture_has_nonzero_lora_b(workdir, versions):

@@ -6,18 +6,16 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import grpc
 import pytest
 
 from cli.demo_models import build_smollm2
+from modelyard.client import InferenceClient, InvalidArgument, Unimplemented
 from modelyard.inference.v1 import inference_pb2 as pb
-from modelyard.inference.v1 import inference_pb2_grpc
 from modelyard.registry.v1 import registry_pb2 as rpb
 from services.core.artifacts import S3ArtifactStore
-from services.core.grpc_client import make_channel
 from services.inference.app import build_app as build_inference
 
-from .test_inference import inference_settings, rpc_error, wait_state
+from .test_inference import fails, inference_settings, wait_state
 
 VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
@@ -35,28 +33,26 @@ async def test_smollm2_on_vllm_chats_completes_and_tokenizes(workdir, module_s3,
     store = S3ArtifactStore.connect(module_s3)
     prefix = f"uploads/smollm2/{uuid.uuid4().hex[:8]}"
     store.upload_dir(prefix, build_smollm2())
-    base = await registry.CreateModelVersion(rpb.CreateModelVersionRequest(
-        parent="models/smollm2", version_id="v1",
-        model_version=rpb.ModelVersion(artifact_prefix=prefix)))
+    base = await registry.create_model_version(
+        parent="models/smollm2", version_id="v1", model_version=rpb.ModelVersion(artifact_prefix=prefix))
 
-    settings = inference_settings(workdir, module_s3, registry.addr)
+    settings = inference_settings(workdir, module_s3, registry.target)
     settings = settings.model_copy(update={"vllm_python": VLLM_PYTHON, "engine_start_timeout_s": 420})
     app = build_inference(settings, metrics=False, default_port=0)
     await app.start()
-    channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=120)
-    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    inference = InferenceClient(f"127.0.0.1:{app.server.port}", timeout=120)
     try:
-        await stub.Deploy(pb.DeployRequest(deployment_id="smol", deployment=pb.Deployment(
+        await inference.deploy(pb.Deployment(
             model_version=base.name, engine=pb.ENGINE_VLLM,
-            options=pb.EngineOptions(max_model_len=1024, max_num_seqs=8, kv_cache_bytes=1 << 30))))
-        d = await wait_state(stub, "deployments/smol", {pb.DEPLOYMENT_STATE_READY, pb.DEPLOYMENT_STATE_FAILED},
+            options=pb.EngineOptions(max_model_len=1024, max_num_seqs=8, kv_cache_bytes=1 << 30)), deployment_id="smol")
+        d = await wait_state(inference, "deployments/smol", {pb.DEPLOYMENT_STATE_READY, pb.DEPLOYMENT_STATE_FAILED},
                              timeout=450)
         assert d.state == pb.DEPLOYMENT_STATE_READY, d.error.message
 
-        chunks = [c async for c in stub.Chat(pb.ChatRequest(
+        chunks = [c async for c in inference.chat(
             deployment="deployments/smol",
             messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is the capital of France?")],
-            sampling=pb.SamplingParams(max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=2)))]
+            sampling=pb.SamplingParams(max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=2))]
         answer = "".join(ch.content for c in chunks for ch in c.choices)
         assert "Paris" in answer
         assert chunks[-1].usage.prompt_tokens > 0 and 1 <= chunks[-1].usage.completion_tokens <= 16
@@ -90,23 +86,20 @@ async def test_smollm2_on_vllm_chats_completes_and_tokenizes(workdir, module_s3,
         with_tokens = [c for c in paced if any((ch.get("logprobs") or {}).get("content") for ch in c["choices"])]
         assert 6 <= len(with_tokens) <= 8, [len(c["choices"][0]["logprobs"]["content"]) for c in with_tokens]
 
-        done = [c async for c in stub.Complete(pb.CompleteRequest(
+        done = [c async for c in inference.complete(
             deployment="deployments/smol", prompt="The capital of France is",
-            sampling=pb.SamplingParams(max_tokens=1, n=2, temperature=0.8, seed=3)))]
+            sampling=pb.SamplingParams(max_tokens=1, n=2, temperature=0.8, seed=3))]
         reasons = {ch.index: ch.finish_reason for c in done for ch in c.choices if ch.finish_reason}
         assert reasons == {0: pb.FINISH_REASON_LENGTH, 1: pb.FINISH_REASON_LENGTH}
 
-        tok = await stub.Tokenize(pb.TokenizeRequest(deployment="deployments/smol", prompt="Hello world"))
+        tok = await inference.tokenize(deployment="deployments/smol", prompt="Hello world")
         assert tok.tokens and tok.max_model_len == 1024
 
-        code, _, msg = await rpc_error(stub.Complete(pb.CompleteRequest(
-            deployment="deployments/smol", prompt="Hi", sampling=pb.SamplingParams(max_tokens=5000))).read())
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
-        code, reason, msg = await rpc_error(stub.Embed(pb.EmbedRequest(deployment="deployments/smol",
-                                                                       inputs=["Hello"])))
-        assert code == grpc.StatusCode.UNIMPLEMENTED, msg
+        await fails(anext(aiter(inference.complete(deployment="deployments/smol", prompt="Hi",
+                                                   sampling=pb.SamplingParams(max_tokens=5000)))), InvalidArgument)
+        await fails(inference.embed(deployment="deployments/smol", inputs=["Hello"]), Unimplemented)
 
-        await stub.Undeploy(pb.UndeployRequest(name="deployments/smol"))
+        await inference.undeploy("deployments/smol")
     finally:
-        await channel.close()
+        await inference.close()
         await app.stop(grace=1)

@@ -11,22 +11,19 @@ import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-import grpc
 import pytest
 
 from cli.demo_models import build_tiny_model
+from modelyard.client import FailedPrecondition, NotFound, RegistryClient
 from modelyard.common.v1 import common_pb2 as cpb
-from modelyard.registry.v1 import registry_pb2 as pb
-from modelyard.registry.v1 import registry_pb2_grpc
 from services.core.artifacts import S3ArtifactStore
-from services.core.grpc_client import error_from_rpc_error, make_channel
 from services.core.jobs.context import Channel, JobContext
 from services.core.settings import GrpcServerSettings
 from services.registry import import_job
 from services.registry.app import build_app
 from services.registry.imports import KIND, child_env
 from services.registry.settings import RegistrySettings
-from tests.integration.test_registry import _Hub, wait_import
+from tests.integration.test_registry import _Hub, expect, wait_import
 
 
 class GatedHub(_Hub):
@@ -79,55 +76,47 @@ async def _start(tmp_path, s3_settings, **overrides):
     settings = RegistrySettings(**{**values, **overrides})
     app = build_app(settings, metrics=False, default_port=0)
     await app.start()
-    channel = make_channel(f"127.0.0.1:{app.server.port}", default_timeout_s=120)
-    return app, channel, registry_pb2_grpc.RegistryServiceStub(channel)
+    client = RegistryClient(f"127.0.0.1:{app.server.port}", timeout=120)
+    client.app = app  # type: ignore[attr-defined]
+    return app, client
 
 
 @pytest.fixture
 async def queue_only(tmp_path, s3_settings):
     """A registry replica that serves but runs no imports (they stay QUEUED)."""
-    app, channel, stub = await _start(tmp_path, s3_settings, worker_enabled=False)
-    stub.app = app  # type: ignore[attr-defined]
-    yield stub
-    await channel.close()
+    app, client = await _start(tmp_path, s3_settings, worker_enabled=False)
+    yield client
+    await client.close()
     await app.stop(grace=1)
 
 
 @pytest.fixture
 async def registry(tmp_path, s3_settings, gated_hub):
-    app, channel, stub = await _start(tmp_path, s3_settings, hf_endpoint=gated_hub)
-    stub.app = app  # type: ignore[attr-defined]
-    yield stub
+    app, client = await _start(tmp_path, s3_settings, hf_endpoint=gated_hub)
+    yield client
     GatedHub.gate.set()
-    await channel.close()
+    await client.close()
     await app.stop(grace=1)
 
 
-async def _code(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value.code(), error_from_rpc_error(info.value).reason
-
-
-async def _gone(stub, version: str, model: str, store: S3ArtifactStore, prefix: str, timeout_s: float = 60) -> None:
+async def _gone(registry: RegistryClient, version: str, model: str, store: S3ArtifactStore, prefix: str, timeout_s: float = 60) -> None:
     """Poll (generous timeout) until the version, its model and every object under its prefix are gone."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            await stub.GetModelVersion(pb.GetModelVersionRequest(name=version))
+            await registry.get_model_version(version)
             left = "version"
-        except grpc.aio.AioRpcError as e:
-            assert e.code() == grpc.StatusCode.NOT_FOUND
+        except NotFound:
             left = "objects" if store.list(prefix) else ""
         if not left:
             break
         assert time.monotonic() < deadline, f"{left} of {version} still there after {timeout_s}s"
         await asyncio.sleep(0.1)
-    assert await _code(stub.GetModel(pb.GetModelRequest(name=model))) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    await expect(registry.get_model(model), NotFound, "MODEL_NOT_FOUND")
 
 
-def _prefix(stub, version: str) -> str:
-    with stub.app.db.session() as s:
+def _prefix(registry: RegistryClient, version: str) -> str:
+    with registry.app.db.session() as s:  # type: ignore[attr-defined]
         from services.registry.tables import VersionRow
 
         return s.get(VersionRow, version).artifact_prefix
@@ -135,29 +124,27 @@ def _prefix(stub, version: str) -> str:
 
 async def test_cancel_while_queued_removes_the_reserved_version_at_once(queue_only, tiny_model, s3_settings):
     store = S3ArtifactStore(s3_settings)
-    started = await queue_only.ImportModel(pb.ImportModelRequest(parent="models/queued", source_uri=str(tiny_model)))
+    started = await queue_only.import_model(parent="models/queued", source_uri=str(tiny_model))
     assert started.state == cpb.JOB_STATE_QUEUED and started.model_version == "models/queued/versions/v1"
     prefix = _prefix(queue_only, started.model_version)
     store.put_bytes(f"{prefix}/files/stray.bin", b"left by nobody")  # whatever a lost attempt might leave
 
-    cancelled = await queue_only.CancelImport(pb.CancelImportRequest(name=started.name))
+    cancelled = await queue_only.cancel_import(started.name)
     assert cancelled.state == cpb.JOB_STATE_CANCELLED and cancelled.end_time.seconds > 0
     assert store.list(prefix) == []
     await _gone(queue_only, started.model_version, "models/queued", store, prefix, timeout_s=0)
-    code, reason = await _code(queue_only.CancelImport(pb.CancelImportRequest(name=started.name)))
-    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_FINISHED")
-    events = [e async for e in queue_only.WatchImport(pb.WatchImportRequest(name=started.name))]
+    await expect(queue_only.cancel_import(started.name), FailedPrecondition, "JOB_ALREADY_FINISHED")
+    events = [e async for e in queue_only.watch_import(started.name)]
     assert [e.state_change.state for e in events if e.HasField("state_change")] == [
         cpb.JOB_STATE_QUEUED, cpb.JOB_STATE_CANCELLED]
-    later = [e async for e in queue_only.WatchImport(pb.WatchImportRequest(name=started.name,
-                                                                             after_sequence=events[0].sequence))]
+    later = [e async for e in queue_only.watch_import(started.name, after_sequence=events[0].sequence)]
     assert [e.sequence for e in later] == [e.sequence for e in events[1:]]
 
 
 async def test_attempts_used_up_by_a_vanished_replica_are_cleaned_by_the_sweep(queue_only, tiny_model, s3_settings):
     app = queue_only.app
     store = S3ArtifactStore(s3_settings)
-    started = await queue_only.ImportModel(pb.ImportModelRequest(parent="models/lost", source_uri=str(tiny_model)))
+    started = await queue_only.import_model(parent="models/lost", source_uri=str(tiny_model))
     prefix = _prefix(queue_only, started.model_version)
     jobs = app.imports.store
     with app.db.engine.begin() as conn:  # one attempt only
@@ -169,7 +156,7 @@ async def test_attempts_used_up_by_a_vanished_replica_are_cleaned_by_the_sweep(q
     store.put_bytes(f"{prefix}/files/model.safetensors", b"half an upload")
     assert jobs.requeue_stale(0.0) == [started.name]  # its heartbeat is older than any timeout
 
-    failed = await queue_only.GetImport(pb.GetImportRequest(name=started.name))
+    failed = await queue_only.get_import(started.name)
     assert failed.state == cpb.JOB_STATE_FAILED and "no attempts left" in failed.error.message
     from google.rpc import error_details_pb2
 
@@ -180,26 +167,26 @@ async def test_attempts_used_up_by_a_vanished_replica_are_cleaned_by_the_sweep(q
 
 async def test_cancel_while_running_stops_the_child_and_leaves_nothing(registry, s3_settings):
     store = S3ArtifactStore(s3_settings)
-    started = await registry.ImportModel(pb.ImportModelRequest(parent="models/hub", source_uri="hf://acme/tiny"))
+    started = await registry.import_model(parent="models/hub", source_uri="hf://acme/tiny")
     prefix = _prefix(registry, started.model_version)
     assert await asyncio.to_thread(GatedHub.arrived.wait, 120), "the import never reached the hub"
-    running = await registry.GetImport(pb.GetImportRequest(name=started.name))
+    running = await registry.get_import(started.name)
     assert running.state == cpb.JOB_STATE_RUNNING and running.stage == "fetching" and running.attempt_count == 1
 
-    await registry.CancelImport(pb.CancelImportRequest(name=started.name))
+    await registry.cancel_import(started.name)
     done = await wait_import(registry, started.name)
     assert done.state == cpb.JOB_STATE_CANCELLED
     await _gone(registry, started.model_version, "models/hub", store, prefix)
 
 
 async def test_an_attempt_that_finds_its_version_ready_returns_at_once(registry, tiny_model, s3_settings, tmp_path):
-    started = await registry.ImportModel(pb.ImportModelRequest(parent="models/once", source_uri=str(tiny_model)))
+    started = await registry.import_model(parent="models/once", source_uri=str(tiny_model))
     done = await wait_import(registry, started.name)
     assert done.state == cpb.JOB_STATE_SUCCEEDED and done.stage == "done" and done.progress.fraction == 1.0
     assert done.progress.metrics["bytes_total"] > 0
     app = registry.app
     job = app.imports.store.get(started.name)
-    before = await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))
+    before = await registry.get_model_version(done.model_version)
 
     # The same spec run again as a later attempt (a replica that died after marking the version READY).
     out = io.StringIO()
@@ -211,5 +198,5 @@ async def test_an_attempt_that_finds_its_version_ready_returns_at_once(registry,
             mp.setenv(k, v)
         assert import_job.run(ctx) == {"model_version": done.model_version}
     assert "version already ready" in out.getvalue() and "import stage" not in out.getvalue()
-    after = await registry.GetModelVersion(pb.GetModelVersionRequest(name=done.model_version))
+    after = await registry.get_model_version(done.model_version)
     assert after == before

@@ -18,23 +18,24 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import psycopg
 import pytest
 from google.rpc import error_details_pb2
 
+from modelyard.client import DeadlineExceeded, NotFound, RegistryClient, Unavailable
 from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.registry.v1 import registry_pb2 as pb
-from modelyard.registry.v1 import registry_pb2_grpc
 from services.core.artifacts import S3ArtifactStore
 from services.core.db import Database
-from services.core.grpc_client import make_channel
 from services.core.jobs import JobStore
 from services.registry.tables import COMPONENT, MIGRATIONS
-from tests.integration.test_registry import wait_import
+from tests.integration.test_registry import expect, wait_import
 from tests.integration.test_registry_imports import GatedHub, gated_hub, tiny_model  # noqa: F401 - fixtures
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# How long a silent worker keeps its jobs. Generous: on 2 busy cores a live replica's heartbeat can be late by
+# seconds, and a lease lost that way costs an extra attempt (correct, but not what this test is about).
+HEARTBEAT_TIMEOUT_S = 20
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ class Replica:
             "YARD_REGISTRY_DATABASE_URL": pg_url, "YARD_REGISTRY_DATA_DIR": str(data_dir),
             "YARD_REGISTRY_GRPC__PORT": str(self.port), "YARD_REGISTRY_WORKER_ID": worker_id,
             "YARD_REGISTRY_IMPORT_WORKERS": "2", "YARD_REGISTRY_WORKER_POLL_INTERVAL_S": "0.2",
-            "YARD_REGISTRY_HEARTBEAT_S": "0.5", "YARD_REGISTRY_HEARTBEAT_TIMEOUT_S": "5",
+            "YARD_REGISTRY_HEARTBEAT_S": "0.5", "YARD_REGISTRY_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
             "YARD_REGISTRY_RECONCILE_INTERVAL_S": "1", "YARD_REGISTRY_HF_ENDPOINT": hub,
             "YARD_REGISTRY_S3__ENDPOINT": s3_settings.endpoint, "YARD_REGISTRY_S3__BUCKET": s3_settings.bucket,
             "YARD_REGISTRY_S3__ACCESS_KEY": s3_settings.access_key,
@@ -78,22 +79,21 @@ class Replica:
         self.log = (data_dir.parent / f"{worker_id}.log").open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.registry"], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        self.channel = make_channel(f"127.0.0.1:{self.port}", default_timeout_s=120)
-        self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
+        self.client = RegistryClient(f"127.0.0.1:{self.port}", timeout=120)
 
     async def ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             assert self.proc.poll() is None, f"replica {self.worker_id} exited with {self.proc.returncode}"
             try:
-                await self.stub.ListImports(pb.ListImportsRequest(), timeout=2)
+                await self.client.list_imports(timeout=2)
                 return
-            except grpc.aio.AioRpcError:
+            except (Unavailable, DeadlineExceeded):  # not serving yet
                 assert time.monotonic() < deadline, f"replica {self.worker_id} not serving after {timeout_s}s"
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -125,12 +125,12 @@ async def test_a_replica_killed_mid_import_loses_only_its_attempt(replicas, pg_u
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
-    gated = await a.stub.ImportModel(pb.ImportModelRequest(parent="models/hub", source_uri="hf://acme/tiny"))
+    gated = await a.client.import_model(parent="models/hub", source_uri="hf://acme/tiny")
     assert await asyncio.to_thread(GatedHub.arrived.wait, 120), "the hub import never started fetching"
     others = [
-        await b.stub.ImportModel(pb.ImportModelRequest(parent="models/local", source_uri=str(tiny_model))),
-        await a.stub.ImportModel(pb.ImportModelRequest(parent="models/local", source_uri=str(tiny_model))),
-        await b.stub.ImportModel(pb.ImportModelRequest(parent="models/broken", source_uri=str(truncated))),
+        await b.client.import_model(parent="models/local", source_uri=str(tiny_model)),
+        await a.client.import_model(parent="models/local", source_uri=str(tiny_model)),
+        await b.client.import_model(parent="models/broken", source_uri=str(truncated)),
     ]
 
     db = Database(pg_url)
@@ -142,14 +142,16 @@ async def test_a_replica_killed_mid_import_loses_only_its_attempt(replicas, pg_u
         victim.proc.send_signal(signal.SIGKILL)
         assert victim.proc.wait(60) == -signal.SIGKILL
 
-        results = {i.name: await wait_import(survivor.stub, i.name) for i in [gated, *others]}
+        results = {i.name: await wait_import(survivor.client, i.name) for i in [gated, *others]}
         hub, local1, local2, broken = (results[i.name] for i in [gated, *others])
         assert hub.state == cpb.JOB_STATE_SUCCEEDED, hub.error
-        assert hub.attempt_count == 2 and GatedHub.weight_gets == 2
-        events = [e async for e in survivor.stub.WatchImport(pb.WatchImportRequest(name=gated.name))]
+        # the killed attempt was retried (each attempt fetched the weights once); a further lost lease on an
+        # overloaded machine would add attempts, never skip the retry
+        assert hub.attempt_count >= 2 and GatedHub.weight_gets == hub.attempt_count
+        events = [e async for e in survivor.client.watch_import(gated.name)]
         states = [e.state_change.state for e in events if e.HasField("state_change")]
-        assert states == [cpb.JOB_STATE_QUEUED, cpb.JOB_STATE_RUNNING, cpb.JOB_STATE_QUEUED, cpb.JOB_STATE_RUNNING,
-                          cpb.JOB_STATE_SUCCEEDED]
+        retried = [cpb.JOB_STATE_QUEUED, cpb.JOB_STATE_RUNNING] * hub.attempt_count
+        assert states == [*retried, cpb.JOB_STATE_SUCCEEDED]
         assert [jobs.get(gated.name).worker] == [survivor.worker_id]
         for done in (local1, local2):
             assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
@@ -157,7 +159,7 @@ async def test_a_replica_killed_mid_import_loses_only_its_attempt(replicas, pg_u
         info = error_details_pb2.ErrorInfo()
         assert broken.error.details[0].Unpack(info) and info.reason == "SAFETENSORS_TRUNCATED"
 
-        ready = (await survivor.stub.ListModelVersions(pb.ListModelVersionsRequest(parent="models/-"))).model_versions
+        ready = (await survivor.client.list_model_versions(parent="models/-")).model_versions
         assert sorted(v.name for v in ready) == sorted([hub.model_version, local1.model_version, local2.model_version])
         assert all(v.state == pb.MODEL_VERSION_STATE_READY for v in ready)
         store = S3ArtifactStore(s3_settings)
@@ -165,9 +167,7 @@ async def test_a_replica_killed_mid_import_loses_only_its_attempt(replicas, pg_u
         expected = {f"{v.artifact_prefix}/files/{f.path}" for v in ready for f in v.files}
         expected |= {f"{v.artifact_prefix}/manifest.json" for v in ready}
         assert stored == expected  # the failed import and the killed attempt left nothing
-        with pytest.raises(grpc.aio.AioRpcError) as info_:
-            await survivor.stub.GetModel(pb.GetModelRequest(name="models/broken"))
-        assert info_.value.code() == grpc.StatusCode.NOT_FOUND
+        await expect(survivor.client.get_model("models/broken"), NotFound, "MODEL_NOT_FOUND")
         assert survivor.proc.poll() is None
     finally:
         db.dispose()

@@ -8,7 +8,6 @@ import json
 import re
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -16,14 +15,15 @@ from typer.testing import CliRunner
 from cli.demo_models import build_tiny_model
 from cli.output import to_dict
 from cli.training_cmds import _value_text, jobs_app, train_app
+from modelyard.client import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.registry.v1 import registry_pb2 as rpb
 from modelyard.training.v1 import training_pb2 as tpb
 from services.training.recipes.spec import parse_spec
 from tests.support.training_stack import (
+    fails,
     import_model,
     lora_job,
-    rpc_error,
     training_stack,
     upload_dataset,
     wait_state,
@@ -62,47 +62,45 @@ async def test_preflight_refuses_bad_jobs_with_clear_errors_and_queues_nothing(t
     async with training_stack(tmp_path, s3_settings) as stack:
         base, chat = await _inputs(stack, tiny_model)
         bad = await upload_dataset(stack.registry, "datasets/bad", bad_rows_file(tmp_path))
-        create = stack.training_client.create_training_job
+        create = stack.training.create_training_job
 
-        code, err = await rpc_error(create(lora_job("models/nope/versions/v1", [chat])))
-        assert code == grpc.StatusCode.NOT_FOUND
+        err = await fails(create(lora_job("models/nope/versions/v1", [chat])), NotFound)
         assert err.message.startswith("spec.base_model_version:") and "models/nope/versions/v1" in err.message
 
-        code, err = await rpc_error(create(lora_job(base, [chat, bad])))
-        assert (code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_INVALID_ROWS")
+        err = await fails(create(lora_job(base, [chat, bad])), InvalidArgument)
+        assert err.reason == "DATASET_INVALID_ROWS"
         fields = [v.field for v in err.violations]
         assert {f.split(".")[1] for f in fields} == {"rows[4]", "rows[8]"}
         assert all(f.startswith("datasets[1].rows[") for f in fields), fields
         assert any(f.startswith("datasets[1].rows[4].messages[1].content") for f in fields), fields
 
-        code, err = await rpc_error(create(lora_job(base, [chat], method=tpb.TRAINING_METHOD_DPO)))
-        assert (code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_FORMAT_MISMATCH")
+        err = await fails(create(lora_job(base, [chat], method=tpb.TRAINING_METHOD_DPO)), InvalidArgument)
+        assert err.reason == "DATASET_FORMAT_MISMATCH"
         assert err.violations[0].field == "spec.dataset_versions[0]" and "preference" in err.message
 
-        code, err = await rpc_error(create(lora_job(base, [chat], method=tpb.TRAINING_METHOD_QLORA)))
-        assert (code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "HARDWARE_UNSUPPORTED")
+        err = await fails(create(lora_job(base, [chat], method=tpb.TRAINING_METHOD_QLORA)), FailedPrecondition)
+        assert err.reason == "HARDWARE_UNSUPPORTED"
         assert "qlora needs a CUDA GPU" in err.message
 
-        code, err = await rpc_error(create(lora_job(
-            base, [chat], hyperparameters={"max_length": 1_000_000, "batch_size": 256})))
-        assert (code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "INSUFFICIENT_MEMORY")
+        err = await fails(create(lora_job(
+            base, [chat], hyperparameters={"max_length": 1_000_000, "batch_size": 256})), ResourceExhausted)
+        assert err.reason == "INSUFFICIENT_MEMORY"
         assert "GiB" in err.message and "RAM available" in err.message
         assert int(err.metadata["estimated_bytes"]) > int(err.metadata["available_bytes"]) > 0
 
-        code, err = await rpc_error(create(lora_job(
-            base, [chat], hyperparameters={"learning_rate": -1.0, "lora_dropout": 1.5})))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        err = await fails(create(lora_job(
+            base, [chat], hyperparameters={"learning_rate": -1.0, "lora_dropout": 1.5})), InvalidArgument)
         assert {v.field for v in err.violations} == {"spec.hyperparameters.learning_rate",
                                                      "spec.hyperparameters.lora_dropout"}
 
-        listed = await stack.training_client.list_training_jobs()
+        listed = await stack.training.list_training_jobs()
         assert list(listed.training_jobs) == []
 
 
 async def test_lora_sft_job_streams_loss_live_and_registers_an_adapter_with_lineage(tmp_path, s3_settings, tiny_model):
     async with training_stack(tmp_path, s3_settings) as stack:
         base, chat = await _inputs(stack, tiny_model)
-        job = await stack.training_client.create_training_job(
+        job = await stack.training.create_training_job(
             lora_job(base, [chat], checkpoint_every_steps=2, output_model="models/tiny-shout"),
             training_job_id="shout-lora")
         assert (job.name, job.state, job.kind) == ("trainingJobs/shout-lora", cpb.JOB_STATE_QUEUED,
@@ -114,19 +112,19 @@ async def test_lora_sft_job_streams_loss_live_and_registers_an_adapter_with_line
         assert 0 < job.preflight.trainable_parameter_count < job.preflight.parameter_count
 
         losses, states, seen_running_loss = [], [], False
-        async for event in stack.training_client.watch_training_job(job.name, timeout=240):
+        async for event in stack.training.watch_training_job(job.name, timeout=240):
             which = event.WhichOneof("payload")
             if which == "metrics" and "loss" in event.metrics.values:
                 losses.append((event.metrics.step, event.metrics.values["loss"]))
                 if not seen_running_loss:  # the stream is live: the job is still running when loss arrives
-                    now = await stack.training_client.get_training_job(job.name)
+                    now = await stack.training.get_training_job(job.name)
                     seen_running_loss = now.state == cpb.JOB_STATE_RUNNING
             elif which == "state_change":
                 states.append(event.state_change.state)
         assert states[0] == cpb.JOB_STATE_QUEUED and states[-1] == cpb.JOB_STATE_SUCCEEDED, states
         assert [s for s, _ in losses] == [1, 2, 3, 4] and seen_running_loss
 
-        done = await stack.training_client.get_training_job(job.name)
+        done = await stack.training.get_training_job(job.name)
         assert done.state == cpb.JOB_STATE_SUCCEEDED and done.attempt_count == 1
         assert done.progress.fraction == 1.0 and done.progress.step == 4
         adapter = await stack.registry.get_model_version(done.outputs.model_version)
@@ -134,19 +132,19 @@ async def test_lora_sft_job_streams_loss_live_and_registers_an_adapter_with_line
         assert adapter.lineage.base_model_version == base and list(adapter.lineage.dataset_versions) == [chat]
         assert adapter.lineage.job == job.name
 
-        checkpoints = (await stack.training_client.list_checkpoints(parent=job.name)).checkpoints
+        checkpoints = (await stack.training.list_checkpoints(parent=job.name)).checkpoints
         assert [c.step for c in checkpoints] == [2, 4]
         assert checkpoints[0].name == "trainingJobs/shout-lora/checkpoints/step-00000002"
         assert checkpoints[0].size_bytes > 0 and "loss" in checkpoints[0].metrics
-        later = await stack.training_client.list_checkpoints(parent=job.name, filter="step > 2")
+        later = await stack.training.list_checkpoints(parent=job.name, filter="step > 2")
         assert [c.step for c in later.checkpoints] == [4]
 
         # Watch again from the middle: only the later events, and the stream ends.
-        replay = [e async for e in stack.training_client.watch_training_job(job.name, after_sequence=5)]
+        replay = [e async for e in stack.training.watch_training_job(job.name, after_sequence=5)]
         assert replay[0].sequence == 6 and replay[-1].state_change.state == cpb.JOB_STATE_SUCCEEDED
 
-        code, err = await rpc_error(stack.training_client.cancel_training_job(job.name))
-        assert (code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_FINISHED")
+        err = await fails(stack.training.cancel_training_job(job.name), FailedPrecondition)
+        assert err.reason == "JOB_ALREADY_FINISHED"
 
         watched = await asyncio.to_thread(CliRunner().invoke, jobs_app, ["watch", "shout-lora"],
                                           env={"YARD_TRAINING_ADDR": stack.training_addr})
@@ -154,9 +152,9 @@ async def test_lora_sft_job_streams_loss_live_and_registers_an_adapter_with_line
         assert f"model version: {adapter.name}" in watched.output and "4/4" in watched.output
 
         # Merge the registered adapter in a merge job; the merged version derives from the adapter.
-        code, err = await rpc_error(stack.training_client.merge_adapter(adapter_version=base))
-        assert (code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_AN_ADAPTER")
-        merge = (await stack.training_client.merge_adapter(
+        err = await fails(stack.training.merge_adapter(adapter_version=base), FailedPrecondition)
+        assert err.reason == "NOT_AN_ADAPTER"
+        merge = (await stack.training.merge_adapter(
             adapter_version=adapter.name, output_model="models/tiny-shout-merged")).training_job
         assert merge.kind == tpb.TRAINING_JOB_KIND_MERGE and merge.spec.base_model_version == base
         merged_job = await wait_state(stack.training, merge.name, TERMINAL, timeout=120)
@@ -169,12 +167,12 @@ async def test_lora_sft_job_streams_loss_live_and_registers_an_adapter_with_line
 async def test_cancel_stops_a_running_job(tmp_path, s3_settings, tiny_model):
     async with training_stack(tmp_path, s3_settings) as stack:
         base, chat = await _inputs(stack, tiny_model)
-        job = await stack.training_client.create_training_job(
+        job = await stack.training.create_training_job(
             lora_job(base, [chat], hyperparameters={"max_steps": 100_000}))
-        async for event in stack.training_client.watch_training_job(job.name, timeout=120):
+        async for event in stack.training.watch_training_job(job.name, timeout=120):
             if event.WhichOneof("payload") == "metrics" and "loss" in event.metrics.values:
                 break  # training is under way
-        await stack.training_client.cancel_training_job(job.name)
+        await stack.training.cancel_training_job(job.name)
         done = await wait_state(stack.training, job.name, TERMINAL, timeout=60)
         assert done.state == cpb.JOB_STATE_CANCELLED and done.end_time.seconds > 0
         assert 0 < done.progress.step < 100_000
@@ -185,27 +183,26 @@ async def test_list_pages_filters_and_cli_shows_jobs(tmp_path, s3_settings, tiny
         base, chat = await _inputs(stack, tiny_model)
         created = []
         for i, method in enumerate([tpb.TRAINING_METHOD_LORA, tpb.TRAINING_METHOD_DORA, tpb.TRAINING_METHOD_LORA]):
-            job = await stack.training_client.create_training_job(lora_job(base, [chat], method=method),
+            job = await stack.training.create_training_job(lora_job(base, [chat], method=method),
                                                                   training_job_id=f"job-{i}")
             created.append(job.name)
-        await stack.training_client.cancel_training_job("trainingJobs/job-2")
+        await stack.training.cancel_training_job("trainingJobs/job-2")
 
         names, token = [], ""
         while True:
-            page = await stack.training_client.list_training_jobs(page_size=2, page_token=token,
+            page = await stack.training.list_training_jobs(page_size=2, page_token=token,
                                                                   order_by="create_time asc")
             assert len(page.training_jobs) <= 2
             names += [j.name for j in page.training_jobs]
             if not (token := page.next_page_token):
                 break
         assert names == created
-        lora = await stack.training_client.list_training_jobs(
+        lora = await stack.training.list_training_jobs(
             filter="method = TRAINING_METHOD_LORA AND state = JOB_STATE_QUEUED")
         assert [j.name for j in lora.training_jobs] == ["trainingJobs/job-0"]
-        code, _ = await rpc_error(_drain(stack.training_client.watch_training_job("trainingJobs/nope")))
-        assert code == grpc.StatusCode.NOT_FOUND
-        code, err = await rpc_error(stack.training_client.list_training_jobs(page_size=-1))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and err.violations[0].field == "page_size"
+        await fails(_drain(stack.training.watch_training_job("trainingJobs/nope")), NotFound)
+        err = await fails(stack.training.list_training_jobs(page_size=-1), InvalidArgument)
+        assert err.violations[0].field == "page_size"
 
         runner, env = CliRunner(), {"YARD_TRAINING_ADDR": stack.training_addr}
         listed = await asyncio.to_thread(runner.invoke, jobs_app, ["list"], env=env)
@@ -222,7 +219,7 @@ async def test_list_pages_filters_and_cli_shows_jobs(tmp_path, s3_settings, tiny
             "--set", "max_steps=2", "--set", "launcher.type=local", "--name", "from-cli"], env=env)
         assert started.exit_code == 0, started.output
         assert "queued trainingJobs/from-cli" in started.output
-        job = await stack.training_client.get_training_job("trainingJobs/from-cli")
+        job = await stack.training.get_training_job("trainingJobs/from-cli")
         assert job.spec.hyperparameters.max_steps == 2 and job.spec.dataset_versions == [chat]
         refused = await asyncio.to_thread(runner.invoke, train_app, [
             "dpo", "--model", base, "--dataset", chat], env=env)
@@ -261,12 +258,12 @@ async def test_dry_run_reports_the_defaults_the_job_uses_and_queues_nothing(tmp_
         assert dry_json.exit_code == 0, dry_json.output
         planned = json.loads(_printed(dry_json))
         assert planned["state"] == "JOB_STATE_UNSPECIFIED" and planned["preflight"]["accelerator"] == "cpu"
-        listed = await stack.training_client.list_training_jobs()
+        listed = await stack.training.list_training_jobs()
         assert list(listed.training_jobs) == []  # a dry run queues nothing
 
         created = await asyncio.to_thread(runner.invoke, train_app, args, env=env)
         assert created.exit_code == 0, created.output
-        job = await stack.training_client.get_training_job("trainingJobs/dry")
+        job = await stack.training.get_training_job("trainingJobs/dry")
         assert planned["spec"] == to_dict(job.spec)  # the dry run resolved exactly the spec the job got
 
         # What the recipe will read: the stored spec, parsed as the child process parses it.
@@ -285,7 +282,7 @@ async def test_jobs_list_and_show_print_json_yaml_and_whole_names_in_a_pipe(tmp_
     async with training_stack(tmp_path, s3_settings, worker=False) as stack:
         base, chat = await _inputs(stack, tiny_model)
         long_id = "a-training-job-whose-name-is-longer-than-a-narrow-terminal-is"
-        await stack.training_client.create_training_job(lora_job(base, [chat]), training_job_id=long_id)
+        await stack.training.create_training_job(lora_job(base, [chat]), training_job_id=long_id)
         runner, env = CliRunner(), {"YARD_TRAINING_ADDR": stack.training_addr, "COLUMNS": "40"}
 
         table = await asyncio.to_thread(runner.invoke, jobs_app, ["list"], env=env)

@@ -1,8 +1,7 @@
 """An in-process registry + training service pair on loopback (port 0), for the training tests.
 
-``Stack.registry`` is the SDK's ``RegistryClient``. ``Stack.training`` is still a raw
-``TrainingServiceStub`` (over a channel whose unary calls raise typed ``DomainError``s) while the
-training tests move to ``TrainingClient`` (``Stack.training_client``).
+``Stack.registry`` and ``Stack.training`` are the SDK's ``RegistryClient`` and ``TrainingClient``:
+the tests call the services the way platform teams do, and failures are the typed ``DomainError``s.
 """
 
 from __future__ import annotations
@@ -13,15 +12,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+import pytest
 
 from modelyard.client import DomainError, RegistryClient, TrainingClient
 from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.training.v1 import training_pb2 as tpb
-from modelyard.training.v1 import training_pb2_grpc
-from services.core.grpc_client import make_channel
 from services.core.settings import GrpcServerSettings, S3Settings
-from services.core.status import error_from_rpc_error
 from services.registry.app import build_app as build_registry
 from services.registry.settings import RegistrySettings
 from services.training.app import TrainingApp
@@ -32,8 +28,7 @@ from services.training.settings import TrainingSettings
 @dataclass
 class Stack:
     registry: RegistryClient
-    training: training_pb2_grpc.TrainingServiceStub
-    training_client: TrainingClient
+    training: TrainingClient
     training_addr: str
     app: TrainingApp
 
@@ -53,11 +48,9 @@ async def training_stack(data_dir: Path, s3: S3Settings, *, worker: bool = True,
     await app.start()
     registry = RegistryClient(registry_addr, timeout=120)
     training = TrainingClient(app.server.address, timeout=120)
-    channel = make_channel(app.server.address, default_timeout_s=120, typed_errors=True)
     try:
-        yield Stack(registry, training_pb2_grpc.TrainingServiceStub(channel), training, app.server.address, app)
+        yield Stack(registry, training, app.server.address, app)
     finally:
-        await channel.close()
         await training.close()
         await registry.close()
         await app.stop(grace=1)
@@ -78,18 +71,12 @@ async def upload_dataset(registry: RegistryClient, parent: str, path: Path) -> s
     return (await registry.upload_dataset(path, parent=parent, chunk_bytes=1 << 16)).name
 
 
-async def rpc_error(call: Awaitable[object]) -> tuple[grpc.StatusCode, DomainError]:
-    """Await ``call`` expecting a failure: (code, the typed DomainError with reason and violations).
-
-    SDK calls raise the DomainError themselves; a raw stream's AioRpcError is converted here.
-    """
-    try:
+async def fails(call: Awaitable[object], error: type[DomainError]) -> DomainError:
+    """Await SDK ``call`` expecting it to raise ``error`` (the class stands for the gRPC code); the error,
+    with its ``reason``, ``message``, ``metadata`` and ``violations`` to check."""
+    with pytest.raises(error) as info:
         await call
-    except DomainError as err:
-        return err.code, err
-    except grpc.aio.AioRpcError as exc:
-        return exc.code(), error_from_rpc_error(exc)
-    raise AssertionError("the call succeeded; a failure was expected")
+    return info.value
 
 
 def lora_job(base: str, datasets: list[str], method: int = tpb.TRAINING_METHOD_LORA, **spec) -> tpb.TrainingJob:
@@ -101,11 +88,11 @@ def lora_job(base: str, datasets: list[str], method: int = tpb.TRAINING_METHOD_L
         **spec))
 
 
-async def wait_state(stub: training_pb2_grpc.TrainingServiceStub, name: str, states: set[int],
-                     timeout: float = 120) -> tpb.TrainingJob:
+async def wait_state(training: TrainingClient, name: str, states: set[int], timeout: float = 120) -> tpb.TrainingJob:
+    """Poll the job (generous ``timeout``) until it is in one of ``states``; the job."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        job = await stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=name))
+        job = await training.get_training_job(name)
         if job.state in states:
             return job
         if asyncio.get_running_loop().time() > deadline:
