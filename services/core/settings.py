@@ -76,6 +76,29 @@ class ServiceSettings(BaseSettings):
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
 
 
+class JobServiceSettings(ServiceSettings):
+    """A service that runs jobs (training, quantization): its job worker's settings."""
+
+    # Run a job worker in this process (false: an API-only replica).
+    worker_enabled: bool = True
+    # Jobs run at once by this process's worker.
+    worker_slots: int = 1
+    worker_poll_interval_s: float = 0.5
+    heartbeat_s: float = 2.0
+    heartbeat_timeout_s: float = 30.0
+    # SIGTERM -> SIGKILL delay when a job is cancelled.
+    cancel_grace_s: float = 15.0
+    # Attempts of a job whose worker died.
+    max_attempts: int = 3
+    # Job working directories; empty: <data_dir>/<service>-work.
+    workdir: Path | None = None
+
+    def workdir_for(self, service: str) -> Path:
+        path = self.workdir or (self.data_dir / f"{service}-work")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
 def service_settings_class(service: str, **extra_fields):
     """A settings class with env prefix ``YARD_<SERVICE>_`` (plus optional extra fields)."""
 

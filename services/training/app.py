@@ -4,19 +4,19 @@ gRPC server, and the job worker next to it (stopped by the server's shutdown).""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from modelyard.client import RegistryClient
 from modelyard.training.v1 import training_pb2, training_pb2_grpc
 from services.core.artifacts import S3ArtifactStore
 from services.core.db import Database
 from services.core.grpc_server import GrpcServer
-from services.core.jobs import JobStore, Worker
+from services.core.hardware import Hardware, detect_hardware
+from services.core.jobs import JobStore
+from services.core.jobs.worker import JobServiceApp, service_worker
 from services.core.logging import get_logger
 from services.core.settings import DEFAULT_PORTS
 
 from .domain import JOB_KINDS, TrainingJobs
-from .hardware import Hardware, detect_hardware
 from .preflight import Preflight, PreflightOptions
 from .servicer import TrainingServicer
 from .settings import TrainingSettings
@@ -26,20 +26,7 @@ log = get_logger(__name__)
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
-@dataclass
-class TrainingApp:
-    settings: TrainingSettings
-    jobs: TrainingJobs
-    worker: Worker | None
-    server: GrpcServer
-
-    async def start(self) -> None:
-        await self.server.start()
-        if self.worker is not None:
-            await self.worker.start()
-
-    async def stop(self, grace: float | None = None) -> None:
-        await self.server.stop(grace)
+TrainingApp = JobServiceApp[TrainingSettings, TrainingJobs]
 
 
 def build_app(settings: TrainingSettings, *, hardware: Hardware | None = None, metrics: bool = True,
@@ -62,14 +49,7 @@ def build_app(settings: TrainingSettings, *, hardware: Hardware | None = None, m
         omp_num_threads=settings.omp_num_threads)
     jobs = TrainingJobs(store, Preflight(registry, artifacts, hardware, options), artifacts,
                         max_attempts=settings.max_attempts)
-    worker = None
-    if settings.worker_enabled:
-        worker = Worker(
-            store, JOB_KINDS, workdir_root=settings.workdir_path(), slots=settings.worker_slots,
-            poll_interval_s=settings.worker_poll_interval_s, heartbeat_s=settings.heartbeat_s,
-            heartbeat_timeout_s=settings.heartbeat_timeout_s, cancel_grace_s=settings.cancel_grace_s,
-            child_env={"YARD_JOB_S3_ACCESS_KEY": settings.s3.access_key,
-                       "YARD_JOB_S3_SECRET_KEY": settings.s3.secret_key.get_secret_value()})
+    worker = service_worker(settings, store, JOB_KINDS, "training")
     server = GrpcServer(settings.grpc, service="training", default_port=default_port, metrics=metrics)
     server.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(jobs), SERVICE_NAME)
 

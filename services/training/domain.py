@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from services.core.artifacts import ArtifactStore
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from services.core.jobs import EventType, JobEvent, JobRecord, JobState, JobStore, watch
+from services.core.jobs import EventType, JobRecord, JobState, JobStore
+from services.core.jobs.resource import JobResource
 from services.core.jobs.store import job_schema, jobs
 from services.core.listing import EQUALITY, Field, Page, Schema, enum_value, int_value, memory_page, parse, time_value
 from services.core.logging import get_logger
@@ -76,14 +77,15 @@ def checkpoints_prefix(name: str) -> str:
     return f"training/{job_id(name)}/checkpoints"
 
 
-class TrainingJobs:
-    """The training service's domain: preflight then queue; reads go to the job store and S3."""
+class TrainingJobs(JobResource):
+    """The training service's domain: preflight then queue; reads (get, list, cancel, watch: ``JobResource``)
+    go to the job store, checkpoints to S3."""
 
     def __init__(self, store: JobStore, preflight: Preflight, artifacts: ArtifactStore, *, max_attempts: int = 3) -> None:
-        self.store = store
+        super().__init__(store, collection=COLLECTION, kinds=list(JOB_KINDS), schema=JOB_SCHEMA,
+                         max_attempts=max_attempts)
         self.preflight = preflight
         self.artifacts = artifacts
-        self.max_attempts = max_attempts
 
     async def create(self, req: TrainingRequest, *, validate_only: bool = False) -> JobRecord:
         """Preflight (raises the refusal), then persist the job QUEUED. ``validate_only``: only preflight; the job
@@ -134,30 +136,6 @@ class TrainingJobs:
         job = await asyncio.to_thread(self.store.create, KIND_MERGE, spec, name, self.max_attempts, {"method": "merge"})
         log.info("merge_job_created", job=name, adapter=adapter.name, base=base.name)
         return job
-
-    async def get(self, name: str) -> JobRecord:
-        job_id(name)
-        return await asyncio.to_thread(self.store.get, name)
-
-    async def cancel(self, name: str) -> JobRecord:
-        job_id(name)
-        job = await asyncio.to_thread(self.store.request_cancel, name)
-        log.info("training_job_cancel_requested", job=name, state=job.state.value)
-        return job
-
-    async def watch(self, name: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
-        job_id(name)
-        if after_seq < 0:
-            raise InvalidArgument.for_field("after_sequence", f"must be >= 0, got {after_seq}")
-        await asyncio.to_thread(self.store.get, name)  # NotFound before the stream starts
-        async for event in watch(self.store, name, after_seq):
-            yield event
-
-    async def list(self, *, filter: str = "", order_by: str = "", page_size: int = 0,
-                   page_token: str = "") -> Page[JobRecord]:
-        """One page of training and merge jobs (filtered, ordered and paged in SQL; see ``JOB_SCHEMA``)."""
-        query = parse(JOB_SCHEMA, filter=filter, order_by=order_by, page_size=page_size, page_token=page_token)
-        return await asyncio.to_thread(self.store.list, query, JOB_SCHEMA, kinds=tuple(JOB_KINDS))
 
     async def checkpoints(self, parent: str, *, filter: str = "", order_by: str = "", page_size: int = 0,
                           page_token: str = "") -> Page[Checkpoint]:

@@ -12,10 +12,10 @@ from typing import Any
 
 from services.core.artifacts import S3ArtifactStore
 from services.core.jobs.context import JobContext
+from services.core.jobs.register import register_version
+from services.core.jobs.secrets import s3_settings_for
 
 from .recipes.merge import merge_adapter
-from .recipes.register import register_version
-from .recipes.settings import s3_settings_for
 
 
 def run_merge(ctx: JobContext) -> dict[str, Any]:

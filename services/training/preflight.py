@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from modelyard.registry.v1 import registry_pb2 as rpb
 from services.core.artifacts import ArtifactStore
 from services.core.errors import (
     DomainError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
 )
+from services.core.hardware import Hardware, choose_precision
 from services.core.logging import get_logger
+from services.core.registry_refs import (
+    DatasetVersionInfo,
+    ModelVersionInfo,
+    RegistryReader,
+    naming,
+    ready_model_version,
+)
 from services.core.settings import S3Settings
 
-from .hardware import Hardware, choose_precision
 from .memory import MemoryEstimate, MemoryRequest, ModelShape, estimate_memory, gib
 from .recipes.spec import Launcher, TrainingSpec
 from .spec import METHOD_FORMATS, TrainingRequest, check_request, file_type_of, resolve_hyperparameters
@@ -34,54 +39,6 @@ log = get_logger(__name__)
 
 HARDWARE_UNSUPPORTED = "HARDWARE_UNSUPPORTED"
 MAX_ROW_VIOLATIONS = 50  # violations listed per refusal (the message gives the total)
-
-
-class RegistryReader(Protocol):
-    """The registry calls preflight makes: ``modelyard.client.RegistryClient`` (or a fake in a unit test)."""
-
-    async def get_model_version(self, name: str) -> rpb.ModelVersion: ...
-    async def get_dataset_version(self, name: str) -> rpb.DatasetVersion: ...
-    async def validate_dataset(self, name: str, *, expected_format: str = "") -> rpb.ValidateDatasetResponse: ...
-
-
-@dataclass(frozen=True)
-class ModelVersionInfo:
-    """What training needs of a registry model version."""
-
-    name: str
-    ready: bool
-    kind: str  # base | adapter | merged | quantized
-    artifact_prefix: str
-    files: list[dict] = field(default_factory=list)  # {path, size, sha256}
-    parameter_count: int = 0
-    context_length: int = 0
-    base_model_version: str = ""  # lineage parent
-    dataset_versions: list[str] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, v: rpb.ModelVersion) -> ModelVersionInfo:
-        return cls(
-            name=v.name, ready=v.state == rpb.MODEL_VERSION_STATE_READY,
-            kind=rpb.ModelKind.Name(v.kind).removeprefix("MODEL_KIND_").lower(), artifact_prefix=v.artifact_prefix,
-            files=[{"path": f.path, "size": f.size_bytes, "sha256": f.sha256} for f in v.files],
-            parameter_count=v.metadata.parameter_count, context_length=v.metadata.context_length,
-            base_model_version=v.lineage.base_model_version, dataset_versions=list(v.lineage.dataset_versions))
-
-
-@dataclass(frozen=True)
-class DatasetVersionInfo:
-    """What training needs of a registry dataset version."""
-
-    name: str
-    key: str
-    sha256: str
-    format: str
-    filename: str
-    row_count: int
-
-    @classmethod
-    def of(cls, d: rpb.DatasetVersion) -> DatasetVersionInfo:
-        return cls(d.name, d.artifact_key, d.sha256, d.format, d.filename, d.row_count)
 
 
 @dataclass(frozen=True)
@@ -171,20 +128,13 @@ class Preflight:
 
     async def model_version(self, name: str, field_name: str) -> ModelVersionInfo:
         """A READY registry model version, errors naming ``field_name``."""
-        try:
-            version = ModelVersionInfo.of(await self.registry.get_model_version(name))
-        except DomainError as err:
-            raise _naming(err, field_name) from None
-        if not version.ready:
-            raise FailedPrecondition(f"{field_name}: model version {name} is not READY", reason="MODEL_VERSION_NOT_READY",
-                                     metadata={"name": name}, violations=[FieldViolation(field_name, "not READY")])
-        return version
+        return await ready_model_version(self.registry, name, field_name)
 
     async def _dataset(self, name: str, field_name: str, method: str) -> DatasetVersionInfo:
         try:
             info = DatasetVersionInfo.of(await self.registry.get_dataset_version(name))
         except DomainError as err:
-            raise _naming(err, field_name) from None
+            raise naming(err, field_name) from None
         allowed = METHOD_FORMATS[method]
         if info.format not in allowed:
             raise InvalidArgument(
@@ -282,12 +232,3 @@ class Preflight:
 
 def _unsupported(message: str, **metadata: str) -> FailedPrecondition:
     return FailedPrecondition(message, reason=HARDWARE_UNSUPPORTED, metadata=metadata)
-
-
-def _naming(err: DomainError, field_name: str) -> DomainError:
-    """The registry's error, its message prefixed with the request field it is about."""
-    description = err.message
-    if isinstance(err, NotFound):
-        description = f"{err.message} (not found in the registry)"
-    return type(err)(f"{field_name}: {description}", reason=err.reason, domain=err.domain, metadata=err.metadata,
-                     violations=[FieldViolation(field_name, err.message)])

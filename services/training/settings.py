@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic_settings import SettingsConfigDict
 
-from services.core.settings import ServiceSettings
+from services.core.settings import JobServiceSettings
 
 
-class TrainingSettings(ServiceSettings):
+class TrainingSettings(JobServiceSettings):
     """Everything the training service reads from its environment, built once in ``__main__``."""
 
     model_config = SettingsConfigDict(env_prefix="YARD_TRAINING_", env_nested_delimiter="__", extra="ignore")
 
     # The registry (models, datasets, lineage); jobs register their outputs there too.
     registry_addr: str = "127.0.0.1:50051"
-    # Run a job worker in this process (false: an API-only replica).
-    worker_enabled: bool = True
-    # Jobs run at once by this process's worker.
-    worker_slots: int = 1
-    worker_poll_interval_s: float = 0.5
-    heartbeat_s: float = 2.0
-    heartbeat_timeout_s: float = 30.0
-    # SIGTERM -> SIGKILL delay when a job is cancelled.
-    cancel_grace_s: float = 15.0
-    # Attempts of a job whose worker died (resumed from its last checkpoint).
-    max_attempts: int = 3
-    # Job working directories; empty: <data_dir>/training-work.
-    workdir: Path | None = None
     # Checkpoint interval when a spec leaves it at 0.
     default_checkpoint_every_steps: int = 500
     # Most processes a torchrun/DeepSpeed job may ask for on this node (0: one per GPU).
@@ -39,8 +24,3 @@ class TrainingSettings(ServiceSettings):
     omp_num_threads: int = 1
     # Check memory against the estimate before queueing (false: skip the refusal, keep the estimate).
     memory_check: bool = True
-
-    def workdir_path(self) -> Path:
-        path = self.workdir or (self.data_dir / "training-work")
-        path.mkdir(parents=True, exist_ok=True)
-        return path

@@ -10,10 +10,10 @@ import pytest
 
 from modelyard.training.v1 import training_pb2 as tpb
 from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.hardware import Device, Hardware, choose_precision
 from services.core.listing import memory_page, parse
 from services.core.settings import S3Settings
 from services.training.domain import CHECKPOINT_SCHEMA, JOB_SCHEMA, Checkpoint, job_id
-from services.training.hardware import Device, Hardware, choose_precision
 from services.training.preflight import Preflight, PreflightOptions
 from services.training.recipes.spec import Hyperparameters
 from services.training.servicer import hyperparameters_from_proto, hyperparameters_to_proto

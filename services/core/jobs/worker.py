@@ -18,18 +18,24 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import FailedPrecondition, Internal, error_dict
+from ..grpc_server import GrpcServer
 from ..logging import get_logger
+from ..settings import JobServiceSettings
 from .records import JOB_CRASHED, TERMINAL_STATES, EventType, JobRecord, JobState, NewEvent
 from .store import JobStore
 
 log = get_logger(__name__)
+
+S = TypeVar("S", bound=JobServiceSettings)
+J = TypeVar("J")
 
 _MAX_LOG_LINE = 16 * 1024
 
@@ -437,3 +443,46 @@ class Worker:
                     log.exception("job_runner_failed")
         finally:
             self._attempts.pop(job.name, None)
+
+
+def service_worker(
+    settings: JobServiceSettings, store: JobStore, kinds: Mapping[str, str], service: str
+) -> Worker | None:
+    """The job worker a service runs next to its gRPC server (None when ``worker_enabled`` is off). Its children
+    get the S3 credentials in their environment (``services.core.jobs.secrets``), never in the stored spec."""
+    if not settings.worker_enabled:
+        return None
+    child_env = {
+        "YARD_JOB_S3_ACCESS_KEY": settings.s3.access_key,
+        "YARD_JOB_S3_SECRET_KEY": settings.s3.secret_key.get_secret_value(),
+    }
+    return Worker(
+        store,
+        kinds,
+        workdir_root=settings.workdir_for(service),
+        slots=settings.worker_slots,
+        poll_interval_s=settings.worker_poll_interval_s,
+        heartbeat_s=settings.heartbeat_s,
+        heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        cancel_grace_s=settings.cancel_grace_s,
+        child_env=child_env,
+    )
+
+
+@dataclass
+class JobServiceApp(Generic[S, J]):
+    """A job service's process: its settings, its domain (``jobs``), the gRPC server and the worker next to it.
+    ``start`` listens, then claims jobs; the worker stops in the server's shutdown (``server.on_shutdown``)."""
+
+    settings: S
+    jobs: J
+    worker: Worker | None
+    server: GrpcServer
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.worker is not None:
+            await self.worker.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)

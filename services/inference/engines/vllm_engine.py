@@ -7,7 +7,9 @@ runtime loading through ``/v1/load_lora_adapter`` (VLLM_ALLOW_RUNTIME_LORA_UPDAT
 
 from __future__ import annotations
 
+import hashlib
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +79,26 @@ class VllmEngine(HttpEngine):
     def environment(self) -> dict[str, str]:
         env = super().environment()
         scratch = self.spec.workdir
-        (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+        tmp = short_tmpdir(scratch / "tmp")
         kv_gib = math.ceil(self.spec.options.kv_cache_bytes / GIB) if self.spec.options.kv_cache_bytes \
             else self._cpu_kv_cache_gib
         env.update(
             VLLM_CPU_KVCACHE_SPACE=str(kv_gib),
             VLLM_CACHE_ROOT=str(scratch / "vllm-cache"),
-            TMPDIR=str(scratch / "tmp"),
+            TMPDIR=str(tmp),
             VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
             VLLM_NO_USAGE_STATS="1",
             DO_NOT_TRACK="1",
         )
         env.pop("VIRTUAL_ENV", None)
         return env
+
+
+def short_tmpdir(preferred: Path, limit: int = 60) -> Path:
+    """``preferred``, or a short directory in the system temp dir named after it when ``preferred`` is long:
+    vLLM binds zmq IPC sockets under TMPDIR, and a unix socket path may not pass 107 bytes."""
+    if len(str(preferred)) > limit:
+        digest = hashlib.sha1(str(preferred).encode()).hexdigest()[:12]
+        preferred = Path(tempfile.gettempdir()) / f"yard-vllm-{digest}"
+    preferred.mkdir(parents=True, exist_ok=True)
+    return preferred

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from services.core.artifacts import S3ArtifactStore
 from services.core.errors import Cancelled, DataLoss, Internal, error_to_domain
 from services.core.jobs.context import JobContext
+from services.core.jobs.register import register_version
+from services.core.jobs.secrets import s3_settings_for
 
 from . import rank as rank_files
 from .capability import check_capabilities
@@ -25,8 +27,6 @@ from .checkpoints import complete_checkpoints, download_latest, job_prefix
 from .distributed import launch_command, launch_env
 from .events import ContextSink, relay
 from .merge import merge_adapter
-from .register import register_version
-from .settings import s3_settings_for
 from .spec import DatasetRef, TrainingSpec, parse_spec
 
 if TYPE_CHECKING:

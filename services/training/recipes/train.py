@@ -20,12 +20,12 @@ import torch.nn.functional as F  # noqa: N812
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 from services.core.artifacts import S3ArtifactStore
+from services.core.jobs.secrets import s3_settings_for
 
 from . import data as D
 from .callbacks import CheckpointUploader, ReportingCallback, TokenCounter
 from .distributed import deepspeed_config
 from .events import EventSink
-from .settings import s3_settings_for
 from .spec import TrainingSpec, parse_spec
 
 

@@ -1,4 +1,4 @@
-"""What this node can train on: CUDA GPUs, Ascend NPUs, Apple MPS, CPU cores and RAM.
+"""What this node can run jobs on: CUDA GPUs, Ascend NPUs, Apple MPS, CPU cores and RAM (training and quantization).
 
 Detected once when the service starts (importing torch takes a moment), then passed down.
 """
@@ -55,8 +55,13 @@ def detect_hardware() -> Hardware:
 
     mem = psutil.virtual_memory()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    common = dict(cpu_cores=cores, ram_total_bytes=mem.total, ram_available_bytes=mem.available,
-                  bitsandbytes=_has_module("bitsandbytes"), deepspeed=_has_module("deepspeed"))
+    common = dict(
+        cpu_cores=cores,
+        ram_total_bytes=mem.total,
+        ram_available_bytes=mem.available,
+        bitsandbytes=_has_module("bitsandbytes"),
+        deepspeed=_has_module("deepspeed"),
+    )
     if torch.cuda.is_available():
         devices = []
         for i in range(torch.cuda.device_count()):
