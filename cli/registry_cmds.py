@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from google.protobuf.json_format import MessageToDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from cli.common import client_command, fail
 from cli.output import OutputFormat, OutputOption, emit, make_console, new_table, to_dict
+from cli.quantization_cmds import lineage_quality_line, lineage_quantization_line
 from modelyard.client import DomainError, RegistryClient, error_from_status
 from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.registry.v1 import registry_pb2 as pb
@@ -208,6 +210,10 @@ async def show(
 
     def detail() -> None:
         console.print(_version_detail(v))
+        parameters = MessageToDict(v.lineage.parameters)
+        for line in (lineage_quality_line(parameters), lineage_quantization_line(parameters)):
+            if line:
+                console.print(line, highlight=False, markup=False)
         if files:
             table = new_table("path", "size", "sha256")
             for f in v.files:

@@ -5,32 +5,50 @@ Commands talk to the training service at ``YARD_TRAINING_ADDR`` (default 127.0.0
 and exit 1; no stack trace. ``--watch`` / ``yard jobs watch`` show a live progress bar (step/total, loss,
 eta). ``yard train ... --dry-run`` runs the service's preflight only and prints the resolved hyperparameters
 (the defaults the job would use). ``list`` / ``show`` take ``-o table|json|yaml`` (``cli.output``).
+
+``yard jobs`` covers quantization jobs too (``cli.quantization_cmds``, ``YARD_QUANTIZATION_ADDR``):
+``quantizationJobs/ID`` goes to the quantization service, ``trainingJobs/ID`` to training, and a bare ID to
+training first, then quantization when training has no such job. ``yard jobs list`` lists both
+(``--service training|quantization|all``).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import CliError, client_command, fail
+from cli import quantization_cmds as quant
+from cli.common import (
+    WATCH_TIMEOUT_S,
+    CliError,
+    client_command,
+    err_console,
+    fail_with,
+    model_name,
+    print_job_logs,
+    resource_name,
+    state_text,
+    watch_with_progress,
+)
 from cli.output import OutputFormat, OutputOption, emit, make_console, new_table
-from modelyard.client import TrainingClient
+from modelyard.client import DomainError, NotFound, TrainingClient, Unavailable
 from modelyard.common.v1 import common_pb2 as cpb
+from modelyard.quantization.v1 import quantization_pb2 as qpb
 from modelyard.training.v1 import training_pb2 as pb
 from services.core.status import error_from_status_proto
 
 console = make_console()
 train_app = typer.Typer(help="Fine-tune a registry model: sft (lora, qlora, dora, full), dpo, orpo, kto, simpo, cpo.",
                         no_args_is_help=True)
-jobs_app = typer.Typer(help="Training jobs: list, show, watch, logs, cancel.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Training and quantization jobs: list, show, watch, logs, cancel.", no_args_is_help=True)
 
 HYPERPARAMETERS = {f.name for f in pb.Hyperparameters.DESCRIPTOR.fields}
 # Short enum values accepted in --config / --set: field name -> enum value prefix.
@@ -47,22 +65,11 @@ class TrainingClientSettings(BaseSettings):
     addr: str = "127.0.0.1:50052"
 
 
-WATCH_TIMEOUT_S = 7 * 24 * 3600.0  # a Watch follows a job to its end: a deadline, but a far one
 command = client_command("training service", lambda: TrainingClient(TrainingClientSettings().addr, timeout=60))
 
 
 def job_name(name: str) -> str:
     return name if name.startswith("trainingJobs/") else f"trainingJobs/{name}"
-
-
-def _resource(name: str, collection: str) -> str:
-    """``m/v`` -> ``{collection}/m/versions/v``; full names pass through."""
-    if name.startswith(f"{collection}/"):
-        return name
-    model, sep, version = name.partition("/")
-    if not sep or not version:
-        raise CliError(f"{name!r}: expected NAME/VERSION or {collection}/NAME/versions/VERSION")
-    return f"{collection}/{model}/versions/{version}"
 
 
 def _enum_name(enum: Any, value: int, prefix: str) -> str:
@@ -182,11 +189,10 @@ async def _create(client: TrainingClient, kind: str, model: str, datasets: list[
     if dry_run and watch:
         raise CliError("--dry-run queues nothing to --watch")
     spec = build_spec(
-        config, overrides, base_model_version=_resource(model, "models"),
-        dataset_versions=[_resource(d, "datasets") for d in datasets], method=proto_method,
-        validation_dataset_version=_resource(validation, "datasets") if validation else None,
-        output_model=(output_model if output_model.startswith("models/") else f"models/{output_model}")
-        if output_model else None,
+        config, overrides, base_model_version=resource_name(model, "models"),
+        dataset_versions=[resource_name(d, "datasets") for d in datasets], method=proto_method,
+        validation_dataset_version=resource_name(validation, "datasets") if validation else None,
+        output_model=model_name(output_model) if output_model else None,
         merge_adapter=merge or None, full_weights=full_weights)
     training_job = pb.TrainingJob(spec=spec, display_name=display_name or "")
     if dry_run:
@@ -234,8 +240,7 @@ for _kind in ("sft", "dpo", "orpo", "kto", "simpo", "cpo"):
 # ----------------------------------------------------------------------------- jobs
 
 
-def _state(value: int) -> str:
-    return _enum_name(cpb.JobState, value, "JOB_STATE_")
+_state = state_text
 
 
 def _method(job: pb.TrainingJob) -> str:
@@ -252,13 +257,66 @@ def _progress_text(job: pb.TrainingJob) -> str:
     return f"{p.step}/{p.total_steps}" + (f" loss {loss:.4f}" if loss is not None else "")
 
 
-def jobs_table(jobs: list[pb.TrainingJob]) -> Table:
-    table = new_table("name", "method", "state", "progress", "created", "output")
+def _created(job: Any) -> str:
+    return job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def jobs_table(jobs: list[pb.TrainingJob | qpb.QuantizationJob]) -> Table:
+    """Training and quantization jobs, one row each (``kind``: train, merge or quantize)."""
+    table = new_table("name", "kind", "method", "state", "progress", "created", "output")
     for job in jobs:
-        table.add_row(job.name.removeprefix("trainingJobs/"), _method(job), _state(job.state), _progress_text(job),
-                      job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-                      job.outputs.model_version or job.outputs.merged_model_version)
+        if isinstance(job, qpb.QuantizationJob):
+            table.add_row(job.name.removeprefix(quant.JOB_PREFIX), "quantize", quant.method_text(job.spec.method),
+                          _state(job.state), quant.progress_text(job), _created(job), job.outputs.model_version)
+            continue
+        table.add_row(job.name.removeprefix("trainingJobs/"),
+                      "merge" if job.kind == pb.TRAINING_JOB_KIND_MERGE else "train", _method(job), _state(job.state),
+                      _progress_text(job), _created(job), job.outputs.model_version or job.outputs.merged_model_version)
     return table
+
+
+class JobService(StrEnum):
+    """``yard jobs list --service``."""
+
+    training = "training"
+    quantization = "quantization"
+    all = "all"
+
+
+def _is_quantization_method(method: str) -> bool:
+    return method.lower() in quant.METHODS or method.upper().startswith("QUANTIZATION_METHOD_")
+
+
+def _sorted_by_create_time(jobs: list[Any], order_by: str) -> list[Any]:
+    """Jobs of both services in one order: create_time (the default, newest first); other orders keep each
+    service's own order, training first."""
+    order = " ".join(order_by.split()).lower()
+    if order not in ("", "create_time", "create_time desc", "create_time asc"):
+        return jobs
+    return sorted(jobs, key=lambda j: (j.create_time.seconds, j.create_time.nanos), reverse=order in ("", "create_time desc"))
+
+
+async def _list_quantization_jobs(terms: list[str], order_by: str, page_size: int, all_pages: bool,
+                                  required: bool) -> tuple[list[qpb.QuantizationJob], str, str]:
+    """(jobs, next page token, why none were listed): an unreachable service is an error only when ``required``."""
+    jobs: list[qpb.QuantizationJob] = []
+    token = ""
+    async with quant.quantization_client(retry_attempts=5 if required else 1) as client:
+        try:
+            while True:
+                resp = await client.list_quantization_jobs(filter=" AND ".join(terms), order_by=order_by,
+                                                           page_size=page_size, page_token=token)
+                jobs += resp.quantization_jobs
+                token = resp.next_page_token
+                if not (all_pages and token):
+                    break
+        except Unavailable as err:
+            if required:
+                fail_with(err, "quantization service", client.target)
+            return [], "", f"quantization service at {client.target} is unavailable: its jobs are not listed"
+        except DomainError as err:
+            fail_with(err, "quantization service", client.target)
+    return jobs, token, ""
 
 
 @jobs_app.command("list")
@@ -266,28 +324,55 @@ def jobs_table(jobs: list[pb.TrainingJob]) -> Table:
 async def list_jobs(
     client: TrainingClient,
     state: Annotated[str | None, typer.Option("--state", help="queued, running, succeeded, failed or cancelled.")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="lora, full, dpo, ... or merge.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="lora, full, dpo, ..., merge; or awq, gptq, w8a8...")] = None,
     filter_: Annotated[str | None, typer.Option("--filter", help='AIP-160 filter, e.g. \'create_time > "2026-01-01T00:00:00Z"\'.')] = None,
     order_by: Annotated[str, typer.Option("--order-by", help="e.g. 'create_time desc' (default), 'name'.")] = "",
     page_size: Annotated[int, typer.Option("--page-size", help="Jobs per request.")] = 50,
     all_pages: Annotated[bool, typer.Option("--all", help="Fetch every page.")] = False,
+    service: Annotated[JobService, typer.Option("--service", case_sensitive=False,
+                                                help="Whose jobs: training, quantization or all.")] = JobService.all,
     output: OutputOption = OutputFormat.table,
 ) -> None:
-    """List training jobs, newest first."""
-    terms = [f"{key} = {value}" for key, value in (("state", state), ("method", method)) if value]
-    terms += [filter_] if filter_ else []
-    jobs: list[pb.TrainingJob] = []
-    token = ""
-    while True:
-        resp = await client.list_training_jobs(filter=" AND ".join(terms), order_by=order_by, page_size=page_size,
-                                               page_token=token)
-        jobs += resp.training_jobs
-        token = resp.next_page_token
-        if not (all_pages and token):
-            break
+    """List training and quantization jobs, newest first."""
+    quantization_method = bool(method) and _is_quantization_method(method or "")
+    # A --method belongs to one service: with --service all, only that service is asked.
+    want_training = service is JobService.training or (service is JobService.all and not quantization_method)
+    want_quantization = service is JobService.quantization or (
+        service is JobService.all and (not method or quantization_method))
+    extra = [filter_] if filter_ else []
+    jobs: list[Any] = []
+    more: list[tuple[str, str]] = []
+    if want_training:
+        terms = [f"{key} = {value}" for key, value in (("state", state), ("method", method)) if value] + extra
+        token = ""
+        while True:
+            resp = await client.list_training_jobs(filter=" AND ".join(terms), order_by=order_by,
+                                                   page_size=page_size, page_token=token)
+            jobs += resp.training_jobs
+            token = resp.next_page_token
+            if not (all_pages and token):
+                break
+        if token:
+            more.append(("more training jobs" if want_quantization else "more", token))
+    skipped = ""
+    if want_quantization:
+        quant_method = qpb.QuantizationMethod.Name(quant.METHODS[method.lower()]) \
+            if method and method.lower() in quant.METHODS else method
+        terms = [f"{key} = {value}" for key, value in (("state", state), ("method", quant_method)) if value] + extra
+        quantization_jobs, token, skipped = await _list_quantization_jobs(
+            terms, order_by, page_size, all_pages, required=service is JobService.quantization)
+        if quantization_jobs and jobs:
+            jobs = _sorted_by_create_time(jobs + quantization_jobs, order_by)
+        else:
+            jobs += quantization_jobs
+        if token:
+            more.append(("more quantization jobs", token))
     emit(jobs, output, lambda: jobs_table(jobs), console=console)
-    if token and output is OutputFormat.table:
-        console.print(f"more: --all, or page token {token}", style="dim")
+    if output is OutputFormat.table:
+        for what, token in more:
+            console.print(f"{what}: --all, or page token {token}", style="dim")
+        if skipped:
+            err_console.print(skipped, style="dim", highlight=False)
 
 
 def job_rows(job: pb.TrainingJob) -> list[tuple[str, str]]:
@@ -327,73 +412,91 @@ def job_table(job: pb.TrainingJob) -> Table:
     return table
 
 
+async def _locate(client: TrainingClient, name: str) -> tuple[str, str, Message | None]:
+    """The service a job named on the command line belongs to: (service, full name, the job when fetched).
+
+    ``quantizationJobs/ID`` is a quantization job and ``trainingJobs/ID`` a training one; a bare ID is looked up
+    in training, then (not found there) in quantization; not found in either: training's NOT_FOUND.
+    """
+    if name.startswith(quant.JOB_PREFIX):
+        return "quantization", name, None
+    if "/" in name:
+        return "training", job_name(name), None
+    try:
+        return "training", job_name(name), await client.get_training_job(job_name(name))
+    except NotFound as not_found:
+        try:
+            async with quant.quantization_client(retry_attempts=1) as quantization:
+                found = await quantization.get_quantization_job(quant.job_name(name))
+        except DomainError:  # not there either, or no quantization service to ask
+            raise not_found from None
+        return "quantization", found.name, found
+
+
+JOB_HELP = "Job id, trainingJobs/ID or quantizationJobs/ID."
+
+
 @jobs_app.command("show")
 @command
-async def show_job(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")],
+async def show_job(client: TrainingClient, name: Annotated[str, typer.Argument(help=JOB_HELP)],
                    output: OutputOption = OutputFormat.table) -> None:
     """Show one job: spec, preflight, progress, outputs, error."""
-    job = await client.get_training_job(job_name(name))
-    emit(job, output, lambda: job_table(job), console=console)
+    service, full, found = await _locate(client, name)
+    if service == "quantization":
+        if found is None:
+            async with quant.quantization_service() as quantization:
+                found = await quantization.get_quantization_job(full)
+        qjob = found
+        emit(qjob, output, lambda: quant.job_table(qjob), console=console)  # type: ignore[arg-type]
+        return
+    job = found or await client.get_training_job(full)
+    emit(job, output, lambda: job_table(job), console=console)  # type: ignore[arg-type]
 
 
 @jobs_app.command("cancel")
 @command
-async def cancel_job(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+async def cancel_job(client: TrainingClient, name: Annotated[str, typer.Argument(help=JOB_HELP)]) -> None:
     """Cancel a queued or running job."""
-    job = await client.cancel_training_job(job_name(name))
+    service, full, _ = await _locate(client, name)
+    if service == "quantization":
+        async with quant.quantization_service() as quantization:
+            job: Any = await quantization.cancel_quantization_job(full)
+    else:
+        job = await client.cancel_training_job(full)
     console.print(f"cancel requested for {job.name} (state {_state(job.state)})", highlight=False)
 
 
 @jobs_app.command("logs")
 @command
-async def job_logs(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+async def job_logs(client: TrainingClient, name: Annotated[str, typer.Argument(help=JOB_HELP)]) -> None:
     """Print the job's log lines, following them until the job ends."""
-    async for event in client.watch_training_job(job_name(name), timeout=WATCH_TIMEOUT_S):
-        if event.WhichOneof("payload") == "log":
-            console.print(event.log.line, highlight=False, markup=False)
+    service, full, _ = await _locate(client, name)
+    if service == "quantization":
+        async with quant.quantization_service() as quantization:
+            await quant.logs(quantization, full)
+        return
+    await print_job_logs(client.watch_training_job(full, timeout=WATCH_TIMEOUT_S))
 
 
 @jobs_app.command("watch")
 @command
-async def watch_job(client: TrainingClient, name: Annotated[str, typer.Argument(help="Job id or trainingJobs/ID.")]) -> None:
+async def watch_job(client: TrainingClient, name: Annotated[str, typer.Argument(help=JOB_HELP)]) -> None:
     """Follow a job with a live progress bar (step/total, loss, eta); exit 1 unless it succeeds."""
-    await _watch(client, job_name(name))
+    service, full, _ = await _locate(client, name)
+    if service == "quantization":
+        async with quant.quantization_service() as quantization:
+            await quant.watch(quantization, full)
+        return
+    await _watch(client, full)
 
 
 async def _watch(client: TrainingClient, name: str) -> None:
-    progress = Progress(TextColumn("[bold]{task.fields[state]}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TextColumn("eta {task.fields[eta]}"),
-                        TimeRemainingColumn(), console=console, transient=False)
-    with progress:
-        task = progress.add_task(name, total=None, state="queued", loss="-", eta="-")
-        async for event in client.watch_training_job(name, timeout=WATCH_TIMEOUT_S):
-            which = event.WhichOneof("payload")
-            if which == "metrics":
-                values, update = event.metrics.values, dict[str, Any]()
-                if "total_steps" in values:
-                    update["total"] = int(values["total_steps"])
-                if "eta_seconds" in values:
-                    update["eta"] = str(timedelta(seconds=int(values["eta_seconds"])))
-                if "loss" in values:
-                    update["loss"] = f"{values['loss']:.4f}"
-                if event.metrics.step:
-                    update["completed"] = event.metrics.step
-                progress.update(task, **update)
-            elif which == "state_change":
-                progress.update(task, state=_state(event.state_change.state))
-            elif which == "log" and event.log.line.startswith(("checkpoint saved", "version registered")):
-                progress.console.print(event.log.line, style="dim", highlight=False, markup=False)
-    job = await client.get_training_job(name)
-    if job.state == cpb.JOB_STATE_SUCCEEDED:
-        for label, value in (("model version", job.outputs.model_version),
-                             ("merged version", job.outputs.merged_model_version)):
-            if value:
-                console.print(f"{label}: {value}", highlight=False)
-        return
-    if job.HasField("error"):
-        err = error_from_status_proto(job.error)
-        fail(f"{name} {_state(job.state)}: {err.message}", err.reason)
-    fail(f"{name} {_state(job.state)}")
+    job = await watch_with_progress(name, client.watch_training_job, client.get_training_job,
+                                    echo_logs=("checkpoint saved", "version registered"))
+    for label, value in (("model version", job.outputs.model_version),
+                         ("merged version", job.outputs.merged_model_version)):
+        if value:
+            console.print(f"{label}: {value}", highlight=False)
 
 
 @jobs_app.command("merge")
@@ -406,9 +509,7 @@ async def merge_job(
 ) -> None:
     """Merge a registered adapter into its base model (a merge job)."""
     resp = await client.merge_adapter(
-        adapter_version=_resource(adapter, "models"),
-        output_model=(output_model if output_model.startswith("models/") else f"models/{output_model}")
-        if output_model else "")
+        adapter_version=resource_name(adapter, "models"), output_model=model_name(output_model) if output_model else "")
     console.print(f"[green]queued[/green] {resp.training_job.name}", highlight=False)
     if watch:
         await _watch(client, resp.training_job.name)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the pipeline on the single-machine stack, as a user runs it with the `yard` CLI:
 #   stack up -> SmolLM2-135M-Instruct into the registry -> dataset upload + validation -> LoRA fine-tune
-#   (live progress) -> lineage -> deploy base + adapter -> chat through the OpenAI-compatible gateway with
-#   the official openai client (base vs tuned) -> stack down.
+#   (live progress) -> lineage -> merge + W8A8 int8 quantization of the tuned model (quality measured) ->
+#   deploy base + adapter, and the quantized model -> chat through the OpenAI-compatible gateway with the
+#   official openai client (base vs tuned vs tuned-and-quantized) -> stack down.
 # Default ports (a taken port is reported by name); a throw-away data dir, kept on failure for its logs.
 # DEMO_ENGINE=vllm|transformers picks the engine (default: vllm when .venv-vllm exists).
 # DEMO_STEPS sets the number of training steps (default 40).
@@ -51,8 +52,15 @@ step "yard train sft --method lora ($STEPS steps, live progress)"
 "${YARD[@]}" models lineage smollm2-shout/v1 | grep -c "models/smollm2-shout/versions/v1"
 "${YARD[@]}" models list smollm2-shout -o json | .venv/bin/python -c 'import json, sys; print([v["name"] for v in json.load(sys.stdin)])'
 
-step "yard deploy smollm2/v1 on $ENGINE with the adapter as 'shout'"
+step "yard quantize smollm2-shout/v1 --method w8a8 --merge-adapter (merged first, then SmoothQuant + GPTQ int8)"
+"${YARD[@]}" quantize smollm2-shout/v1 --method w8a8 --merge-adapter --output-model smollm2-shout-w8a8 \
+  --samples 32 --seq-len 256 --job-id demo-w8a8 --watch
+"${YARD[@]}" models show smollm2-shout-w8a8/v1
+"${YARD[@]}" models lineage smollm2-shout-w8a8/v1
+
+step "yard deploy smollm2/v1 on $ENGINE with the adapter as 'shout', and the quantized model as 'shout-int8'"
 "${YARD[@]}" deploy smollm2/v1 --name chat --engine "$ENGINE" --adapter shout=smollm2-shout/v1 --max-model-len 512
+"${YARD[@]}" deploy smollm2-shout-w8a8/v1 --name shout-int8 --engine "$ENGINE" --max-model-len 512
 "${YARD[@]}" deployments list
 
 step "chat through the gateway with the official openai client"
@@ -64,7 +72,7 @@ from openai import OpenAI
 client = OpenAI(base_url=os.environ["GATEWAY_URL"], api_key=os.environ["API_KEY"])
 print("models:", [m.id for m in client.models.list().data])
 heldout = [("Shout this word: " + w) for w in ("garden", "rocket", "pillow")]
-for model in ("chat", "chat:shout"):
+for model in ("chat", "chat:shout", "shout-int8"):
     for prompt in heldout:
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                            max_tokens=12, temperature=0)

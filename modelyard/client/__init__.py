@@ -34,12 +34,14 @@ from services.core.status import error_from_status_proto as error_from_status
 
 from ._base import ServiceClient, is_safe_to_retry
 from .inference import InferenceClient
+from .quantization import QuantizationClient
 from .registry import RegistryClient
 from .training import TrainingClient
 
 __all__ = [
     "RegistryClient",
     "TrainingClient",
+    "QuantizationClient",
     "InferenceClient",
     "ServiceClient",
     "is_safe_to_retry",

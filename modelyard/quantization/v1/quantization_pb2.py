@@ -27,33 +27,43 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from modelyard.common.v1 import common_pb2 as modelyard_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,modelyard/quantization/v1/quantization.proto\x12\x19modelyard.quantization.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a modelyard/common/v1/common.proto\"\xe2\x03\n\x0fQuantizationJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.modelyard.common.v1.JobState\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12\x32\n\x08progress\x18\x04 \x01(\x0b\x32 .modelyard.common.v1.JobProgress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rattempt_count\x18\x08 \x01(\x05\x12\x42\n\x07outputs\x18\t \x01(\x0b\x32\x31.modelyard.quantization.v1.QuantizationJobOutputs\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12<\n\x04spec\x18\x0b \x01(\x0b\x32..modelyard.quantization.v1.QuantizationJobSpec\"\x8c\x02\n\x13QuantizationJobSpec\x12\x1c\n\x14source_model_version\x18\x01 \x01(\t\x12=\n\x06method\x18\x02 \x01(\x0e\x32-.modelyard.quantization.v1.QuantizationMethod\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12\x12\n\ngroup_size\x18\x04 \x01(\x05\x12#\n\x1b\x63\x61libration_dataset_version\x18\x05 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x06 \x01(\x05\x12\x1e\n\x16\x63\x61libration_max_length\x18\x07 \x01(\x05\x12\x14\n\x0coutput_model\x18\x08 \x01(\t\"C\n\x16QuantizationJobOutputs\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\x81\x01\n\x1c\x43reateQuantizationJobRequest\x12\x44\n\x10quantization_job\x18\x01 \x01(\x0b\x32*.modelyard.quantization.v1.QuantizationJob\x12\x1b\n\x13quantization_job_id\x18\x02 \x01(\t\")\n\x19GetQuantizationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"f\n\x1bListQuantizationJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"~\n\x1cListQuantizationJobsResponse\x12\x45\n\x11quantization_jobs\x18\x01 \x03(\x0b\x32*.modelyard.quantization.v1.QuantizationJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x1c\x43\x61ncelQuantizationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x1bWatchQuantizationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03*\x8b\x02\n\x12QuantizationMethod\x12#\n\x1fQUANTIZATION_METHOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17QUANTIZATION_METHOD_AWQ\x10\x01\x12\x1c\n\x18QUANTIZATION_METHOD_GPTQ\x10\x02\x12(\n$QUANTIZATION_METHOD_INT8_WEIGHT_ONLY\x10\x03\x12\'\n#QUANTIZATION_METHOD_FP8_WEIGHT_ONLY\x10\x04\x12 \n\x1cQUANTIZATION_METHOD_BNB_4BIT\x10\x05\x12 \n\x1cQUANTIZATION_METHOD_BNB_8BIT\x10\x06\x32\x84\x05\n\x13QuantizationService\x12|\n\x15\x43reateQuantizationJob\x12\x37.modelyard.quantization.v1.CreateQuantizationJobRequest\x1a*.modelyard.quantization.v1.QuantizationJob\x12v\n\x12GetQuantizationJob\x12\x34.modelyard.quantization.v1.GetQuantizationJobRequest\x1a*.modelyard.quantization.v1.QuantizationJob\x12\x87\x01\n\x14ListQuantizationJobs\x12\x36.modelyard.quantization.v1.ListQuantizationJobsRequest\x1a\x37.modelyard.quantization.v1.ListQuantizationJobsResponse\x12|\n\x15\x43\x61ncelQuantizationJob\x12\x37.modelyard.quantization.v1.CancelQuantizationJobRequest\x1a*.modelyard.quantization.v1.QuantizationJob\x12o\n\x14WatchQuantizationJob\x12\x36.modelyard.quantization.v1.WatchQuantizationJobRequest\x1a\x1d.modelyard.common.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,modelyard/quantization/v1/quantization.proto\x12\x19modelyard.quantization.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a modelyard/common/v1/common.proto\"\xa7\x04\n\x0fQuantizationJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.modelyard.common.v1.JobState\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12\x32\n\x08progress\x18\x04 \x01(\x0b\x32 .modelyard.common.v1.JobProgress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rattempt_count\x18\x08 \x01(\x05\x12\x42\n\x07outputs\x18\t \x01(\x0b\x32\x31.modelyard.quantization.v1.QuantizationJobOutputs\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12<\n\x04spec\x18\x0b \x01(\x0b\x32..modelyard.quantization.v1.QuantizationJobSpec\x12\x43\n\tpreflight\x18\x0c \x01(\x0b\x32\x30.modelyard.quantization.v1.QuantizationPreflight\"\xe4\x02\n\x13QuantizationJobSpec\x12\x1c\n\x14source_model_version\x18\x01 \x01(\t\x12=\n\x06method\x18\x02 \x01(\x0e\x32-.modelyard.quantization.v1.QuantizationMethod\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12\x12\n\ngroup_size\x18\x04 \x01(\x05\x12#\n\x1b\x63\x61libration_dataset_version\x18\x05 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x06 \x01(\x05\x12\x1e\n\x16\x63\x61libration_max_length\x18\x07 \x01(\x05\x12\x14\n\x0coutput_model\x18\x08 \x01(\t\x12?\n\x07\x62\x61\x63kend\x18\t \x01(\x0e\x32..modelyard.quantization.v1.QuantizationBackend\x12\x15\n\rmerge_adapter\x18\n \x01(\x08\"\x80\x02\n\x15QuantizationPreflight\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x01 \x01(\t\x12\x1e\n\x16\x65stimated_memory_bytes\x18\x02 \x01(\x03\x12\x1e\n\x16\x61vailable_memory_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x03\x12\x19\n\x11source_size_bytes\x18\x05 \x01(\x03\x12\x1b\n\x13\x65xpected_size_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12unquantized_layers\x18\x07 \x03(\t\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x12\x15\n\rverify_engine\x18\t \x01(\t\"{\n\x13QuantizationQuality\x12\x19\n\x11source_perplexity\x18\x01 \x01(\x01\x12\x1c\n\x14quantized_perplexity\x18\x02 \x01(\x01\x12\x16\n\x0etop1_agreement\x18\x03 \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x04 \x01(\x03\"\x9a\x03\n\x16QuantizationJobOutputs\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x19\n\x11source_size_bytes\x18\x03 \x01(\x03\x12?\n\x07quality\x18\x04 \x01(\x0b\x32..modelyard.quantization.v1.QuantizationQuality\x12\x1c\n\x14merged_model_version\x18\x05 \x01(\t\x12\x1a\n\x12unquantized_layers\x18\x06 \x03(\t\x12`\n\x10library_versions\x18\x07 \x03(\x0b\x32\x46.modelyard.quantization.v1.QuantizationJobOutputs.LibraryVersionsEntry\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x12\x15\n\rverified_with\x18\t \x01(\t\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x1c\x43reateQuantizationJobRequest\x12\x44\n\x10quantization_job\x18\x01 \x01(\x0b\x32*.modelyard.quantization.v1.QuantizationJob\x12\x1b\n\x13quantization_job_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\")\n\x19GetQuantizationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"f\n\x1bListQuantizationJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"~\n\x1cListQuantizationJobsResponse\x12\x45\n\x11quantization_jobs\x18\x01 \x03(\x0b\x32*.modelyard.quantization.v1.QuantizationJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x1c\x43\x61ncelQuantizationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x1bWatchQuantizationJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03*\xaa\x02\n\x12QuantizationMethod\x12#\n\x1fQUANTIZATION_METHOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17QUANTIZATION_METHOD_AWQ\x10\x01\x12\x1c\n\x18QUANTIZATION_METHOD_GPTQ\x10\x02\x12(\n$QUANTIZATION_METHOD_INT8_WEIGHT_ONLY\x10\x03\x12#\n\x1fQUANTIZATION_METHOD_FP8_DYNAMIC\x10\x04\x12 \n\x1cQUANTIZATION_METHOD_BNB_4BIT\x10\x05\x12 \n\x1cQUANTIZATION_METHOD_BNB_8BIT\x10\x06\x12!\n\x1dQUANTIZATION_METHOD_W8A8_INT8\x10\x07*\xd1\x01\n\x13QuantizationBackend\x12$\n QUANTIZATION_BACKEND_UNSPECIFIED\x10\x00\x12\'\n#QUANTIZATION_BACKEND_LLM_COMPRESSOR\x10\x01\x12 \n\x1cQUANTIZATION_BACKEND_AUTOAWQ\x10\x02\x12\"\n\x1eQUANTIZATION_BACKEND_GPTQMODEL\x10\x03\x12%\n!QUANTIZATION_BACKEND_BITSANDBYTES\x10\x04\x32\x84\x05\n\x13QuantizationService\x12|\n\x15\x43reateQuantizationJob\x12\x37.modelyard.quantization.v1.CreateQuantizationJobRequest\x1a*.modelyard.quantization.v1.QuantizationJob\x12v\n\x12GetQuantizationJob\x12\x34.modelyard.quantization.v1.GetQuantizationJobRequest\x1a*.modelyard.quantization.v1.QuantizationJob\x12\x87\x01\n\x14ListQuantizationJobs\x12\x36.modelyard.quantization.v1.ListQuantizationJobsRequest\x1a\x37.modelyard.quantization.v1.ListQuantizationJobsResponse\x12|\n\x15\x43\x61ncelQuantizationJob\x12\x37.modelyard.quantization.v1.CancelQuantizationJobRequest\x1a*.modelyard.quantization.v1.QuantizationJob\x12o\n\x14WatchQuantizationJob\x12\x36.modelyard.quantization.v1.WatchQuantizationJobRequest\x1a\x1d.modelyard.common.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelyard.quantization.v1.quantization_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUANTIZATIONMETHOD']._serialized_start=1515
-  _globals['_QUANTIZATIONMETHOD']._serialized_end=1782
+  _globals['_QUANTIZATIONJOBOUTPUTS_LIBRARYVERSIONSENTRY']._loaded_options = None
+  _globals['_QUANTIZATIONJOBOUTPUTS_LIBRARYVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_QUANTIZATIONMETHOD']._serialized_start=2423
+  _globals['_QUANTIZATIONMETHOD']._serialized_end=2721
+  _globals['_QUANTIZATIONBACKEND']._serialized_start=2724
+  _globals['_QUANTIZATIONBACKEND']._serialized_end=2933
   _globals['_QUANTIZATIONJOB']._serialized_start=168
-  _globals['_QUANTIZATIONJOB']._serialized_end=650
-  _globals['_QUANTIZATIONJOBSPEC']._serialized_start=653
-  _globals['_QUANTIZATIONJOBSPEC']._serialized_end=921
-  _globals['_QUANTIZATIONJOBOUTPUTS']._serialized_start=923
-  _globals['_QUANTIZATIONJOBOUTPUTS']._serialized_end=990
-  _globals['_CREATEQUANTIZATIONJOBREQUEST']._serialized_start=993
-  _globals['_CREATEQUANTIZATIONJOBREQUEST']._serialized_end=1122
-  _globals['_GETQUANTIZATIONJOBREQUEST']._serialized_start=1124
-  _globals['_GETQUANTIZATIONJOBREQUEST']._serialized_end=1165
-  _globals['_LISTQUANTIZATIONJOBSREQUEST']._serialized_start=1167
-  _globals['_LISTQUANTIZATIONJOBSREQUEST']._serialized_end=1269
-  _globals['_LISTQUANTIZATIONJOBSRESPONSE']._serialized_start=1271
-  _globals['_LISTQUANTIZATIONJOBSRESPONSE']._serialized_end=1397
-  _globals['_CANCELQUANTIZATIONJOBREQUEST']._serialized_start=1399
-  _globals['_CANCELQUANTIZATIONJOBREQUEST']._serialized_end=1443
-  _globals['_WATCHQUANTIZATIONJOBREQUEST']._serialized_start=1445
-  _globals['_WATCHQUANTIZATIONJOBREQUEST']._serialized_end=1512
-  _globals['_QUANTIZATIONSERVICE']._serialized_start=1785
-  _globals['_QUANTIZATIONSERVICE']._serialized_end=2429
+  _globals['_QUANTIZATIONJOB']._serialized_end=719
+  _globals['_QUANTIZATIONJOBSPEC']._serialized_start=722
+  _globals['_QUANTIZATIONJOBSPEC']._serialized_end=1078
+  _globals['_QUANTIZATIONPREFLIGHT']._serialized_start=1081
+  _globals['_QUANTIZATIONPREFLIGHT']._serialized_end=1337
+  _globals['_QUANTIZATIONQUALITY']._serialized_start=1339
+  _globals['_QUANTIZATIONQUALITY']._serialized_end=1462
+  _globals['_QUANTIZATIONJOBOUTPUTS']._serialized_start=1465
+  _globals['_QUANTIZATIONJOBOUTPUTS']._serialized_end=1875
+  _globals['_QUANTIZATIONJOBOUTPUTS_LIBRARYVERSIONSENTRY']._serialized_start=1821
+  _globals['_QUANTIZATIONJOBOUTPUTS_LIBRARYVERSIONSENTRY']._serialized_end=1875
+  _globals['_CREATEQUANTIZATIONJOBREQUEST']._serialized_start=1878
+  _globals['_CREATEQUANTIZATIONJOBREQUEST']._serialized_end=2030
+  _globals['_GETQUANTIZATIONJOBREQUEST']._serialized_start=2032
+  _globals['_GETQUANTIZATIONJOBREQUEST']._serialized_end=2073
+  _globals['_LISTQUANTIZATIONJOBSREQUEST']._serialized_start=2075
+  _globals['_LISTQUANTIZATIONJOBSREQUEST']._serialized_end=2177
+  _globals['_LISTQUANTIZATIONJOBSRESPONSE']._serialized_start=2179
+  _globals['_LISTQUANTIZATIONJOBSRESPONSE']._serialized_end=2305
+  _globals['_CANCELQUANTIZATIONJOBREQUEST']._serialized_start=2307
+  _globals['_CANCELQUANTIZATIONJOBREQUEST']._serialized_end=2351
+  _globals['_WATCHQUANTIZATIONJOBREQUEST']._serialized_start=2353
+  _globals['_WATCHQUANTIZATIONJOBREQUEST']._serialized_end=2420
+  _globals['_QUANTIZATIONSERVICE']._serialized_start=2936
+  _globals['_QUANTIZATIONSERVICE']._serialized_end=3580
 # @@protoc_insertion_point(module_scope)

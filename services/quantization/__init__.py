@@ -1,0 +1,1 @@
+"""The quantization service: post-training quantization of registry model versions as jobs."""
