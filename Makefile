@@ -48,7 +48,7 @@ fetch-demo: setup
 	$(VENV)/bin/yard models fetch-demo
 
 test: setup engine-vllm engine-quant proto-check lint-proto lint
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -69,6 +69,8 @@ class Row:
     label: str
     status: str = "ok"  # ok | job failed | vllm failed
     wall_s: float | None = None
+    quantize_s: float | None = None  # the quantizing library alone (no loading, scoring or checks)
+    verified_with: str = ""
     peak_rss_bytes: int | None = None
     size_bytes: int | None = None
     source_size_bytes: int | None = None
@@ -165,6 +167,7 @@ async def run_job(q: Any, s3: Any, base: str, name: str, args: argparse.Namespac
     out = record.outputs
     quality = out.get("quality") or {}
     row.peak_rss_bytes = out.get("peak_rss_bytes")
+    row.quantize_s, row.verified_with = out.get("quantize_seconds"), out.get("verified_with", "")
     row.size_bytes, row.source_size_bytes = out.get("size_bytes"), out.get("source_size_bytes")
     row.source_perplexity = quality.get("source_perplexity")
     row.quantized_perplexity = quality.get("quantized_perplexity")
@@ -268,7 +271,8 @@ def _f(value: float | None, fmt: str) -> str:
 
 
 def table(rows: list[Row], source: Row, concurrency: list[int]) -> str:
-    head = (f"{'method':<16} {'status':<11} {'group':>5} {'wall s':>7} {'peak RSS MiB':>12} {'size MiB':>9} "
+    head = (f"{'method':<16} {'status':<11} {'group':>5} {'wall s':>7} {'quant s':>7} {'checked':>12} "
+            f"{'peak RSS MiB':>12} {'size MiB':>9} "
             f"{'ratio':>6} {'src ppl':>8} {'q ppl':>8} {'Δ ppl':>7} {'top-1':>6}")
     for c in concurrency:
         head += f" {f'tok/s c{c} (x src)':>20}"
@@ -278,6 +282,7 @@ def table(rows: list[Row], source: Row, concurrency: list[int]) -> str:
         size = r.size_bytes if r.size_bytes is not None else None
         ratio = size / r.source_size_bytes if size and r.source_size_bytes else None
         line = (f"{r.method:<16} {r.status:<11} {r.group_size if r.group_size else '-':>5} {_f(r.wall_s, '.0f'):>7} "
+                f"{_f(r.quantize_s, '.0f'):>7} {r.verified_with or '-':>12} "
                 f"{_f(r.peak_rss_bytes / MIB if r.peak_rss_bytes else None, '.0f'):>12} "
                 f"{_f(size / MIB if size else None, '.1f'):>9} {_f(ratio, '.3f'):>6} {_f(r.source_perplexity, '.3f'):>8} "
                 f"{_f(r.quantized_perplexity, '.3f'):>8} {_f(r.perplexity_delta, '+.3f'):>7} "

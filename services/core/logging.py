@@ -43,10 +43,24 @@ def configure_logging(*, level: str | int = "INFO", json: bool = True, service: 
     structlog.configure(
         processors=[*shared, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     _configure_stdlib(shared, tail, max(lvl, logging.WARNING))
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written (not the one when logging was configured): a CLI run
+    inside a test harness or under a redirect configures logging on a stream that is replaced, then closed."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def _configure_stdlib(shared: list[Processor], tail: list[Processor], level: int) -> None:
@@ -55,7 +69,7 @@ def _configure_stdlib(shared: list[Processor], tail: list[Processor], level: int
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder()],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_CurrentStderr())
     handler.setFormatter(formatter)
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

@@ -28,7 +28,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from modelyard.client import RegistryClient, TrainingClient
+from modelyard.client import NotFound, RegistryClient, TrainingClient
 from modelyard.common.v1 import common_pb2 as cpb
 from services.core.artifacts import S3ArtifactStore
 from services.core.datasets import DatasetFormat, iter_rows, to_kto, to_messages, to_preference
@@ -53,7 +53,7 @@ def run_quantization(ctx: JobContext) -> dict[str, Any]:
     store = S3ArtifactStore.connect(s3_settings_for(spec["s3"]))
     workdir = Path(ctx.workdir)
     jid = ctx.name.split("/")[-1]
-    done = _registered_before(spec, jid)
+    done = registered_before(spec, jid)
     if done is not None:
         ctx.log("a previous attempt registered the version already", version=done)
         return {**(ctx.resume_state() or {}).get("outputs", {}), "model_version": done}
@@ -155,7 +155,7 @@ def run_quantization(ctx: JobContext) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- registry and merge
 
 
-def _registered_before(spec: dict[str, Any], jid: str) -> str | None:
+def registered_before(spec: dict[str, Any], jid: str) -> str | None:
     """A version of the output model that this job registered in an earlier attempt."""
 
     async def find() -> str | None:
@@ -164,7 +164,7 @@ def _registered_before(spec: dict[str, Any], jid: str) -> str | None:
                 page = await registry.list_model_versions(
                     parent=spec["output"]["model"], filter=f'labels.{JOB_LABEL} = "{jid}"'
                 )
-            except Exception:  # noqa: BLE001 - no such model yet: nothing registered
+            except NotFound:  # no such model yet: nothing registered
                 return None
             return page.model_versions[0].name if page.model_versions else None
 

@@ -21,6 +21,7 @@ from modelyard.registry.v1 import registry_pb2 as rpb
 from services.core.settings import GrpcServerSettings
 from services.inference.app import build_app as build_inference
 from services.inference.settings import InferenceSettings
+from services.quantization.job import registered_before
 from tests.support.quantization_stack import quant_job, quantization_stack, wait_job
 from tests.support.training_stack import fails, import_model, lora_job, upload_dataset, wait_state
 
@@ -82,6 +83,10 @@ async def test_gptq_job_streams_progress_and_registers_a_smaller_quantized_versi
         assert params["calibration"]["dataset_version"] == "builtin" and params["calibration"]["samples"] == 16
         assert params["quality"]["top1_agreement"] == pytest.approx(out.quality.top1_agreement)
         assert params["library_versions"]["compressed-tensors"]
+        # A retried attempt (say, killed after registering) finds the version by the job's label, not a second one.
+        spec = (await asyncio.to_thread(stack.app.jobs.store.get, job.name)).spec
+        assert await asyncio.to_thread(registered_before, spec, "gptq-1") == out.model_version
+        assert await asyncio.to_thread(registered_before, spec, "other-job") is None
 
 
 async def _run(stack, job: qpb.QuantizationJob, job_id: str = "") -> qpb.QuantizationJob:
