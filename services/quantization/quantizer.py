@@ -29,7 +29,13 @@ from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "gptqmodel", "autoawq", "bitsandbytes")
+# The libraries a backend's checkpoint depends on (recorded on the version).
+LIBRARIES = {
+    "llm_compressor": ("torch", "transformers", "llmcompressor", "compressed-tensors"),
+    "gptqmodel": ("torch", "transformers", "gptqmodel"),
+    "autoawq": ("torch", "transformers", "autoawq"),
+    "bitsandbytes": ("torch", "transformers", "bitsandbytes"),
+}
 
 
 class Refused(Exception):
@@ -53,9 +59,9 @@ class Events:
         self.send("progress", fraction=round(fraction, 4), phase=phase)
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(backend: str) -> dict[str, str]:
     found = {}
-    for name in LIBRARIES:
+    for name in LIBRARIES[backend]:
         try:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -419,7 +425,7 @@ def run(cfg: dict[str, Any], events: Events) -> dict[str, Any]:
     torch.manual_seed(0)
     src, out = Path(cfg["source_dir"]), Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    versions = library_versions()
+    versions = library_versions(cfg["backend"])
     events.log(
         "quantizer started",
         method=cfg["method"],

@@ -75,6 +75,7 @@ async def test_gptq_job_streams_progress_and_registers_a_smaller_quantized_versi
         assert out.quality.source_perplexity > 1 and out.quality.quantized_perplexity > 1
         assert 0.5 < out.quality.top1_agreement <= 1.0 and out.quality.eval_tokens > 100
         assert out.library_versions["llmcompressor"] and out.library_versions["transformers"]
+        assert "autoawq" not in out.library_versions and "gptqmodel" not in out.library_versions
         version = await stack.registry.get_model_version(out.model_version)
         assert version.kind == rpb.MODEL_KIND_QUANTIZED and version.format == rpb.MODEL_FORMAT_COMPRESSED_TENSORS
         assert version.lineage.base_model_version == base and version.lineage.job == job.name
