@@ -38,7 +38,7 @@ lint-proto:
 	bash scripts/buf.sh lint
 
 # Static checks: ruff lint everywhere, ruff format and mypy on the chassis, the gateway and the client SDK.
-LINT_FORMATTED := services/core services/quantization gateway modelyard/client
+LINT_FORMATTED := services/core services/quantization services/evaluation gateway modelyard/client
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check $(LINT_FORMATTED)
@@ -77,7 +77,7 @@ bench: setup engine-vllm engine-quant
 	$(PY) bench/quantize.py
 
 clean:
-	rm -rf $(VENV) .venv-vllm .venv-quant .tools build *.egg-info
+	rm -rf $(VENV) .venv-vllm .venv-quant .venv-bench .tools build *.egg-info
 
 # vLLM lives in its own virtualenv so its pins never fight the rest of the project.
 engine-vllm: .venv-vllm/.installed
@@ -91,4 +91,12 @@ engine-quant: .venv-quant/.installed
 
 .venv-quant/.installed: requirements/quant-cpu.txt scripts/setup_quant.sh
 	bash scripts/setup_quant.sh .venv-quant
+	@touch $@
+
+# lm-evaluation-harness (bench/lmeval_runner.py, for bench/eval_throughput.py) lives in its own virtualenv: its pins stay out of .venv.
+.PHONY: engine-bench-eval
+engine-bench-eval: .venv-bench/.installed
+
+.venv-bench/.installed: requirements/bench-eval.txt scripts/setup_bench_eval.sh
+	bash scripts/setup_bench_eval.sh .venv-bench
 	@touch $@

@@ -49,6 +49,10 @@ from cli.quantization_cmds import quantize  # noqa: E402
 
 app.command("quantize")(quantize)
 
+from cli.eval_cmds import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+
 from cli.inference_cmds import chat, deploy_app, deployments_app  # noqa: E402
 
 app.add_typer(deploy_app, name="deploy")

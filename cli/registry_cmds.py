@@ -27,7 +27,10 @@ from modelyard.registry.v1 import registry_pb2 as pb
 console = make_console()
 err_console = make_console(stderr=True)
 models_app = typer.Typer(help="Models in the registry: import, list, show, delete, lineage.", no_args_is_help=True)
-datasets_app = typer.Typer(help="Datasets: upload, validate, list, show.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Datasets (training and evaluation sets): upload, validate, list, show.",
+                           no_args_is_help=True)
+FORMAT_HELP = ("Expected format (default: detect): messages, alpaca, sharegpt, preference, kto (training); "
+               "multiple_choice, qa (evaluation).")
 
 UNARY_TIMEOUT_S = 120.0
 UPLOAD_TIMEOUT_S = 3600.0
@@ -190,6 +193,23 @@ def _version_detail(v: pb.ModelVersion) -> Table:
     return table
 
 
+def _score_lines(v: pb.ModelVersion) -> Table | None:
+    """The "scores" section: one line per (benchmark, metric) with its newest value, newest evaluation first."""
+    newest: dict[tuple[str, str], pb.EvaluationScore] = {}
+    for score in v.scores:  # the registry sends them newest evaluation first
+        newest.setdefault((score.benchmark, score.metric), score)
+    if not newest:
+        return None
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0), title="scores", title_justify="left",
+                  title_style="bold")
+    for score in newest.values():
+        value = f"{score.value:.4f}" + (f" ± {score.stderr:.4f}" if score.stderr else "")
+        samples = f"(n={score.num_samples})" if score.num_samples else ""
+        table.add_row(score.benchmark, score.metric, value, samples, score.evaluation,
+                      _time(score.create_time) if score.HasField("create_time") else "")
+    return table
+
+
 @models_app.command("show")
 @command
 async def show(
@@ -214,6 +234,14 @@ async def show(
         for line in (lineage_quality_line(parameters), lineage_quantization_line(parameters)):
             if line:
                 console.print(line, highlight=False, markup=False)
+        scores = _score_lines(v)
+        if scores is not None:
+            console.print(scores)
+            hidden = len(v.scores) - scores.row_count
+            if hidden:
+                plural = "s" if hidden != 1 else ""
+                console.print(f"{hidden} older score{plural} of the same benchmarks not shown (-o json lists every "
+                              "score)", highlight=False)
         if files:
             table = new_table("path", "size", "sha256")
             for f in v.files:
@@ -284,10 +312,14 @@ async def upload(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL / JSON / Parquet file.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset id (created when missing).")],
     version: Annotated[str, typer.Option("--version")] = "",
-    format: Annotated[str, typer.Option("--format", help="Expected format (default: detect).")] = "",
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "",
     description: Annotated[str, typer.Option("--description")] = "",
 ) -> None:
-    """Upload a dataset file as a new version (streamed in chunks)."""
+    """Upload a dataset file as a new version (streamed in chunks).
+
+    An evaluation set (multiple_choice rows {question, choices, answer}, qa rows {prompt, reference})
+    is refused when any row is bad; the error names each bad row and field.
+    """
     with Progress(TextColumn("[bold]uploading"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   console=console, transient=True) as progress:
         task = progress.add_task("upload", total=max(file.stat().st_size, 1))
@@ -337,7 +369,7 @@ def validate(
         "--model",
         help="Registry model version (MODEL/VERSION) or a local model folder whose tokenizer counts tokens.")] = "",
     max_length: Annotated[int, typer.Option("--max-length", help="Count rows longer than this many tokens.")] = 0,
-    format: Annotated[str, typer.Option("--format", help="Expected format (default: detect).")] = "",
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "",
     show: Annotated[int, typer.Option("--show", help="Row errors to print.")] = 50,
 ) -> None:
     """Validate a local dataset file (no server needed); exit 1 when any row is bad."""

@@ -84,6 +84,13 @@ print("streamed:", "".join(c.choices[0].delta.content or "" for c in stream if c
 PY
 "${YARD[@]}" usage
 
+step "yard eval: base, tuned adapter and int8 model on BBH boolean_expressions (multiple choice), compared"
+"${YARD[@]}" eval run deployments/chat -b bbh_mc:boolean_expressions --limit 60 --id demo-base --watch
+"${YARD[@]}" eval run deployments/chat:shout -b bbh_mc:boolean_expressions --limit 60 --id demo-shout --watch
+"${YARD[@]}" eval run deployments/shout-int8 -b bbh_mc:boolean_expressions --limit 60 --id demo-int8 --watch
+"${YARD[@]}" eval compare demo-base demo-shout demo-int8 --changed 3
+"${YARD[@]}" models show smollm2-shout/v1
+
 step "yard down"
 "${YARD[@]}" down --data-dir "$DATA_DIR"
 echo "demo: ok"

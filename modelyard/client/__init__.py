@@ -33,6 +33,7 @@ from services.core.errors import (
 from services.core.status import error_from_status_proto as error_from_status
 
 from ._base import ServiceClient, is_safe_to_retry
+from .evaluation import EvaluationClient
 from .inference import InferenceClient
 from .quantization import QuantizationClient
 from .registry import RegistryClient
@@ -42,6 +43,7 @@ __all__ = [
     "RegistryClient",
     "TrainingClient",
     "QuantizationClient",
+    "EvaluationClient",
     "InferenceClient",
     "ServiceClient",
     "is_safe_to_retry",

@@ -27,14 +27,17 @@ log = get_logger("modelyard.client")
 TERMINAL_JOB_STATES = frozenset({jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED})
 
 _SAFE_PREFIXES = ("Get", "List", "Validate", "Watch")
-_SAFE_METHODS = frozenset({"Tokenize", "DownloadFile", "SetDeploymentMarker"})
+_SAFE_METHODS = frozenset(
+    {"Tokenize", "DownloadFile", "SetDeploymentMarker", "RecordEvaluationScores", "Score", "CompareEvaluations"}
+)
 
 
 def is_safe_to_retry(method: str) -> bool:
     """Whether repeating ``method`` (a bare RPC name) after UNAVAILABLE cannot do anything twice.
 
-    Reads (Get*/List*/Validate*/Tokenize/DownloadFile), watches before their first message and
-    SetDeploymentMarker (it sets a flag to a value) are; Create/Import/Upload/Delete/Cancel/Deploy
+    Reads (Get*/List*/Validate*/Tokenize/DownloadFile/Score/CompareEvaluations), watches before their first
+    message, SetDeploymentMarker (it sets a flag to a value) and RecordEvaluationScores (it replaces an
+    evaluation's scores) are; Create/Import/Upload/Delete/Cancel/Deploy
     and generation (Chat/Complete/Embed) are not.
     """
     return method.startswith(_SAFE_PREFIXES) or method in _SAFE_METHODS

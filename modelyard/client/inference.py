@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from modelyard.inference.v1 import inference_pb2 as ipb
 from modelyard.inference.v1 import inference_pb2_grpc
 
 from ._base import ServiceClient, follow_pages
+
+
+@dataclass(frozen=True)
+class ScoredContinuation:
+    """The log-likelihood of one continuation given the context."""
+
+    logprob: float  # sum of the token log-probabilities (natural log)
+    is_greedy: bool  # every token was the most likely one at its position
+    token_ids: list[int]  # the continuation's tokens as scored
+    token_logprobs: list[float]  # log p(token_i | context, tokens before i)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """``InferenceClient.score``: one entry per continuation, in request order."""
+
+    scores: list[ScoredContinuation]
+    context_tokens: int  # tokens of the context as scored
+    prompt_tokens: int  # context plus continuation tokens scored
+
+    @classmethod
+    def from_proto(cls, msg: ipb.ScoreResponse) -> ScoreResult:
+        return cls(
+            scores=[
+                ScoredContinuation(s.logprob, s.is_greedy, list(s.token_ids), list(s.token_logprobs))
+                for s in msg.scores
+            ],
+            context_tokens=msg.context_tokens,
+            prompt_tokens=msg.usage.prompt_tokens,
+        )
 
 
 class InferenceClient(ServiceClient):
@@ -145,3 +176,38 @@ class InferenceClient(ServiceClient):
         if dimensions is not None:  # optional field: 0 would be sent (and rejected), not left unset
             request.dimensions = dimensions
         return await self._unary("Embed", request, timeout)
+
+    async def score(
+        self,
+        deployment: str,
+        *,
+        continuations: Sequence[str] | Sequence[Sequence[int]],
+        context: str | None = None,
+        context_token_ids: Sequence[int] | None = None,
+        context_messages: Sequence[ipb.ChatMessage] | None = None,
+        adapter: str = "",
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        """Log-likelihood of each of ``continuations`` (texts, or token-id lists) given one context.
+
+        The context is at most one of ``context`` (text), ``context_token_ids`` or
+        ``context_messages`` (rendered with the model's chat template and the assistant opener);
+        none scores from the BOS (else EOS) token. Text is encoded as lm-evaluation-harness does
+        (the context's trailing whitespace moves into the continuation; context + continuation is
+        tokenized as a whole), so the results equal its ``loglikelihood`` on the same deployment,
+        while the engine computes the context once for all continuations. Raises InvalidArgument
+        naming the field (``continuations[2]``) when a continuation is empty or does not fit.
+        """
+        request = ipb.ScoreRequest(
+            deployment=deployment,
+            adapter=adapter,
+            context=context or "",
+            context_token_ids=list(context_token_ids or ()),
+            context_messages=list(context_messages or ()),
+        )
+        for c in continuations:
+            if isinstance(c, str):
+                request.continuations.append(ipb.ScoreContinuation(text=c))
+            else:
+                request.continuations.append(ipb.ScoreContinuation(token_ids=list(c)))
+        return ScoreResult.from_proto(await self._unary("Score", request, timeout))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import field_mask_pb2
 
@@ -180,6 +181,27 @@ class RegistryClient(ServiceClient):
         return await self._unary(
             "SetDeploymentMarker",
             rpb.SetDeploymentMarkerRequest(name=name, deployment=deployment, deployed=deployed),
+            timeout,
+        )
+
+    async def record_evaluation_scores(
+        self,
+        version: str,
+        evaluation: str,
+        scores: Iterable[Mapping[str, Any] | rpb.EvaluationScore],
+        *,
+        timeout: float | None = None,
+    ) -> rpb.ModelVersion:
+        """Record what ``evaluation`` measured on ``version``, replacing its earlier scores there.
+
+        Each score is an ``EvaluationScore`` or a dict of its fields (``benchmark``, ``metric``,
+        ``value``, optional ``stderr``, ``num_samples``). Safe to repeat: a retried evaluation
+        records once. Returns the version with all its scores (newest evaluation first).
+        """
+        messages = [s if isinstance(s, rpb.EvaluationScore) else rpb.EvaluationScore(**dict(s)) for s in scores]
+        return await self._unary(
+            "RecordEvaluationScores",
+            rpb.RecordEvaluationScoresRequest(name=version, evaluation=evaluation, scores=messages),
             timeout,
         )
 

@@ -5,9 +5,13 @@ Pure domain code (no gRPC, no S3). Rules:
 - File types: JSONL, JSON (a top-level array, or an object whose ``"data"`` key holds the array)
   and Parquet, each optionally gzip-compressed (JSON/JSONL). The type comes from the extension
   (``.jsonl``/``.ndjson``, ``.parquet``/``.pq``) or, for ``.json`` and anything else, from the content.
-- Row formats: ``messages`` (OpenAI chat), ``alpaca``, ``sharegpt``, ``preference`` and ``kto``,
-  detected per row from its keys. The dominant format of the valid rows is the file's format
-  (or ``expected_format`` when given); every other row is reported.
+- Row formats: ``messages`` (OpenAI chat), ``alpaca``, ``sharegpt``, ``preference`` and ``kto``
+  (training sets), ``multiple_choice`` and ``qa`` (evaluation sets), detected per row from its keys.
+  The dominant format of the valid rows is the file's format (or ``expected_format`` when given);
+  every other row is reported.
+- Evaluation rows: ``multiple_choice`` ``{"question": str, "choices": [str, ...] (>= 2, distinct),
+  "answer": index | choice text | letter "A".., "id"?}`` and ``qa`` ``{"prompt": str,
+  "reference": str, "id"?}``; an ``id`` (string or integer) must be unique within the file.
 - Nothing is silently dropped: every row is either valid or reported as a :class:`RowError`
   with its 1-based row number (the line number for JSONL, the element index for JSON, the row
   index for Parquet), the field (``"messages[2].role"``, ``""`` for the whole row) and a reason.
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "EVALUATION_FORMATS",
     "DatasetFormat",
     "FileType",
     "RowError",
@@ -51,6 +56,8 @@ __all__ = [
     "iter_rows",
     "row_errors",
     "to_kto",
+    "to_multiple_choice",
+    "to_qa",
     "to_messages",
     "to_preference",
     "validate_dataset",
@@ -63,6 +70,11 @@ class DatasetFormat(StrEnum):
     SHAREGPT = "sharegpt"
     PREFERENCE = "preference"
     KTO = "kto"
+    MULTIPLE_CHOICE = "multiple_choice"
+    QA = "qa"
+
+
+EVALUATION_FORMATS = frozenset({DatasetFormat.MULTIPLE_CHOICE, DatasetFormat.QA})
 
 
 class FileType(StrEnum):
@@ -487,6 +499,11 @@ def detect_row_format(row: Any) -> DatasetFormat | None:
         return DatasetFormat.SHAREGPT
     if keys & {"instruction", "output"}:
         return DatasetFormat.ALPACA
+    # Evaluation formats last: a row any training format claims keeps that format.
+    if "choices" in keys or {"question", "answer"} <= keys:
+        return DatasetFormat.MULTIPLE_CHOICE
+    if "reference" in keys:
+        return DatasetFormat.QA
     return None
 
 
@@ -681,6 +698,82 @@ def _check_kto(row: dict, issues: _Issues) -> None:
         issues.append(("label", f"must be a boolean, got {_type_name(label)}"))
 
 
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _check_id(row: dict, issues: _Issues) -> None:
+    value = row.get("id")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        issues.append(("id", f"must be a string or an integer, got {_type_name(value)}"))
+    elif isinstance(value, str) and not value.strip():
+        issues.append(("id", "must not be empty"))
+
+
+def _answer_index(answer: Any, choices: list[str]) -> tuple[int | None, str]:
+    """The index ``answer`` points to in ``choices`` (valid, distinct strings), or None and why not."""
+    n = len(choices)
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+        return None, f"must be a choice index, the choice text or a letter, got {_type_name(answer)}"
+    if isinstance(answer, int):
+        if not 0 <= answer < n:
+            return None, f"index {answer} out of range ({n} choices: 0-{n - 1})"
+        return answer, ""
+    by_text = choices.index(answer) if answer in choices else None
+    letter = _LETTERS.index(answer) if len(answer) == 1 and answer in _LETTERS else None
+    if by_text is not None:
+        if letter is not None and letter < n and letter != by_text:
+            return None, f"{answer!r} is ambiguous: the text of choice {by_text} and the letter of choice {letter}"
+        return by_text, ""
+    if letter is not None:
+        if letter >= n:
+            return None, f"letter {answer!r} out of range ({n} choices: A-{_LETTERS[n - 1]})"
+        return letter, ""
+    return None, f"{answer!r} is neither the text of a choice nor a letter A-{_LETTERS[n - 1]}"
+
+
+def _check_multiple_choice(row: dict, issues: _Issues) -> None:
+    _check_text(row, "question", issues, required=True, non_empty=True)
+    choices = row.get("choices")
+    valid_choices = False
+    if choices is None:
+        issues.append(("choices", "missing required field"))
+    elif not isinstance(choices, list):
+        issues.append(("choices", f"must be a list of strings, got {_type_name(choices)}"))
+    elif len(choices) < 2:
+        issues.append(("choices", f"needs at least 2 choices, got {len(choices)}"))
+    elif len(choices) > len(_LETTERS):
+        issues.append(("choices", f"at most {len(_LETTERS)} choices, got {len(choices)}"))
+    else:
+        before = len(issues)
+        seen: dict[str, int] = {}
+        for i, choice in enumerate(choices):
+            if not isinstance(choice, str):
+                issues.append((f"choices[{i}]", f"must be a string, got {_type_name(choice)}"))
+            elif not choice.strip():
+                issues.append((f"choices[{i}]", "must not be empty"))
+            elif choice in seen:
+                issues.append((f"choices[{i}]", f"duplicate of choices[{seen[choice]}]"))
+            else:
+                seen[choice] = i
+        valid_choices = len(issues) == before
+    answer = row.get("answer")
+    if answer is None:
+        issues.append(("answer", "missing required field"))
+    elif valid_choices:
+        index, why = _answer_index(answer, choices)  # type: ignore[arg-type]
+        if index is None:
+            issues.append(("answer", why))
+    _check_id(row, issues)
+
+
+def _check_qa(row: dict, issues: _Issues) -> None:
+    _check_text(row, "prompt", issues, required=True, non_empty=True)
+    _check_text(row, "reference", issues, required=True, non_empty=True)
+    _check_id(row, issues)
+
+
 _CHECKS = {
     DatasetFormat.MESSAGES: lambda row, issues: _check_messages(
         row.get("messages"), "messages", issues, need_answer=True
@@ -689,6 +782,8 @@ _CHECKS = {
     DatasetFormat.SHAREGPT: _check_sharegpt,
     DatasetFormat.PREFERENCE: _check_preference,
     DatasetFormat.KTO: _check_kto,
+    DatasetFormat.MULTIPLE_CHOICE: _check_multiple_choice,
+    DatasetFormat.QA: _check_qa,
 }
 
 
@@ -734,10 +829,12 @@ def _answer_messages(value: str | dict | list) -> list[dict]:
 
 
 def to_messages(row: dict, fmt: DatasetFormat) -> list[dict]:
-    """A valid ``messages``/``alpaca``/``sharegpt`` row as OpenAI chat messages.
+    """A valid ``messages``/``alpaca``/``sharegpt``/``multiple_choice``/``qa`` row as OpenAI chat messages.
 
     Content lists of text parts are joined with newlines; an alpaca ``input`` follows the
-    ``instruction`` on a new line. Raises InvalidArgument (with field violations) for an invalid row.
+    ``instruction`` on a new line. A ``qa`` row is its prompt and reference; a ``multiple_choice``
+    row is the question with lettered choices and the answer's letter (see :func:`to_multiple_choice`).
+    Raises InvalidArgument (with field violations) for an invalid row.
     """
     fmt = DatasetFormat(fmt)
     if fmt in (DatasetFormat.PREFERENCE, DatasetFormat.KTO):
@@ -747,6 +844,13 @@ def to_messages(row: dict, fmt: DatasetFormat) -> list[dict]:
 
 
 def _messages_of(row: dict, fmt: DatasetFormat) -> list[dict]:
+    if fmt is DatasetFormat.QA:
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["reference"]}]
+    if fmt is DatasetFormat.MULTIPLE_CHOICE:
+        mc = _multiple_choice_of(row)
+        lines = [mc["question"], *(f"{_LETTERS[i]}. {c}" for i, c in enumerate(mc["choices"]))]
+        answer = _LETTERS[mc["answer_index"]]
+        return [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": answer}]
     if fmt is DatasetFormat.MESSAGES:
         return [_message(m) for m in row["messages"]]
     if fmt is DatasetFormat.SHAREGPT:
@@ -791,6 +895,32 @@ def _kto_of(row: dict) -> dict[str, Any]:
     }
 
 
+def to_multiple_choice(row: dict) -> dict[str, Any]:
+    """A valid ``multiple_choice`` row as ``{"id", "question", "choices", "answer_index"}``.
+
+    ``answer`` (an index, the text of a choice or its letter) becomes a 0-based index; ``id`` is
+    the row's own (as a string) or None. Raises InvalidArgument for an invalid row.
+    """
+    _require_valid(row, DatasetFormat.MULTIPLE_CHOICE)
+    return _multiple_choice_of(row)
+
+
+def _multiple_choice_of(row: dict) -> dict[str, Any]:
+    index, _ = _answer_index(row["answer"], row["choices"])
+    return {"id": _row_id(row), "question": row["question"], "choices": list(row["choices"]), "answer_index": index}
+
+
+def to_qa(row: dict) -> dict[str, Any]:
+    """A valid ``qa`` row as ``{"id", "prompt", "reference"}`` (``id`` as a string, or None)."""
+    _require_valid(row, DatasetFormat.QA)
+    return {"id": _row_id(row), "prompt": row["prompt"], "reference": row["reference"]}
+
+
+def _row_id(row: dict) -> str | None:
+    value = row.get("id")
+    return None if value is None else str(value)
+
+
 def _conversations(row: dict, fmt: DatasetFormat) -> list[list[dict]]:
     """The full conversations a valid row trains on (two for preference rows)."""
     if fmt is DatasetFormat.PREFERENCE:
@@ -821,6 +951,7 @@ class _FormatTally:
     row_numbers: list[int] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
     tokens: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])  # count, min, sum, max, over
+    ids: dict[str, int] = field(default_factory=dict)  # evaluation rows: id -> first row number
 
 
 class _Tally:
@@ -851,12 +982,22 @@ class _Tally:
         tally.rows += 1
         self._cap(tally.row_numbers, [row_no])
         issues = row_errors(value, fmt)
+        if not issues and fmt in EVALUATION_FORMATS:
+            issues = self._check_unique_id(row_no, value, tally)
         if not issues and self.tokenizer is not None:
             issues = self._count_tokens(value, fmt, tally)
         if issues:
             self._cap(tally.errors, [RowError(row_no, f, r) for f, r in issues])
         else:
             tally.valid += 1
+
+    @staticmethod
+    def _check_unique_id(row_no: int, row: dict, tally: _FormatTally) -> _Issues:
+        row_id = _row_id(row)
+        if row_id is None:
+            return []
+        first = tally.ids.setdefault(row_id, row_no)
+        return [] if first == row_no else [("id", f"duplicate id {row_id!r} (first used in row {first})")]
 
     def _count_tokens(self, row: dict, fmt: DatasetFormat, tally: _FormatTally) -> _Issues:
         try:

@@ -363,7 +363,8 @@ class Deployments:
         if kind == "vllm":
             check_vllm_installed(self.settings.vllm_python)
             return VllmEngine(spec, vllm_python=self.settings.vllm_python.absolute(),
-                              cpu_kv_cache_gib=self.settings.vllm_cpu_kv_cache_gib)
+                              cpu_kv_cache_gib=self.settings.vllm_cpu_kv_cache_gib,
+                              block_size=self.settings.vllm_block_size)
         return TransformersEngine(spec, default_max_num_seqs=self.settings.transformers_max_num_seqs,
                                   pacing=self.settings.pacing())
 

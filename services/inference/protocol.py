@@ -107,9 +107,9 @@ def _response_format(rf: pb.ResponseFormat, body: dict[str, Any]) -> None:
             "name": rf.json_schema_name or "response", "schema": schema, "strict": rf.strict}}
 
 
-def _message(m: pb.ChatMessage, i: int) -> dict[str, Any]:
+def _message(m: pb.ChatMessage, i: int, field_name: str = "messages") -> dict[str, Any]:
     if m.role not in ROLE_NAMES:
-        raise InvalidArgument.for_field(f"messages[{i}].role", "required")
+        raise InvalidArgument.for_field(f"{field_name}[{i}].role", "required")
     out: dict[str, Any] = {"role": ROLE_NAMES[m.role], "content": m.content}
     if m.name:
         out["name"] = m.name
@@ -170,6 +170,42 @@ def embed_body(req: pb.EmbedRequest, model: str) -> dict[str, Any]:
             raise InvalidArgument.for_field("dimensions", "must be at least 1")
         body["dimensions"] = req.dimensions
     return body
+
+
+def score_body(req: pb.ScoreRequest, model: str) -> dict[str, Any]:
+    """The engine's ``/v1/score`` body (see ``engines/score_encoding.py``); the checks that need no
+    tokenizer are made here, the context length is checked by the engine."""
+    given = [name for name in ("context", "context_token_ids", "context_messages") if getattr(req, name)]
+    if len(given) > 1:
+        raise InvalidArgument.for_field(given[1], "set at most one of context, context_token_ids and "
+                                                  f"context_messages (got {', '.join(given)})")
+    if any(t < 0 for t in req.context_token_ids):
+        raise InvalidArgument.for_field("context_token_ids", "token ids must not be negative")
+    if not req.continuations:
+        raise InvalidArgument.for_field("continuations", "at least one continuation is required")
+    body: dict[str, Any] = {"model": model}
+    if req.context:
+        body["context"] = req.context
+    elif req.context_token_ids:
+        body["context_token_ids"] = list(req.context_token_ids)
+    elif req.context_messages:
+        body["context_messages"] = [_message(m, i, "context_messages") for i, m in enumerate(req.context_messages)]
+    continuations: list[dict[str, Any]] = []
+    for i, c in enumerate(req.continuations):
+        if bool(c.text) == bool(c.token_ids):
+            raise InvalidArgument.for_field(f"continuations[{i}]", "set exactly one of text and token_ids")
+        if any(t < 0 for t in c.token_ids):
+            raise InvalidArgument.for_field(f"continuations[{i}].token_ids", "token ids must not be negative")
+        continuations.append({"text": c.text} if c.text else {"token_ids": list(c.token_ids)})
+    body["continuations"] = continuations
+    return body
+
+
+def score_response(body: dict[str, Any]) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        scores=[pb.ContinuationScore(logprob=s["logprob"], is_greedy=bool(s["is_greedy"]), token_ids=s["token_ids"],
+                                     token_logprobs=s["token_logprobs"]) for s in body.get("scores") or []],
+        context_tokens=body.get("context_tokens") or 0, usage=_usage(body))
 
 
 # ---------------------------------------------------------------------- responses

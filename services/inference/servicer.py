@@ -83,3 +83,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         engine, model = self._deployments.engine_for(request.deployment)
         return protocol.embed_response(await engine.embed(protocol.embed_body(request, model)))
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        engine, model = self._deployments.engine_for(request.deployment, request.adapter)
+        return protocol.score_response(await engine.score(protocol.score_body(request, model)))

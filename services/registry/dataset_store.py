@@ -2,8 +2,9 @@
 
 An upload is spooled to a local file (it has to be read whole for validation), validated with
 :mod:`services.core.datasets`, stored in S3 and recorded with its SHA-256. A file without
-any recognisable row format is refused; bad rows of a recognisable file are counted at upload
-and reported row by row by ``validate``.
+any recognisable row format is refused; bad rows of a recognisable training set are counted at
+upload and reported row by row by ``validate``. An evaluation set (``multiple_choice``, ``qa``) is
+refused when any row is bad: its scores must cover exactly the rows the user uploaded.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.core.artifacts import FileEntry, file_key
-from services.core.datasets import DatasetFormat, ValidationReport, validate_dataset  # (checked there)
+from services.core.datasets import (  # (formats checked there)
+    EVALUATION_FORMATS,
+    DatasetFormat,
+    ValidationReport,
+    validate_dataset,
+)
 from services.core.db import utcnow
-from services.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.core.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.core.listing import EQUALITY, Field, Page, Schema, int_value, sql_page, time_value
 from services.core.listing import parse as parse_list
 from services.core.logging import get_logger
@@ -106,6 +112,24 @@ class DatasetUpload:
         shutil.rmtree(self.spool_dir, ignore_errors=True)
 
 
+_LISTED_ROWS = 20
+
+
+def _bad_evaluation_rows(filename: str, report: ValidationReport) -> InvalidArgument:
+    """Why an evaluation set is refused: every bad row (the first 20 listed) with its field."""
+    errors = report.errors[:_LISTED_ROWS]
+    listed = "; ".join(f"row {e.row} {e.field}: {e.reason}".replace(" :", ":") for e in errors)
+    more = f"; and {report.invalid_rows - len(errors)} more" if report.invalid_rows > len(errors) else ""
+    return InvalidArgument(
+        f"{filename}: {report.invalid_rows} of {report.row_count} rows of this {report.format} evaluation set are "
+        f"invalid (evaluation sets must have no bad rows): {listed}{more}",
+        reason="DATASET_INVALID_ROWS",
+        metadata={"format": str(report.format), "invalid_row_count": str(report.invalid_rows),
+                  "rows": ",".join(str(e.row) for e in errors)},
+        violations=[FieldViolation(e.field or "row", f"row {e.row}: {e.reason}") for e in errors],
+    )
+
+
 class Datasets:
     """Dataset and dataset-version operations."""
 
@@ -143,6 +167,8 @@ class Datasets:
                 raise InvalidArgument.for_field(
                     "chunk", f"{upload.filename}: no known dataset format in {report.row_count} rows ({first})",
                     reason="DATASET_FORMAT_UNKNOWN")
+            if report.format in EVALUATION_FORMATS and report.invalid_rows:
+                raise _bad_evaluation_rows(upload.filename, report)
             key = f"{upload.parent}/{uuid.uuid4().hex[:12]}/{upload.filename}"
             stored = self.store.put_file(key, upload.path)
             try:

@@ -22,14 +22,16 @@ from sqlalchemy.orm import Session
 
 from services.core.artifacts import ArtifactStore, FileEntry, Manifest, file_key
 from services.core.db import Database, utcnow
-from services.core.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from services.core.errors import Aborted, AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.core.listing import EQUALITY, Field, Page, Schema, enum_value, int_value, sql_page, time_value
 from services.core.listing import parse as parse_list
 from services.core.logging import get_logger
 
+from . import scores as scoring
 from .inspection import detect_format, validate_and_inspect
 from .names import check_id, parse_any_version, parse_parent, parse_version
 from .records import (
+    EvaluationScore,
     FileInfo,
     Lineage,
     LineageEdge,
@@ -196,7 +198,7 @@ class Registry:
     def get_version(self, name: str) -> ModelVersion:
         parse_version(name, "models")
         with self.db.session() as s:
-            return version_from_row(self._version_row(s, name))
+            return self._with_scores(s, [version_from_row(self._version_row(s, name))])[0]
 
     def list_versions(self, parent: str, *, filter: str = "", order_by: str = "", page_size: int = 0,
                       page_token: str = "") -> Page[ModelVersion]:
@@ -209,7 +211,9 @@ class Registry:
             if model_id != "-":
                 self._model_row(s, parent)
                 stmt = stmt.where(VersionRow.model == parent)
-            return sql_page(s, stmt, query, VERSION_SCHEMA, version_from_row)
+            page = sql_page(s, stmt, query, VERSION_SCHEMA, version_from_row)
+            self._with_scores(s, page.items)  # one query for the whole page
+            return page
 
     def update_version(self, name: str, *, description: str, labels: dict[str, str], mask: list[str]) -> ModelVersion:
         parse_version(name, "models", "model_version.name")
@@ -222,7 +226,7 @@ class Registry:
             if "labels" in paths:
                 row.labels = labels
             row.update_time = utcnow()
-            return version_from_row(row)
+            return self._with_scores(s, [version_from_row(row)])[0]
 
     def delete_version(self, name: str, *, force: bool = False) -> None:
         """Delete a version and its artifacts. Refused (FAILED_PRECONDITION) while it is being
@@ -246,6 +250,7 @@ class Registry:
                     reason="VERSION_DEPLOYED", metadata={"name": name, "deployed_by": ",".join(deployed)},
                 )
             prefix = row.artifact_prefix
+            scoring.delete_scores(s, name)
             s.delete(row)
             s.execute(delete(EdgeRow).where(EdgeRow.child == name))
             s.flush()
@@ -324,7 +329,39 @@ class Registry:
             markers = markers | {deployment} if deployed else markers - {deployment}
             row.deployed_by = sorted(markers)
             row.update_time = utcnow()
-            return version_from_row(row)
+            return self._with_scores(s, [version_from_row(row)])[0]
+
+    # ------------------------------------------------------------------ evaluation scores
+
+    def record_evaluation_scores(self, name: str, evaluation: str, scores: list[EvaluationScore]) -> ModelVersion:
+        """Replace the scores ``evaluation`` recorded on version ``name`` with ``scores`` (none: remove them).
+
+        Idempotent: recording the same evaluation again leaves one set of its scores (the time of its
+        first recording is kept). The version must be READY; its ``update_time`` is not changed.
+        """
+        parse_version(name, "models")
+        scoring.check_evaluation(evaluation)
+        checked = scoring.check_scores(evaluation, scores)
+        try:
+            with self.db.session() as s:
+                row = self._version_row(s, name)
+                if row.state != VersionState.READY:
+                    raise FailedPrecondition(f"version {name!r} is {row.state}, not ready", reason="VERSION_NOT_READY",
+                                             metadata={"name": name})
+                scoring.replace_scores(s, name, evaluation, checked, utcnow())
+                version = self._with_scores(s, [version_from_row(row)])[0]
+        except IntegrityError:
+            raise Aborted(f"scores of {evaluation} on {name} were recorded concurrently; retry",
+                          reason="CONCURRENT_UPDATE", metadata={"name": name}) from None
+        log.info("evaluation_scores_recorded", version=name, evaluation=evaluation, scores=len(checked))
+        return version
+
+    @staticmethod
+    def _with_scores(s: Session, versions: list[ModelVersion]) -> list[ModelVersion]:
+        by_name = scoring.scores_of(s, (v.name for v in versions))
+        for v in versions:
+            v.scores = by_name[v.name]
+        return versions
 
     # ------------------------------------------------------------------ lineage
 

@@ -64,6 +64,19 @@ class FileInfo:
 
 
 @dataclass
+class EvaluationScore:
+    """One metric of one benchmark measured on a version by an evaluation."""
+
+    evaluation: str  # evaluations/{evaluation}
+    benchmark: str  # benchmarks/{benchmark}
+    metric: str
+    value: float
+    stderr: float = 0.0  # 0: unknown
+    num_samples: int = 0
+    create_time: datetime | None = None  # set when recorded
+
+
+@dataclass
 class ModelVersion:
     name: str
     kind: ModelKind
@@ -78,6 +91,7 @@ class ModelVersion:
     artifact_prefix: str
     create_time: datetime
     update_time: datetime
+    scores: list[EvaluationScore] = field(default_factory=list)  # newest evaluation first
 
     @property
     def parameter_count(self) -> int:

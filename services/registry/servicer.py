@@ -21,6 +21,7 @@ from .imports import Imports
 from .records import (
     Dataset,
     DatasetVersion,
+    EvaluationScore,
     FileInfo,
     Lineage,
     LineageGraph,
@@ -81,6 +82,17 @@ def lineage_from_proto(msg: pb.Lineage) -> Lineage:
                    job=msg.job, parameters=json_format.MessageToDict(msg.parameters), source_uri=msg.source_uri)
 
 
+def score_to_proto(x: EvaluationScore) -> pb.EvaluationScore:
+    return pb.EvaluationScore(evaluation=x.evaluation, benchmark=x.benchmark, metric=x.metric, value=x.value,
+                              stderr=x.stderr, num_samples=x.num_samples,
+                              create_time=timestamp(x.create_time))
+
+
+def score_from_proto(msg: pb.EvaluationScore) -> EvaluationScore:
+    return EvaluationScore(evaluation=msg.evaluation, benchmark=msg.benchmark, metric=msg.metric, value=msg.value,
+                           stderr=msg.stderr, num_samples=msg.num_samples)
+
+
 def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
     meta = v.metadata
     return pb.ModelVersion(
@@ -96,6 +108,7 @@ def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
         ),
         lineage=lineage_to_proto(v.lineage), deployed_by=v.deployed_by, artifact_prefix=v.artifact_prefix,
         create_time=timestamp(v.create_time), update_time=timestamp(v.update_time),
+        scores=[score_to_proto(x) for x in v.scores],
     )
 
 
@@ -219,6 +232,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def SetDeploymentMarker(self, request, context):
         v = await asyncio.to_thread(self._registry.set_deployment_marker, request.name, request.deployment,
                                     request.deployed)
+        return version_to_proto(v)
+
+    async def RecordEvaluationScores(self, request, context):
+        v = await asyncio.to_thread(self._registry.record_evaluation_scores, request.name, request.evaluation,
+                                    [score_from_proto(x) for x in request.scores])
         return version_to_proto(v)
 
     async def GetLineage(self, request, context):

@@ -10,6 +10,8 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     DateTime,
+    Float,
+    ForeignKey,
     Index,
     Integer,
     String,
@@ -98,6 +100,23 @@ class DatasetVersionRow(Base):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ScoreRow(Base):
+    """A score an evaluation recorded on a version (migration 3); one row per (benchmark, metric)."""
+
+    __tablename__ = "registry_version_scores"
+    version: Mapped[str] = mapped_column(
+        String(300), ForeignKey(f"{VersionRow.__tablename__}.name", ondelete="CASCADE"), primary_key=True
+    )
+    evaluation: Mapped[str] = mapped_column(String(300), primary_key=True)  # evaluations/{evaluation}
+    benchmark: Mapped[str] = mapped_column(String(300), primary_key=True)  # benchmarks/{benchmark}
+    metric: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[float] = mapped_column(Float(precision=53))
+    stderr: Mapped[float] = mapped_column(Float(precision=53), default=0.0)
+    num_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (Index("ix_registry_version_scores_version", "version"),)
+
+
 def _sortable_sizes_and_jobs_for_imports(conn: Connection) -> None:
     """Version 2: ``total_size_bytes`` and ``parameter_count`` columns on versions (backfilled), and the
     old ``registry_imports`` table dropped (imports are jobs of the shared job runtime since)."""
@@ -123,4 +142,5 @@ MIGRATIONS = [
         ),
     ),
     Migration(2, "sortable version sizes; imports moved to the job runtime", _sortable_sizes_and_jobs_for_imports),
+    Migration(3, "evaluation scores of versions", create_tables(ScoreRow.__table__)),
 ]

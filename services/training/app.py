@@ -46,7 +46,7 @@ def build_app(settings: TrainingSettings, *, hardware: Hardware | None = None, m
         s3=settings.s3, registry_addr=settings.registry_addr,
         default_checkpoint_every_steps=settings.default_checkpoint_every_steps, max_processes=settings.max_processes,
         memory_headroom=settings.memory_headroom, memory_check=settings.memory_check,
-        omp_num_threads=settings.omp_num_threads)
+        omp_num_threads=settings.omp_num_threads, evaluation_addr=settings.evaluation_addr)
     jobs = TrainingJobs(store, Preflight(registry, artifacts, hardware, options), artifacts,
                         max_attempts=settings.max_attempts)
     worker = service_worker(settings, store, JOB_KINDS, "training")

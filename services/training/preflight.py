@@ -52,6 +52,7 @@ class PreflightOptions:
     memory_headroom: float = 0.9
     memory_check: bool = True
     omp_num_threads: int = 1
+    evaluation_addr: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,41 @@ class Preflight:
                    "secure": self.options.s3.secure},
             "registry_addr": self.options.registry_addr,
             "omp_num_threads": self.options.omp_num_threads,
+            "eval_after": await self._eval_after(req, base.name),
+            "evaluation_addr": self.options.evaluation_addr if req.eval_after else "",
         }).model_dump(mode="json")
         summary = {"accelerator": self.hardware.accelerator, "precision": precision,
                    "estimated_memory_bytes": estimate.total, "available_memory_bytes": available,
                    "parameter_count": shape.parameter_count, "trainable_parameter_count": estimate.trainable_parameters,
                    "memory": estimate.describe()}
         return PreflightResult(spec, summary)
+
+    async def _eval_after(self, req: TrainingRequest, base: str) -> dict[str, Any] | None:
+        """``eval_after`` checked by the evaluation service (its benchmarks and options, on the base version as a
+        stand-in target) so a typo fails now, not after training."""
+        ea = req.eval_after
+        if not ea or not ea.get("benchmarks"):
+            return None
+        if not self.options.evaluation_addr:
+            raise FailedPrecondition("spec.eval_after: no evaluation service is configured (evaluation_addr)",
+                                     reason="EVALUATION_SERVICE_MISSING")
+        from modelyard.client import EvaluationClient
+        from modelyard.evaluation.v1 import evaluation_pb2 as epb
+
+        spec = epb.EvaluationSpec(model_version=base, limit=int(ea.get("limit") or 0), num_fewshot=ea.get("num_fewshot"))
+        for name in ea["benchmarks"]:
+            spec.benchmarks.add(benchmark=name if name.startswith("benchmarks/") else f"benchmarks/{name}")
+        try:
+            async with EvaluationClient(self.options.evaluation_addr, timeout=30) as client:
+                await client.create_evaluation(epb.Evaluation(spec=spec), validate_only=True)
+        except DomainError as err:
+            message = err.message.replace("spec.benchmarks", "spec.eval_after.benchmarks")
+            raise type(err)(f"spec.eval_after: {message}", reason=err.reason, violations=[
+                FieldViolation(v.field.replace("spec.benchmarks", "spec.eval_after.benchmarks"), v.description)
+                for v in err.violations]) from None
+        return {"benchmarks": [n.removeprefix("benchmarks/") for n in ea["benchmarks"]],
+                "limit": int(ea.get("limit") or 0), "num_fewshot": ea.get("num_fewshot"),
+                "include_base": bool(ea.get("include_base"))}
 
     # ------------------------------------------------------------------ registry inputs
 

@@ -75,7 +75,15 @@ def request_from_proto(request: pb.CreateTrainingJobRequest) -> TrainingRequest:
         validation_dataset_version=spec.validation_dataset_version, hyperparameters=hp, launcher=launcher,
         checkpoint_every_steps=spec.checkpoint_every_steps, eval_every_steps=spec.eval_every_steps,
         log_every_steps=spec.log_every_steps, output_model=spec.output_model, merge_adapter=spec.merge_adapter,
-        full_weights=spec.full_weights, display_name=job.display_name, job_id=request.training_job_id)
+        full_weights=spec.full_weights, display_name=job.display_name, job_id=request.training_job_id,
+        eval_after=_eval_after_from_proto(spec.eval_after))
+
+
+def _eval_after_from_proto(ea: pb.EvalAfter) -> dict[str, Any] | None:
+    if not ea.benchmarks:
+        return None
+    return {"benchmarks": list(ea.benchmarks), "limit": ea.limit,
+            "num_fewshot": ea.num_fewshot if ea.HasField("num_fewshot") else None, "include_base": ea.include_base}
 
 
 def _spec_to_proto(job: JobRecord) -> pb.TrainingJobSpec:
@@ -96,6 +104,7 @@ def _spec_to_proto(job: JobRecord) -> pb.TrainingJobSpec:
         checkpoint_every_steps=s["checkpoint_every_steps"], eval_every_steps=s["eval_every_steps"],
         log_every_steps=s["log_every_steps"], output_model=s["output"]["model"], merge_adapter=s["output"]["merge"],
         full_weights=not s["use_lora"] and s["method"] not in ("full",),
+        eval_after=pb.EvalAfter(**s["eval_after"]) if s.get("eval_after") else None,
     )
 
 
@@ -106,7 +115,8 @@ def job_to_proto(job: JobRecord) -> pb.TrainingJob:
     outputs = pb.TrainingJobOutputs(
         model_version=model_version or "", merged_model_version=merged or "",
         final_metrics={k: float(v) for k, v in (out.get("final_metrics") or {}).items() if isinstance(v, int | float)},
-        checkpoint_count=len(out.get("checkpoints") or []))
+        checkpoint_count=len(out.get("checkpoints") or []), evaluation=out.get("evaluation") or "",
+        base_evaluation=out.get("base_evaluation") or "")
     summary = job.spec.get("preflight") or {}
     msg = pb.TrainingJob(
         **job_fields(job), outputs=outputs, display_name=job.spec.get("output", {}).get("description", ""), spec=_spec_to_proto(job),

@@ -14,6 +14,9 @@ class TrainingSettings(JobServiceSettings):
 
     # The registry (models, datasets, lineage); jobs register their outputs there too.
     registry_addr: str = "127.0.0.1:50051"
+    # The evaluation service: a job's `eval_after` benchmarks are checked there before the job is queued, and the
+    # job asks it to evaluate its result once registered.
+    evaluation_addr: str = "127.0.0.1:50054"
     # Checkpoint interval when a spec leaves it at 0.
     default_checkpoint_every_steps: int = 500
     # Most processes a torchrun/DeepSpeed job may ask for on this node (0: one per GPU).

@@ -61,6 +61,7 @@ class TrainingRequest:
     full_weights: bool = False
     display_name: str = ""
     job_id: str = ""
+    eval_after: dict[str, Any] | None = None  # {benchmarks, limit, num_fewshot, include_base}
 
     @property
     def use_lora(self) -> bool:

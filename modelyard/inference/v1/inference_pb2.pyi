@@ -432,3 +432,49 @@ class Embedding(_message.Message):
     index: int
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("deployment", "adapter", "context", "context_token_ids", "context_messages", "continuations")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATIONS_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    adapter: str
+    context: str
+    context_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    context_messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    continuations: _containers.RepeatedCompositeFieldContainer[ScoreContinuation]
+    def __init__(self, deployment: _Optional[str] = ..., adapter: _Optional[str] = ..., context: _Optional[str] = ..., context_token_ids: _Optional[_Iterable[int]] = ..., context_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., continuations: _Optional[_Iterable[_Union[ScoreContinuation, _Mapping]]] = ...) -> None: ...
+
+class ScoreContinuation(_message.Message):
+    __slots__ = ("text", "token_ids")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "context_tokens", "usage")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedCompositeFieldContainer[ContinuationScore]
+    context_tokens: int
+    usage: Usage
+    def __init__(self, scores: _Optional[_Iterable[_Union[ContinuationScore, _Mapping]]] = ..., context_tokens: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class ContinuationScore(_message.Message):
+    __slots__ = ("logprob", "is_greedy", "token_ids", "token_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    IS_GREEDY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    is_greedy: bool
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., is_greedy: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

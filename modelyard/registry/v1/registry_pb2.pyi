@@ -151,7 +151,7 @@ class Lineage(_message.Message):
     def __init__(self, base_model_version: _Optional[str] = ..., dataset_versions: _Optional[_Iterable[str]] = ..., job: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., source_uri: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "kind", "format", "state", "description", "labels", "files", "metadata", "lineage", "deployed_by", "artifact_prefix", "create_time", "update_time")
+    __slots__ = ("name", "kind", "format", "state", "description", "labels", "files", "metadata", "lineage", "deployed_by", "artifact_prefix", "create_time", "update_time", "scores")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class ModelVersion(_message.Message):
     ARTIFACT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     format: ModelFormat
@@ -185,7 +186,26 @@ class ModelVersion(_message.Message):
     artifact_prefix: str
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., metadata: _Optional[_Union[ModelMetadata, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., deployed_by: _Optional[_Iterable[str]] = ..., artifact_prefix: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    scores: _containers.RepeatedCompositeFieldContainer[EvaluationScore]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., metadata: _Optional[_Union[ModelMetadata, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., deployed_by: _Optional[_Iterable[str]] = ..., artifact_prefix: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[EvaluationScore, _Mapping]]] = ...) -> None: ...
+
+class EvaluationScore(_message.Message):
+    __slots__ = ("evaluation", "benchmark", "metric", "value", "stderr", "num_samples", "create_time")
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    BENCHMARK_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    evaluation: str
+    benchmark: str
+    metric: str
+    value: float
+    stderr: float
+    num_samples: int
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, evaluation: _Optional[str] = ..., benchmark: _Optional[str] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., stderr: _Optional[float] = ..., num_samples: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("model_id", "model")
@@ -331,6 +351,16 @@ class SetDeploymentMarkerRequest(_message.Message):
     deployment: str
     deployed: bool
     def __init__(self, name: _Optional[str] = ..., deployment: _Optional[str] = ..., deployed: _Optional[bool] = ...) -> None: ...
+
+class RecordEvaluationScoresRequest(_message.Message):
+    __slots__ = ("name", "evaluation", "scores")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    evaluation: str
+    scores: _containers.RepeatedCompositeFieldContainer[EvaluationScore]
+    def __init__(self, name: _Optional[str] = ..., evaluation: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[EvaluationScore, _Mapping]]] = ...) -> None: ...
 
 class LineageNode(_message.Message):
     __slots__ = ("name", "type", "kind", "job", "deleted")

@@ -102,6 +102,11 @@ class RegistryServiceStub:
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetLineageRequest.SerializeToString,
                 response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetLineageResponse.FromString,
                 _registered_method=True)
+        self.RecordEvaluationScores = channel.unary_unary(
+                '/modelyard.registry.v1.RegistryService/RecordEvaluationScores',
+                request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.RecordEvaluationScoresRequest.SerializeToString,
+                response_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+                _registered_method=True)
         self.ImportModel = channel.unary_unary(
                 '/modelyard.registry.v1.RegistryService/ImportModel',
                 request_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ImportModelRequest.SerializeToString,
@@ -267,6 +272,15 @@ class RegistryServiceServicer:
 
     def GetLineage(self, request, context):
         """Returns the lineage graph around a model or dataset version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordEvaluationScores(self, request, context):
+        """Records the scores one evaluation measured on a version, replacing every
+        score that evaluation recorded there before (a retried evaluation records
+        once); returns the version with all its scores.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -441,6 +455,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.GetLineage,
                     request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetLineageRequest.FromString,
                     response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.GetLineageResponse.SerializeToString,
+            ),
+            'RecordEvaluationScores': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvaluationScores,
+                    request_deserializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.RecordEvaluationScoresRequest.FromString,
+                    response_serializer=modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'ImportModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportModel,
@@ -865,6 +884,33 @@ class RegistryService:
             '/modelyard.registry.v1.RegistryService/GetLineage',
             modelyard_dot_registry_dot_v1_dot_registry__pb2.GetLineageRequest.SerializeToString,
             modelyard_dot_registry_dot_v1_dot_registry__pb2.GetLineageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvaluationScores(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.registry.v1.RegistryService/RecordEvaluationScores',
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.RecordEvaluationScoresRequest.SerializeToString,
+            modelyard_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,

@@ -137,7 +137,7 @@ class Preflight(_message.Message):
     def __init__(self, accelerator: _Optional[str] = ..., precision: _Optional[_Union[Precision, str]] = ..., estimated_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., parameter_count: _Optional[int] = ..., trainable_parameter_count: _Optional[int] = ...) -> None: ...
 
 class TrainingJobSpec(_message.Message):
-    __slots__ = ("base_model_version", "dataset_versions", "validation_dataset_version", "method", "hyperparameters", "launcher", "checkpoint_every_steps", "eval_every_steps", "output_model", "merge_adapter", "full_weights", "log_every_steps")
+    __slots__ = ("base_model_version", "dataset_versions", "validation_dataset_version", "method", "hyperparameters", "launcher", "checkpoint_every_steps", "eval_every_steps", "output_model", "merge_adapter", "full_weights", "log_every_steps", "eval_after")
     BASE_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class TrainingJobSpec(_message.Message):
     MERGE_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     FULL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     LOG_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_AFTER_FIELD_NUMBER: _ClassVar[int]
     base_model_version: str
     dataset_versions: _containers.RepeatedScalarFieldContainer[str]
     validation_dataset_version: str
@@ -162,7 +163,20 @@ class TrainingJobSpec(_message.Message):
     merge_adapter: bool
     full_weights: bool
     log_every_steps: int
-    def __init__(self, base_model_version: _Optional[str] = ..., dataset_versions: _Optional[_Iterable[str]] = ..., validation_dataset_version: _Optional[str] = ..., method: _Optional[_Union[TrainingMethod, str]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., launcher: _Optional[_Union[Launcher, _Mapping]] = ..., checkpoint_every_steps: _Optional[int] = ..., eval_every_steps: _Optional[int] = ..., output_model: _Optional[str] = ..., merge_adapter: _Optional[bool] = ..., full_weights: _Optional[bool] = ..., log_every_steps: _Optional[int] = ...) -> None: ...
+    eval_after: EvalAfter
+    def __init__(self, base_model_version: _Optional[str] = ..., dataset_versions: _Optional[_Iterable[str]] = ..., validation_dataset_version: _Optional[str] = ..., method: _Optional[_Union[TrainingMethod, str]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., launcher: _Optional[_Union[Launcher, _Mapping]] = ..., checkpoint_every_steps: _Optional[int] = ..., eval_every_steps: _Optional[int] = ..., output_model: _Optional[str] = ..., merge_adapter: _Optional[bool] = ..., full_weights: _Optional[bool] = ..., log_every_steps: _Optional[int] = ..., eval_after: _Optional[_Union[EvalAfter, _Mapping]] = ...) -> None: ...
+
+class EvalAfter(_message.Message):
+    __slots__ = ("benchmarks", "limit", "num_fewshot", "include_base")
+    BENCHMARKS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    NUM_FEWSHOT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BASE_FIELD_NUMBER: _ClassVar[int]
+    benchmarks: _containers.RepeatedScalarFieldContainer[str]
+    limit: int
+    num_fewshot: int
+    include_base: bool
+    def __init__(self, benchmarks: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., num_fewshot: _Optional[int] = ..., include_base: _Optional[bool] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
     __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "seed", "packing", "precision", "gradient_checkpointing", "beta", "simpo_gamma", "validation_split")
@@ -225,7 +239,7 @@ class Launcher(_message.Message):
     def __init__(self, type: _Optional[_Union[LauncherType, str]] = ..., num_processes: _Optional[int] = ..., zero_stage: _Optional[_Union[ZeroStage, str]] = ..., offload_optimizer: _Optional[bool] = ..., offload_parameters: _Optional[bool] = ...) -> None: ...
 
 class TrainingJobOutputs(_message.Message):
-    __slots__ = ("model_version", "merged_model_version", "final_metrics", "checkpoint_count")
+    __slots__ = ("model_version", "merged_model_version", "final_metrics", "checkpoint_count", "evaluation", "base_evaluation")
     class FinalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,11 +251,15 @@ class TrainingJobOutputs(_message.Message):
     MERGED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    BASE_EVALUATION_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     merged_model_version: str
     final_metrics: _containers.ScalarMap[str, float]
     checkpoint_count: int
-    def __init__(self, model_version: _Optional[str] = ..., merged_model_version: _Optional[str] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., checkpoint_count: _Optional[int] = ...) -> None: ...
+    evaluation: str
+    base_evaluation: str
+    def __init__(self, model_version: _Optional[str] = ..., merged_model_version: _Optional[str] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., checkpoint_count: _Optional[int] = ..., evaluation: _Optional[str] = ..., base_evaluation: _Optional[str] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("name", "step", "create_time", "artifact_prefix", "size_bytes", "metrics")

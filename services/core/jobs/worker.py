@@ -295,11 +295,18 @@ class _Attempt:
                 job = await asyncio.to_thread(self.store.finish, name, wid, JobState.CANCELLED, None, outputs)
             elif t == "result":
                 job = await asyncio.to_thread(self.store.finish, name, wid, JobState.SUCCEEDED, None, outputs)
-            elif t == "error":
-                job = await asyncio.to_thread(self.store.finish, name, wid, JobState.FAILED, final["error"])
+            elif t == "error":  # outputs reported before the failure (partial results) are kept
+                job = await asyncio.to_thread(
+                    self.store.finish, name, wid, JobState.FAILED, final["error"], outputs or None
+                )
             elif t == "crash":
                 job = await asyncio.to_thread(
-                    self.store.finish, name, wid, JobState.FAILED, crash_error(final.get("message") or "job crashed")
+                    self.store.finish,
+                    name,
+                    wid,
+                    JobState.FAILED,
+                    crash_error(final.get("message") or "job crashed"),
+                    outputs or None,
                 )
             elif t == "interrupted" or rc < 0:
                 why = f"child process killed by {signal.Signals(-rc).name}" if rc < 0 else final.get("message", "")

@@ -104,6 +104,12 @@ class Engine(Protocol):
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
         """``/v1/embeddings``; Unimplemented when the engine has no embeddings for this model."""
 
+    async def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``/v1/score`` (our extension of both engine servers): log-likelihoods of continuations of
+        one context, ``{scores: [{logprob, is_greedy, token_ids, token_logprobs}], context_tokens,
+        usage}``; see ``engines/score_encoding.py`` for the request. A refused request is
+        InvalidArgument naming the field (``continuations[2]``)."""
+
     async def load_adapter(self, alias: str, path: Path) -> None:
         """Add a LoRA adapter served as ``alias``."""
 
@@ -244,6 +250,15 @@ class HttpEngine:
                                     reason="EMBEDDINGS_UNSUPPORTED") from None
             raise
 
+    async def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._post("/v1/score", body)
+        except NotFound as exc:
+            if exc.reason == "ENGINE_ROUTE_NOT_FOUND":
+                raise Unimplemented(f"the {self.kind} engine of this deployment serves no scores",
+                                    reason="SCORE_UNSUPPORTED") from None
+            raise
+
     async def load_adapter(self, alias: str, path: Path) -> None:
         await self._post("/v1/load_lora_adapter", {"lora_name": alias, "lora_path": str(path)})
 
@@ -317,6 +332,10 @@ def _error_from_body(payload: Any, status: int, kind: str) -> DomainError:
     if isinstance(err, dict) and isinstance(err.get("code"), int):  # mid-stream errors carry their status
         status = err["code"]
     if status in (400, 422):
+        param = err.get("param") if isinstance(err, dict) else None
+        if isinstance(param, str) and param and message.startswith(f"{param}: "):
+            return InvalidArgument.for_field(param, message.removeprefix(f"{param}: "),
+                                             reason="ENGINE_REJECTED_REQUEST")
         return InvalidArgument(message, reason="ENGINE_REJECTED_REQUEST")
     if status == 404:
         return NotFound(message, reason="ENGINE_MODEL_NOT_FOUND")

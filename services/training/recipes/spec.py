@@ -168,6 +168,13 @@ class S3Ref(_Model):
     secure: bool = False
 
 
+class EvalAfter(_Model):
+    benchmarks: list[str] = Field(min_length=1)
+    limit: int = Field(default=0, ge=0)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    include_base: bool = False
+
+
 class TrainingSpec(_Model):
     method: Method
     use_lora: bool = True
@@ -184,6 +191,8 @@ class TrainingSpec(_Model):
     s3: S3Ref
     registry_addr: str = ""
     omp_num_threads: int = Field(default=1, ge=1)
+    eval_after: EvalAfter | None = None
+    evaluation_addr: str = ""
 
     @property
     def is_preference(self) -> bool:
