@@ -68,13 +68,16 @@ down:
 status:
 	$(VENV)/bin/yard status
 
-bench: setup engine-vllm engine-quant
+bench: setup engine-vllm engine-quant engine-bench-eval
 	$(PY) bench/artifact_throughput.py
 	$(PY) bench/registry_import.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/gateway_overhead.py --engine transformers --cpu
 	$(PY) bench/gateway_overhead.py --engine vllm --model tiny64 --cpu
 	$(PY) bench/quantize.py
+	$(PY) bench/score_vs_echo.py
+	$(PY) bench/eval_throughput.py
+	$(PY) bench/eval_scores.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .venv-quant .venv-bench .tools build *.egg-info

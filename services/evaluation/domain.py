@@ -15,13 +15,12 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from modelyard.inference.v1 import inference_pb2 as ipb
 from services.core.errors import DomainError, FailedPrecondition, FieldViolation, InvalidArgument
-from services.core.jobs import JobRecord, JobState, JobStore
+from services.core.jobs import JobRecord, JobStore
 from services.core.jobs.resource import JobResource
 from services.core.jobs.store import job_schema, jobs
 from services.core.listing import EQUALITY, Field
@@ -309,20 +308,7 @@ class Evaluations(JobResource):
             labels["deployment"] = target["deployment"]
         name = f"{COLLECTION}/{req.evaluation_id or _new_id()}"
         if validate_only:
-            return JobRecord(
-                name=name if req.evaluation_id else "",
-                kind=KIND_EVALUATE,
-                state=JobState.QUEUED,
-                spec=spec,
-                attempt=0,
-                max_attempts=self.max_attempts,
-                worker=None,
-                created_at=datetime.now(UTC),
-                started_at=None,
-                finished_at=None,
-                heartbeat_at=None,
-                labels=labels,
-            )
+            return self.preview(KIND_EVALUATE, name if req.evaluation_id else "", spec, labels)
         job = await asyncio.to_thread(self.store.create, KIND_EVALUATE, spec, name, self.max_attempts, labels)
         log.info("evaluation_created", evaluation=name, target=target["kind"],
                  benchmarks=[b["name"] for b in spec["benchmarks"]])  # fmt: skip

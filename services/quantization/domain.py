@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
 
-from services.core.jobs import JobRecord, JobState, JobStore
+from services.core.jobs import JobRecord, JobStore
 from services.core.jobs.resource import JobResource
 from services.core.jobs.store import job_schema, jobs
 from services.core.listing import EQUALITY, Field, enum_value
@@ -71,21 +70,7 @@ class QuantizationJobs(JobResource):
         spec = {**result.spec, "preflight": result.summary}
         labels = {"method": spec["method"], "backend": spec["backend"], "source": req.source_model_version}
         if validate_only:
-            name = f"{COLLECTION}/{req.job_id}" if req.job_id else ""
-            return JobRecord(
-                name=name,
-                kind=KIND_QUANTIZE,
-                state=JobState.QUEUED,
-                spec=spec,
-                attempt=0,
-                max_attempts=self.max_attempts,
-                worker=None,
-                created_at=datetime.now(UTC),
-                started_at=None,
-                finished_at=None,
-                heartbeat_at=None,
-                labels=labels,
-            )
+            return self.preview(KIND_QUANTIZE, f"{COLLECTION}/{req.job_id}" if req.job_id else "", spec, labels)
         name = f"{COLLECTION}/{req.job_id or _new_id(spec['method'])}"
         job = await asyncio.to_thread(self.store.create, KIND_QUANTIZE, spec, name, self.max_attempts, labels)
         log.info(

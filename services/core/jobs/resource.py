@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from ..errors import InvalidArgument
 from ..listing import Page, Schema, parse
 from ..logging import get_logger
-from .records import JobEvent, JobRecord
+from .records import JobEvent, JobRecord, JobState
 from .store import JobStore
 from .stream import watch
 
@@ -38,6 +40,23 @@ class JobResource:
         if collection != self.collection or not JOB_ID_RE.match(jid):
             raise InvalidArgument.for_field(field_name, f"{name!r} must look like {self.collection}/{{job}}")
         return jid
+
+    def preview(self, kind: str, name: str, spec: dict[str, Any], labels: dict[str, str]) -> JobRecord:
+        """The job as it would be queued, not stored (``validate_only`` creates)."""
+        return JobRecord(
+            name=name,
+            kind=kind,
+            state=JobState.QUEUED,
+            spec=spec,
+            attempt=0,
+            max_attempts=self.max_attempts,
+            worker=None,
+            created_at=datetime.now(UTC),
+            started_at=None,
+            finished_at=None,
+            heartbeat_at=None,
+            labels=labels,
+        )
 
     async def get(self, name: str) -> JobRecord:
         self.job_id(name)
