@@ -346,6 +346,10 @@ def test_every_log_line_of_a_request_carries_its_request_id(stack):
                        json={"model": "tiny", "messages": [{"role": "user", "content": "FAIL_MIDSTREAM"}],
                              "stream": True})
         assert r.status_code == 200 and '"engine_crashed"' in r.text
+        # The access line and the usage estimate are written after the last byte went out: wait for them.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not {"usage_estimated", "request_finished"} <= {x["event"] for x in lines}:
+            time.sleep(0.02)
     # every line but the routing table's own refreshes (ListDeployments, not part of any request)
     mine = [x for x in lines if not str(x.get("rpc", "")).endswith("/ListDeployments")]
     events = {x["event"] for x in mine}
