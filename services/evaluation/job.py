@@ -23,7 +23,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -576,4 +576,4 @@ def _hf_token() -> str | None:
     return os.environ.get("YARD_JOB_HF_TOKEN") or None
 
 
-__all__ = ["run_evaluation", "Callable"]
+__all__ = ["run_evaluation"]

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.evaluation.v1 import evaluation_pb2 as pb
 from modelyard.evaluation.v1 import evaluation_pb2_grpc
-from services.core.errors import DomainError, error_to_domain
+from services.core.errors import error_to_domain
 from services.core.jobs import JobRecord
 from services.core.jobs.protos import events_to_proto, job_fields
 from services.core.listing import Field, Schema, enum_value, int_value, memory_page, parse
@@ -273,4 +273,4 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
         )
 
 
-__all__ = ["EvaluationServicer", "DomainError"]
+__all__ = ["EvaluationServicer"]
