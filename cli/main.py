@@ -35,9 +35,10 @@ from cli.registry_cmds import datasets_app, models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 
-from cli.gateway_cmds import keys_app, usage  # noqa: E402
+from cli.gateway_cmds import keys_app, projects_app, usage  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
+app.add_typer(projects_app, name="projects")
 app.command("usage")(usage)
 
 from cli.training_cmds import jobs_app, train_app  # noqa: E402
@@ -52,6 +53,10 @@ app.command("quantize")(quantize)
 from cli.eval_cmds import eval_app  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
+
+from cli.pipeline_cmds import pipeline_app  # noqa: E402
+
+app.add_typer(pipeline_app, name="pipeline")
 
 from cli.inference_cmds import chat, deploy_app, deployments_app  # noqa: E402
 

@@ -180,7 +180,9 @@ def _version_detail(v: pb.ModelVersion) -> Table:
         ("name", v.name), ("kind", _enum_name(pb.ModelKind, v.kind, "MODEL_KIND_")),
         ("format", _enum_name(pb.ModelFormat, v.format, "MODEL_FORMAT_")),
         ("state", _enum_name(pb.ModelVersionState, v.state, "MODEL_VERSION_STATE_")),
-        ("architecture", m.architecture), ("parameters", f"{m.parameter_count:,}"), ("dtype", m.dtype),
+        ("architecture", m.architecture), ("task", m.task + (f" ({m.embedding_dimensions} dimensions)"
+                                                           if m.embedding_dimensions else "")),
+        ("parameters", f"{m.parameter_count:,}"), ("dtype", m.dtype),
         ("context length", str(m.context_length)), ("chat template", "yes" if m.has_chat_template else "no"),
         ("size", _human(m.total_size_bytes)), ("files", str(len(v.files))),
         ("source", v.lineage.source_uri), ("base", v.lineage.base_model_version),

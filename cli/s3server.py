@@ -6,6 +6,7 @@ Used by the local stack (`yard up`) and by the test suite, so both run the same 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -87,11 +88,15 @@ def start_s3_server(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    access_key: str = "modelyard",
-    secret_key: str = "modelyard-secret",
+    access_key: str | None = None,
+    secret_key: str | None = None,
     log_file: Path | None = None,
     timeout: float = 30.0,
 ) -> S3Server:
+    """Start nanio on ``host:port`` (0: a free port) with ``access_key`` / ``secret_key`` (None: random ones,
+    read back from the returned ``S3Server``)."""
+    access_key = access_key or f"yard-{secrets.token_hex(8)}"
+    secret_key = secret_key or secrets.token_urlsafe(32)
     port = port or free_port(host)
     if port_in_use(host, port):
         raise RuntimeError(f"port {port} on {host} is already in use (S3 server)")

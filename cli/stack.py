@@ -1,8 +1,10 @@
 """The local stack: ``yard up / down / status`` and the Python API behind them.
 
-``start_stack`` starts the local S3 server (nanio), then every service as a child process with the
-env contract the service chassis reads (``YARD_<NAME>_GRPC__PORT``, ``..._S3__ENDPOINT``,
-``YARD_<NAME>_<OTHER>_ADDR`` ...), and waits until each answers its health check.
+``start_stack`` prepares the data directory's secrets (``cli.stack_secrets``: the service token, the S3
+credentials and with ``--tls`` a local CA and certificates), starts the local S3 server (nanio), then every
+service as a child process with the env contract the service chassis reads (``YARD_<NAME>_GRPC__PORT``,
+``..._S3__ENDPOINT``, ``..._AUTH__TOKEN_FILE``, ``..._TLS__*``, ``YARD_<NAME>_<OTHER>_ADDR`` ...), and waits
+until each answers its health check.
 ``run_supervisor`` keeps a stack running until SIGINT/SIGTERM and records it in
 ``<data-dir>/stack.json`` so ``yard status`` and ``yard down`` find it from another shell;
 ``start_detached`` runs that supervisor in the background. The service table is injectable
@@ -33,14 +35,17 @@ from rich.table import Table
 
 from cli.output import OutputFormat, OutputOption, emit, make_console
 from cli.s3server import S3Server, port_in_use, start_s3_server
+from cli.stack_secrets import StackSecrets, TlsFiles, prepare_stack_secrets, tls_files
+from services.core.credentials import SecretsLayout
 from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.logging import get_logger
 from services.core.settings import DEFAULT_DATA_DIR, DEFAULT_PORTS
+from services.core.suppressed import record_suppressed
 
 log = get_logger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-GRPC_SERVICES = ("registry", "training", "quantization", "evaluation", "inference")
+GRPC_SERVICES = ("registry", "training", "quantization", "evaluation", "inference", "pipeline")
 GATEWAY = "gateway"
 S3 = "s3"
 STATE_FILE = "stack.json"
@@ -81,9 +86,14 @@ class StackSettings(BaseSettings):
     port_quantization: Port = DEFAULT_PORTS["quantization"]
     port_evaluation: Port = DEFAULT_PORTS["evaluation"]
     port_inference: Port = DEFAULT_PORTS["inference"]
+    port_pipeline: Port = DEFAULT_PORTS["pipeline"]
     port_s3: Port = DEFAULT_PORTS["s3"]
-    s3_access_key: str = "modelyard"
-    s3_secret_key: SecretStr = SecretStr("modelyard-secret")
+    # Credentials of the local S3 server; empty: generated once per data dir (<data_dir>/secrets/s3.env).
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    # gRPC over TLS with client certificates (mTLS) from a local CA in <data_dir>/secrets/tls.
+    # None: as the last start of this data dir (TLS while those files exist); false removes them.
+    tls: bool | None = None
     startup_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
 
@@ -103,6 +113,8 @@ class StackSettings(BaseSettings):
         """These settings as ``YARD_STACK_*`` variables (how the detached supervisor receives them)."""
         env = {}
         for name, value in self.model_dump().items():
+            if value is None:
+                continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             elif isinstance(value, list):
@@ -140,6 +152,7 @@ class StackState(BaseModel):
     supervisor_start_time: int | None = None
     data_dir: str
     error: str = ""
+    tls: bool = False  # the gRPC services speak TLS (mTLS) with the certificates in <data_dir>/secrets/tls
     services: list[ServiceState] = Field(default_factory=list)
 
     def supervisor_alive(self) -> bool:
@@ -188,32 +201,62 @@ def check_ports(settings: StackSettings, specs: list[ServiceSpec]) -> None:
             )
 
 
-def service_env(spec: ServiceSpec, specs: list[ServiceSpec], settings: StackSettings) -> dict[str, str]:
-    """The environment of one child: the ``YARD_<NAME>_...`` contract on top of this process's env."""
+def service_env(
+    spec: ServiceSpec, specs: list[ServiceSpec], settings: StackSettings, secrets: StackSecrets
+) -> dict[str, str]:
+    """The environment of one child: the ``YARD_<NAME>_...`` contract on top of this process's env.
+
+    A gRPC service gets the token file (``AUTH__TOKEN_FILE``) and, with TLS, its certificate, key and the CA
+    with mTLS on (``TLS__*``); the gateway gets them for its calls (``SERVICE_AUTH__*``, ``SERVICE_TLS__*``).
+    """
     prefix = f"YARD_{spec.name.upper()}_"
     listener = "HTTP" if spec.health is HealthKind.HTTP else "GRPC"
-    env = dict(os.environ)
+    auth, tls = ("SERVICE_AUTH__", "SERVICE_TLS__") if spec.name == GATEWAY else ("AUTH__", "TLS__")
+    env = {k: v for k, v in os.environ.items() if not k.startswith((f"{prefix}{auth}", f"{prefix}{tls}"))}
     env.update(
         {
             f"{prefix}{listener}__HOST": settings.host,
             f"{prefix}{listener}__PORT": str(spec.port),
             f"{prefix}DATA_DIR": str(settings.data_dir / spec.name),
             f"{prefix}S3__ENDPOINT": f"{settings.host}:{settings.port_s3}",
-            f"{prefix}S3__ACCESS_KEY": settings.s3_access_key,
-            f"{prefix}S3__SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+            f"{prefix}S3__ACCESS_KEY": secrets.s3_access_key,
+            f"{prefix}S3__SECRET_KEY": secrets.s3_secret_key,
+            f"{prefix}{auth}TOKEN_FILE": str(secrets.token_file),
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if secrets.tls is not None:
+        files = secrets.tls
+        env[f"{prefix}{tls}CA_FILE"] = str(files.ca_cert)
+        if spec.name == GATEWAY:
+            env[f"{prefix}{tls}CERT_FILE"] = str(files.client_cert)
+            env[f"{prefix}{tls}KEY_FILE"] = str(files.client_key)
+        else:
+            env[f"{prefix}{tls}CERT_FILE"] = str(files.server_cert)
+            env[f"{prefix}{tls}KEY_FILE"] = str(files.server_key)
+            env[f"{prefix}{tls}CLIENT_AUTH"] = "true"
     for other in specs:
         if other.name != spec.name and other.health is HealthKind.GRPC:
             env[f"{prefix}{other.name.upper()}_ADDR"] = f"{settings.host}:{other.port}"
     return env
 
 
-def probe(kind: HealthKind, host: str, port: int, timeout: float = 1.0) -> Health:
-    """Ask one endpoint whether it is healthy."""
+def _grpc_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
+    options = [("grpc.enable_http_proxy", 0)]
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_cert.read_bytes(),
+        private_key=tls.client_key.read_bytes(),
+        certificate_chain=tls.client_cert.read_bytes(),
+    )
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def probe(kind: HealthKind, host: str, port: int, timeout: float = 1.0, tls: TlsFiles | None = None) -> Health:
+    """Ask one endpoint whether it is healthy (a gRPC one over TLS with ``tls``'s client certificate)."""
     if kind is HealthKind.GRPC:
-        with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.enable_http_proxy", 0)]) as channel:
+        with _grpc_channel(f"{host}:{port}", tls) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
             except grpc.RpcError as exc:
@@ -242,6 +285,7 @@ class Stack:
 
     settings: StackSettings
     s3: S3Server
+    secrets: StackSecrets
     services: list[RunningService] = field(default_factory=list)
 
     def states(self) -> list[ServiceState]:
@@ -259,11 +303,17 @@ class Stack:
         ]
 
     def stop(self) -> None:
-        for service in reversed(self.services):
-            _terminate(service.process, self.settings.stop_timeout_s)
-            log.info("service_stopped", child=service.spec.name, code=service.process.returncode)
-        _terminate(self.s3.process, self.settings.stop_timeout_s)
-        log.info("service_stopped", child=S3)
+        """Stop every child; one that cannot be stopped is logged and counted, and the others still are."""
+        children = [(s.spec.name, s.process) for s in reversed(self.services)]
+        if self.s3.process is not None:
+            children.append((S3, self.s3.process))
+        for name, process in children:
+            try:
+                _terminate(process, self.settings.stop_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the next children must still be stopped
+                record_suppressed(log, "stack_stop_child", exc, level="error", child=name, pid=process.pid)
+                continue
+            log.info("service_stopped", child=name, code=process.returncode)
 
 
 def start_stack(settings: StackSettings, services: list[ServiceSpec] | None = None) -> Stack:
@@ -275,22 +325,26 @@ def start_stack(settings: StackSettings, services: list[ServiceSpec] | None = No
     specs = select_services(default_services(settings) if services is None else services, settings.only)
     check_ports(settings, specs)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
+    secrets = prepare_stack_secrets(
+        settings.data_dir, host=settings.host, tls=settings.tls, s3_access_key=settings.s3_access_key,
+        s3_secret_key=settings.s3_secret_key.get_secret_value(),
+    )
     s3_log = _fresh_log(settings, S3)
     try:
         s3 = start_s3_server(
-            settings.data_dir / S3, host=settings.host, port=settings.port_s3, access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key.get_secret_value(), log_file=s3_log, timeout=settings.startup_timeout_s,
+            settings.data_dir / S3, host=settings.host, port=settings.port_s3, access_key=secrets.s3_access_key,
+            secret_key=secrets.s3_secret_key, log_file=s3_log, timeout=settings.startup_timeout_s,
         )
     except RuntimeError as exc:
         raise StackError(f"s3 failed to start: {exc}; see its log {s3_log}{_tail(s3_log)}") from exc
-    stack = Stack(settings, s3)
+    stack = Stack(settings, s3, secrets)
     try:
         for spec in specs:
-            stack.services.append(_spawn(spec, specs, settings))
+            stack.services.append(_spawn(spec, specs, settings, secrets))
             log.info("service_spawned", child=spec.name, pid=stack.services[-1].process.pid, port=spec.port)
         deadline = time.monotonic() + settings.startup_timeout_s
         for service in stack.services:
-            _wait_healthy(service, settings, deadline)
+            _wait_healthy(service, settings, deadline, secrets.tls)
     except BaseException:
         stack.stop()
         raise
@@ -304,24 +358,26 @@ def _fresh_log(settings: StackSettings, name: str) -> Path:
     return path
 
 
-def _spawn(spec: ServiceSpec, specs: list[ServiceSpec], settings: StackSettings) -> RunningService:
+def _spawn(
+    spec: ServiceSpec, specs: list[ServiceSpec], settings: StackSettings, secrets: StackSecrets
+) -> RunningService:
     log_path = _fresh_log(settings, spec.name)
     (settings.data_dir / spec.name).mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
-            spec.argv, env=service_env(spec, specs, settings), stdin=subprocess.DEVNULL, stdout=out,
+            spec.argv, env=service_env(spec, specs, settings, secrets), stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,  # own process group: signals come from us only
         )
     return RunningService(spec, process, log_path)
 
 
-def _wait_healthy(service: RunningService, settings: StackSettings, deadline: float) -> None:
+def _wait_healthy(service: RunningService, settings: StackSettings, deadline: float, tls: TlsFiles | None) -> None:
     name, port = service.spec.name, service.spec.port
     while True:
         code = service.process.poll()
         if code is not None:
             raise StackError(f"{name} exited with code {code} while starting; see its log {service.log}{_tail(service.log)}")
-        health = probe(service.spec.health, settings.host, port)
+        health = probe(service.spec.health, settings.host, port, tls=tls)
         if health is Health.SERVING:
             log.info("service_healthy", child=name, port=port)
             return
@@ -356,8 +412,10 @@ def _terminate(process: subprocess.Popen, timeout: float) -> None:
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:  # the group is gone already: nothing left to kill
         pass
+    except PermissionError as exc:  # the pid (group) now belongs to someone else's process: not ours to kill
+        record_suppressed(log, "stack_kill_group", exc, pgid=pgid)
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -464,7 +522,10 @@ def run_supervisor(
                 state_path(settings.data_dir).unlink(missing_ok=True)
             raise
         try:
-            _write_state(settings.data_dir, StackState(state="running", services=stack.states(), **me))
+            _write_state(
+                settings.data_dir,
+                StackState(state="running", services=stack.states(), tls=stack.secrets.tls is not None, **me),
+            )
             if on_ready is not None:
                 on_ready(stack)
             _watch(stack)
@@ -562,10 +623,11 @@ def stack_status(data_dir: Path) -> list[tuple[ServiceState, Health, bool]] | No
     if state is None or state.state != "running":
         return None
     rows = []
+    tls = tls_files(SecretsLayout(Path(data_dir))) if state.tls else None
     for service in state.services:
         host, _, port = service.address.rpartition(":")
         alive = service.alive()
-        rows.append((service, probe(service.health, host, int(port)) if alive else Health.DOWN, alive))
+        rows.append((service, probe(service.health, host, int(port), tls=tls) if alive else Health.DOWN, alive))
     return rows
 
 
@@ -620,6 +682,14 @@ def _services_table(states: list[ServiceState], health: dict[str, tuple[Health, 
     return table
 
 
+def _print_credentials(settings: StackSettings, tls: bool) -> None:
+    layout = SecretsLayout(settings.data_dir)
+    what = f"token {layout.token_file}" + (f", mTLS certificates in {layout.tls_dir}" if tls else "")
+    console.print(f"Service credentials: {what}.", highlight=False)
+    if settings.data_dir != DEFAULT_DATA_DIR.expanduser().resolve():
+        console.print(f"For yard and the SDK: export YARD_DATA_DIR={settings.data_dir}", highlight=False)
+
+
 @stack_app.command()
 def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background; return once healthy.")] = False,
@@ -631,24 +701,35 @@ def up(
     port_quantization: Annotated[int | None, _port_option("quantization")] = None,
     port_evaluation: Annotated[int | None, _port_option("evaluation")] = None,
     port_inference: Annotated[int | None, _port_option("inference")] = None,
+    port_pipeline: Annotated[int | None, _port_option("pipeline")] = None,
     port_s3: Annotated[int | None, _port_option("s3")] = None,
+    tls: Annotated[bool | None, typer.Option(
+        "--tls/--no-tls", show_default=False,
+        help="gRPC over mutual TLS with a local CA made in <data-dir>/secrets/tls (kept for later starts; "
+             "--no-tls removes it). Default: as the last start of this data dir.")] = None,
 ) -> None:
-    """Start the local stack: the S3 server and every service, each in its own process."""
+    """Start the local stack: the S3 server and every service, each in its own process.
+
+    Every service requires the bearer token of <data-dir>/secrets/service_token (made once, mode 0600);
+    the CLI and the SDK read it from there (set YARD_DATA_DIR for a data dir other than ~/.modelyard).
+    """
     settings = _settings(
         data_dir=data_dir, only=[name.strip() for name in only.split(",") if name.strip()] if only else None,
         port_gateway=port_gateway, port_registry=port_registry, port_training=port_training,
         port_quantization=port_quantization, port_evaluation=port_evaluation, port_inference=port_inference,
-        port_s3=port_s3,
+        port_pipeline=port_pipeline, port_s3=port_s3, tls=tls,
     )
     try:
         if detach:
             state = start_detached(settings)
             console.print(_services_table(state.services))
+            _print_credentials(settings, state.tls)
             console.print(f"Stack running in the background (logs in {settings.log_dir}); stop it with `yard down`.")
             return
 
         def ready(stack: Stack) -> None:
             console.print(_services_table(stack.states()))
+            _print_credentials(settings, stack.secrets.tls is not None)
             console.print(f"Stack running (logs in {settings.log_dir}); press Ctrl-C to stop.")
 
         run_supervisor(settings, on_ready=ready)

@@ -40,6 +40,7 @@ from cli.common import (
 )
 from cli.output import OutputFormat, OutputOption, emit, make_console, new_table
 from modelyard.client import DomainError, NotFound, TrainingClient, Unavailable
+from modelyard.client.training import ENUM_PREFIXES, full_enum_names
 from modelyard.common.v1 import common_pb2 as cpb
 from modelyard.quantization.v1 import quantization_pb2 as qpb
 from modelyard.training.v1 import training_pb2 as pb
@@ -52,8 +53,6 @@ jobs_app = typer.Typer(help="Training and quantization jobs: list, show, watch, 
 
 HYPERPARAMETERS = {f.name for f in pb.Hyperparameters.DESCRIPTOR.fields}
 # Short enum values accepted in --config / --set: field name -> enum value prefix.
-ENUM_PREFIXES = {"method": "TRAINING_METHOD_", "lr_scheduler": "LR_SCHEDULER_", "precision": "PRECISION_",
-                 "type": "LAUNCHER_TYPE_", "zero_stage": "ZERO_STAGE_"}
 TERMINAL = {cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED}
 
 
@@ -85,18 +84,6 @@ def _set(target: dict[str, Any], dotted: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-def _enums(value: Any, key: str = "") -> Any:
-    """Short enum spellings (``bf16``, ``deepspeed``, ``2``) -> proto JSON names, recursively."""
-    if isinstance(value, dict):
-        return {k: _enums(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_enums(v, key) for v in value]
-    prefix = ENUM_PREFIXES.get(key)
-    if prefix and not str(value).upper().startswith(prefix):
-        return prefix + str(value).upper()
-    return value
-
-
 def build_spec(config: Path | None, overrides: list[str], **fields: Any) -> pb.TrainingJobSpec:
     """The spec from a YAML file (TrainingJobSpec fields), then ``fields``, then ``--set key=value``."""
     data: dict[str, Any] = {}
@@ -117,7 +104,7 @@ def build_spec(config: Path | None, overrides: list[str], **fields: Any) -> pb.T
             raise CliError(f"--set {item!r}: expected KEY=VALUE (e.g. learning_rate=2e-4, launcher.type=deepspeed)")
         _set(data, key.strip(), yaml.safe_load(raw))
     try:
-        return json_format.ParseDict(_enums(data), pb.TrainingJobSpec())
+        return json_format.ParseDict(full_enum_names(data), pb.TrainingJobSpec())
     except json_format.ParseError as exc:
         raise CliError(f"invalid job spec: {exc}") from None
 

@@ -6,12 +6,13 @@ import hmac
 import time
 from dataclasses import dataclass
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from services.core.db import Database
 from services.core.errors import Unauthenticated
 
 from .auth.keys import ANONYMOUS, ApiKey, KeyCache, KeyStore
+from .auth.projects import ALLOW_ALL, ModelAccess, ProjectCache, ProjectStore
 from .quota import UsageRecorder
 from .routing import Router
 from .serving import CallContext, ServingChat, ServingCompletion, ServingEmbedding, ServingModels
@@ -32,6 +33,8 @@ class GatewayState:
     key_cache: KeyCache
     admin_token: str
     auth_required: bool
+    projects: ProjectStore
+    project_cache: ProjectCache
 
 
 def state(request: Request) -> GatewayState:
@@ -45,6 +48,14 @@ async def api_key(request: Request) -> ApiKey:
     if not st.auth_required:
         return ANONYMOUS
     return await st.key_cache.authenticate(request.headers.get("authorization"))
+
+
+async def model_access(request: Request, key: ApiKey = Depends(api_key)) -> ModelAccess:
+    """The models the caller's project may use (every model when auth is disabled). Cached."""
+    st = state(request)
+    if not st.auth_required:
+        return ALLOW_ALL
+    return await st.project_cache.access(key.project)
 
 
 def admin(request: Request) -> None:
@@ -61,7 +72,7 @@ def admin(request: Request) -> None:
         )
 
 
-def call_context(request: Request, key: ApiKey, model: str, endpoint: str) -> CallContext:
+def call_context(request: Request, key: ApiKey, model: str, endpoint: str, access: ModelAccess) -> CallContext:
     request.scope.setdefault("state", {})["model"] = model
     return CallContext(
         request_id=request.scope["state"]["request_id"],
@@ -69,4 +80,5 @@ def call_context(request: Request, key: ApiKey, model: str, endpoint: str) -> Ca
         model=model,
         endpoint=endpoint,
         started=request.scope["state"].get("started", time.perf_counter()),
+        access=access,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
 from functools import lru_cache
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -28,3 +29,26 @@ def labelled(metric):
     """``metric.labels`` memoized: the lookup takes a lock and builds the key on every call, and the
     request path asks for the same few children all the time."""
     return lru_cache(maxsize=1024)(metric.labels)
+
+
+UNKNOWN_MODEL = "unknown"
+
+
+def model_label(model: str, known: Iterable[Container[str]]) -> str:
+    """The ``model`` label of a request: its name when some replica has a deployment by that name
+    (``known``: each replica's names), else ``unknown``. The label set stays bounded by the
+    deployments, whatever names clients send."""
+    if not model:
+        return ""
+    return model if any(model in names for names in known) else UNKNOWN_MODEL
+
+
+# Shared state of the replicas (gateway/shared_state.py), only with YARD_GATEWAY_REDIS__URL set.
+REDIS_UP = Gauge("gateway_redis_up", "1 while this replica reaches Redis")
+REDIS_ERRORS = Counter("gateway_redis_errors_total", "Redis calls that failed", ["operation"])
+REDIS_FALLBACKS = Counter(
+    "gateway_redis_fallbacks_total",
+    "Requests whose rate limits were not checked in Redis: admitted on this replica's own windows "
+    "(fail_open) or refused with 503",
+    ["outcome"],  # local | refused
+)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from pydantic_core import to_json
+
+from services.core.errors import InvalidArgument
+
+from .settings import LimitSettings
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -20,6 +24,15 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def check_model_name(model: str, limits: LimitSettings) -> None:
+    """400 naming ``model`` when it is longer than ``limits.max_model_chars`` (no deployment name is:
+    such a string never reaches a log line, a metric or the routing table)."""
+    if len(model) > limits.max_model_chars:
+        raise InvalidArgument.for_field(
+            "model", f"at most {limits.max_model_chars} characters (limits.max_model_chars), got {len(model)}"
+        )
 
 
 class StreamOptions(_Request):
@@ -62,18 +75,23 @@ class ResponseFormatIn(_Request):
     json_schema: dict[str, Any] | None = None
 
 
+# The engine's fields are int32 (SamplingParams, prompt_token_ids): larger values are a 400, not a 500.
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
 class _Sampling(_Request):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # the engine's int64
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past an end-of-sequence token
 
@@ -83,6 +101,12 @@ class _Sampling(_Request):
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
         return value
+
+    def check_limits(self, limits: LimitSettings) -> None:
+        """The gateway's configured caps (``limits``), each a 400 naming its field."""
+        check_model_name(self.model, limits)
+        if self.n > limits.max_n:
+            raise InvalidArgument.for_field("n", f"at most {limits.max_n} choices (limits.max_n), got {self.n}")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -96,22 +120,28 @@ class _Sampling(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormatIn | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def max_tokens_param(self) -> str:
+        """The field that set ``max_new_tokens`` (named by an error about it)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=0)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(default=16, ge=0, le=INT32_MAX)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = Field(default=None, ge=1)
@@ -127,6 +157,18 @@ class CompletionRequest(_Sampling):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
+
+    def check_limits(self, limits: LimitSettings) -> None:
+        super().check_limits(limits)
+        count = len(self.prompts())
+        if count > limits.max_prompts:
+            raise InvalidArgument.for_field(
+                "prompt", f"at most {limits.max_prompts} prompts in one request (limits.max_prompts), got {count}"
+            )
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: text or token ids (a flat list of ints is one prompt)."""
@@ -152,6 +194,14 @@ class EmbeddingRequest(_Request):
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def check_limits(self, limits: LimitSettings) -> None:
+        check_model_name(self.model, limits)
+        if isinstance(self.input, list) and len(self.input) > limits.max_prompts:
+            raise InvalidArgument.for_field(
+                "input",
+                f"at most {limits.max_prompts} inputs in one request (limits.max_prompts), got {len(self.input)}",
+            )
 
 
 # ---------------------------------------------------------------- responses
@@ -217,12 +267,21 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class FunctionDelta(BaseModel):
+class _NoNulls(BaseModel):
+    """Serialized without its unset (None) fields, as OpenAI streams tool-call deltas: the first delta of
+    a call has ``id``, ``type`` and ``function.name``, the next ones only ``function.arguments``."""
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_NoNulls):
     name: str | None = None
     arguments: str
 
 
-class ToolCallDeltaOut(BaseModel):
+class ToolCallDeltaOut(_NoNulls):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None

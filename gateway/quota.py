@@ -3,8 +3,12 @@
 ``QuotaLimiter.reserve`` and ``Reservation.settle`` are plain synchronous code on the event loop,
 so each is one atomic step per key: concurrent requests can never race past a limit. A request
 reserves its prompt estimate + max_tokens before the call and settles to the engine's real usage
-after. Usage records are keyed by request id (a retried id counts once) and written in batches by
-a background task, never on the request path.
+after. With Redis configured (``gateway.shared_state``) ``QuotaLimiter.acquire`` reserves in one
+window per key shared by every gateway replica instead (one Lua script per reserve and per settle,
+so atomic there too); the in-process windows are its fallback while Redis is unreachable.
+
+Usage records are keyed by request id (a retried id counts once) and written in batches by a
+background task, never on the request path.
 """
 
 from __future__ import annotations
@@ -13,18 +17,22 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services.core.db import Database, utcnow
+from services.core.errors import Unavailable
 from services.core.logging import get_logger
 
 from .auth.keys import ApiKey
 from .errors import RateLimited
-from .store import usage_records
+from .metrics import REDIS_FALLBACKS
+from .store import DEFAULT_PROJECT, usage_records
 
 log = get_logger("modelyard.gateway.quota")
 
@@ -57,8 +65,13 @@ class Reservation:
     window: _Window | None
     entry: _Entry | None
     headers: dict[str, str]
+    on_settle: Callable[[int], None] | None = None  # a shared (Redis) window's correction
 
     def settle(self, tokens: int) -> None:
+        if self.on_settle is not None:
+            settle, self.on_settle = self.on_settle, None
+            settle(tokens)
+            return
         if self.window is None or self.entry is None:
             return
         if not self.entry.expired:  # still counted in the window
@@ -76,9 +89,61 @@ def _reset(seconds: float) -> str:
     return f"{max(0.0, seconds):.3f}s"
 
 
+def rate_headers(key: ApiKey, requests: int, tokens: int, reset_s: float) -> dict[str, str]:
+    """The x-ratelimit-* headers for a window holding ``requests`` and ``tokens``."""
+    headers: dict[str, str] = {}
+    if key.rpm:
+        headers |= {
+            "x-ratelimit-limit-requests": str(key.rpm),
+            "x-ratelimit-remaining-requests": str(max(0, key.rpm - requests)),
+            "x-ratelimit-reset-requests": _reset(reset_s),
+        }
+    if key.tpm:
+        headers |= {
+            "x-ratelimit-limit-tokens": str(key.tpm),
+            "x-ratelimit-remaining-tokens": str(max(0, key.tpm - tokens)),
+            "x-ratelimit-reset-tokens": _reset(reset_s),
+        }
+    return headers
+
+
+class SharedWindows(Protocol):
+    """Rate-limit windows shared by the gateway replicas (``gateway.shared_state.RedisWindows``)."""
+
+    async def reserve(self, key: ApiKey, tokens: int) -> Reservation:
+        """Like ``QuotaLimiter.reserve``; raises ``SharedStateUnavailable`` when it cannot tell."""
+        ...
+
+
+class SharedStateUnavailable(Exception):
+    """Redis could not be asked (down, timed out, or skipped for a while after a failure)."""
+
+
 class QuotaLimiter:
-    def __init__(self) -> None:
+    """Per-key sliding windows of one minute. ``shared``: Redis windows, used by ``acquire``; while
+    Redis is unreachable, ``fail_open`` picks between this process's own windows (the limits then
+    hold per replica) and refusing the request with 503."""
+
+    def __init__(self, shared: SharedWindows | None = None, *, fail_open: bool = True) -> None:
         self._windows: dict[str, _Window] = {}
+        self._shared = shared
+        self._fail_open = fail_open
+
+    async def acquire(self, key: ApiKey, tokens: int) -> Reservation:
+        """Reserve for one request, in the shared windows when there are some (the request path)."""
+        if self._shared is None or (not key.rpm and not key.tpm):
+            return self.reserve(key, tokens)
+        try:
+            return await self._shared.reserve(key, tokens)
+        except SharedStateUnavailable:
+            REDIS_FALLBACKS.labels("local" if self._fail_open else "refused").inc()
+            if self._fail_open:
+                return self.reserve(key, tokens)
+            raise Unavailable(
+                "Rate limits cannot be checked right now (the gateway's shared state is unreachable); "
+                "retry in a moment.",
+                reason="RATE_LIMITER_UNAVAILABLE",
+            ) from None
 
     def reserve(self, key: ApiKey, tokens: int, *, now: float | None = None) -> Reservation:
         """Count one request and hold ``tokens``, or raise RateLimited (429) with its headers."""
@@ -89,43 +154,14 @@ class QuotaLimiter:
         window.prune(now)
         oldest = window.entries[0].at if window.entries else now
         reset = oldest + WINDOW_S - now if window.entries else 0.0
-        headers: dict[str, str] = {}
-        if key.rpm:
-            headers |= {
-                "x-ratelimit-limit-requests": str(key.rpm),
-                "x-ratelimit-remaining-requests": str(max(0, key.rpm - len(window.entries))),
-                "x-ratelimit-reset-requests": _reset(reset),
-            }
-        if key.tpm:
-            headers |= {
-                "x-ratelimit-limit-tokens": str(key.tpm),
-                "x-ratelimit-remaining-tokens": str(max(0, key.tpm - window.tokens)),
-                "x-ratelimit-reset-tokens": _reset(reset),
-            }
+        headers = rate_headers(key, len(window.entries), window.tokens, reset)
         if key.rpm and len(window.entries) >= key.rpm:
-            raise self._limited(
-                key,
-                "requests",
-                f"Rate limit reached for requests per minute: limit {key.rpm}",
-                headers,
-                self._wait_for(window, now, lambda w: len(w.entries) < key.rpm),
-            )
+            raise requests_limited(key, headers, self._wait_for(window, now, lambda w: len(w.entries) < key.rpm))
         if key.tpm and tokens > key.tpm:
-            raise self._limited(
-                key,
-                "tokens",
-                f"Request too large: it needs about {tokens} tokens, the key allows "
-                f"{key.tpm} per minute; lower max_tokens or the prompt",
-                headers,
-                WINDOW_S,
-            )
+            raise too_large(key, tokens, headers)
         if key.tpm and window.tokens + tokens > key.tpm:
-            raise self._limited(
-                key,
-                "tokens",
-                f"Rate limit reached for tokens per minute: limit {key.tpm}, used {window.tokens}, requested {tokens}",
-                headers,
-                self._wait_for(window, now, lambda w: w.tokens + tokens <= key.tpm),
+            raise tokens_limited(
+                key, window.tokens, tokens, headers, self._wait_for(window, now, lambda w: w.tokens + tokens <= key.tpm)
             )
         entry = _Entry(now, tokens)
         window.entries.append(entry)
@@ -147,14 +183,39 @@ class QuotaLimiter:
                 return last.at + WINDOW_S - now
         return 0.0 if ok(probe) else WINDOW_S
 
-    @staticmethod
-    def _limited(key: ApiKey, limit: str, message: str, headers: dict[str, str], wait_s: float) -> RateLimited:
-        headers = dict(headers)
-        headers["retry-after"] = str(max(1, math.ceil(wait_s)))
-        headers[f"x-ratelimit-remaining-{limit}"] = "0"
-        return RateLimited(
-            f"{message} (key {key.id}). Retry after {headers['retry-after']}s.", limit=limit, headers=headers
-        )
+
+def _limited(key: ApiKey, limit: str, message: str, headers: dict[str, str], wait_s: float) -> RateLimited:
+    headers = dict(headers)
+    headers["retry-after"] = str(max(1, math.ceil(wait_s)))
+    headers[f"x-ratelimit-remaining-{limit}"] = "0"
+    return RateLimited(
+        f"{message} (key {key.id}). Retry after {headers['retry-after']}s.", limit=limit, headers=headers
+    )
+
+
+def requests_limited(key: ApiKey, headers: dict[str, str], wait_s: float) -> RateLimited:
+    return _limited(key, "requests", f"Rate limit reached for requests per minute: limit {key.rpm}", headers, wait_s)
+
+
+def too_large(key: ApiKey, tokens: int, headers: dict[str, str]) -> RateLimited:
+    return _limited(
+        key,
+        "tokens",
+        f"Request too large: it needs about {tokens} tokens, the key allows "
+        f"{key.tpm} per minute; lower max_tokens or the prompt",
+        headers,
+        WINDOW_S,
+    )
+
+
+def tokens_limited(key: ApiKey, used: int, tokens: int, headers: dict[str, str], wait_s: float) -> RateLimited:
+    return _limited(
+        key,
+        "tokens",
+        f"Rate limit reached for tokens per minute: limit {key.tpm}, used {used}, requested {tokens}",
+        headers,
+        wait_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -166,6 +227,7 @@ class UsageRecord:
     prompt_tokens: int
     completion_tokens: int
     created_at: datetime
+    project: str = DEFAULT_PROJECT
 
 
 class UsageRecorder:
@@ -177,11 +239,23 @@ class UsageRecorder:
         self._pending: dict[str, UsageRecord] = {}
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._insert: Any = None  # the usage INSERT (ON CONFLICT DO NOTHING) of this database's dialect
 
-    def record(self, request_id: str, key_id: str, model: str, endpoint: str, prompt: int, completion: int) -> None:
+    def record(
+        self,
+        request_id: str,
+        key_id: str,
+        model: str,
+        endpoint: str,
+        prompt: int,
+        completion: int,
+        project: str = DEFAULT_PROJECT,
+    ) -> None:
         if request_id in self._pending:
             return  # the first record of a request id wins, like the database's
-        self._pending[request_id] = UsageRecord(request_id, key_id, model, endpoint, prompt, completion, utcnow())
+        self._pending[request_id] = UsageRecord(
+            request_id, key_id, model, endpoint, prompt, completion, utcnow(), project
+        )
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-flush")
@@ -217,34 +291,38 @@ class UsageRecorder:
             return len(batch)
 
     def _write(self, batch: list[UsageRecord]) -> None:
-        rows = [r.__dict__ for r in batch]
-        dialect = self._db.engine.dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # one statement, built once and compiled once (SQLAlchemy caches it), run with every row as
+        # its parameters (executemany: batched into multi-row INSERTs by the driver/dialect)
+        if self._insert is None:
+            insert = postgresql.insert if self._db.engine.dialect.name == "postgresql" else sqlite.insert
+            self._insert = insert(usage_records).on_conflict_do_nothing(index_elements=["request_id"])
         with self._db.session() as s:
-            for start in range(0, len(rows), 500):
-                stmt = insert(usage_records).values(rows[start : start + 500])
-                s.execute(stmt.on_conflict_do_nothing(index_elements=["request_id"]))
+            s.execute(self._insert, [r.__dict__ for r in batch])
 
-    def totals(self, key_id: str | None = None) -> list[dict]:
-        """Usage per key and model (blocking; flush first to include the newest requests)."""
+    def totals(self, key_id: str | None = None, project: str | None = None, by: str = "key") -> list[dict]:
+        """Usage per key (``by="key"``) or per project (``by="project"``) and model, optionally of one
+        key or project only (blocking; flush first to include the newest requests)."""
         c = usage_records.c
+        group = c.project if by == "project" else c.key_id
         query = (
             select(
-                c.key_id,
+                group.label("group"),
                 c.model,
                 func.count().label("requests"),
                 func.sum(c.prompt_tokens).label("prompt_tokens"),
                 func.sum(c.completion_tokens).label("completion_tokens"),
             )
-            .group_by(c.key_id, c.model)
-            .order_by(c.key_id, c.model)
+            .group_by(group, c.model)
+            .order_by(group, c.model)
         )
         if key_id:
             query = query.where(c.key_id == key_id)
+        if project:
+            query = query.where(c.project == project)
         with self._db.session() as s:
             return [
                 {
-                    "key_id": r.key_id,
+                    ("project" if by == "project" else "key_id"): r.group,
                     "model": r.model,
                     "requests": int(r.requests),
                     "prompt_tokens": int(r.prompt_tokens or 0),

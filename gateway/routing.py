@@ -15,9 +15,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelyard.inference.v1 import inference_pb2 as pb
 from modelyard.inference.v1 import inference_pb2_grpc as pb_grpc
+from services.core.credentials import ClientCredentials
 from services.core.errors import NotFound, Unavailable
 from services.core.grpc_client import make_channel
 from services.core.logging import get_logger
@@ -55,6 +57,9 @@ class Replica:
     ready: dict[str, Target] = field(default_factory=dict)  # public name -> target (READY deployments)
     known: set[str] = field(default_factory=set)  # every name the replica has, ready or not
     last_error: str = ""
+    ejections: int = 0  # bumped by every eject: a refresh in flight across one must not undo it
+    # what a streaming call adds to its own metadata (the token on a plaintext channel; else empty)
+    call_metadata: tuple[tuple[str, str], ...] = ()
 
     @property
     def ejected(self) -> bool:
@@ -76,7 +81,13 @@ def public_names(dep: pb.Deployment) -> list[tuple[str, str]]:
 
 
 class Router:
-    def __init__(self, addrs: list[str], timeouts: TimeoutSettings, settings: RoutingSettings) -> None:
+    def __init__(
+        self,
+        addrs: list[str],
+        timeouts: TimeoutSettings,
+        settings: RoutingSettings,
+        credentials: ClientCredentials | None = None,
+    ) -> None:
         if not addrs:
             raise ValueError("at least one inference address is needed")
         self._timeouts = timeouts
@@ -84,8 +95,17 @@ class Router:
         self.replicas: list[Replica] = []
         for addr in addrs:
             # the data path passes its own deadline and request id: streams skip the interceptor hop
-            channel = make_channel(addr, default_timeout_s=None, retry_attempts=1, intercept_streams=False)
-            self.replicas.append(Replica(addr, channel, pb_grpc.InferenceServiceStub(channel)))
+            channel = make_channel(
+                addr, default_timeout_s=None, retry_attempts=1, intercept_streams=False, credentials=credentials
+            )
+            self.replicas.append(
+                Replica(
+                    addr,
+                    channel,
+                    pb_grpc.InferenceServiceStub(channel),
+                    call_metadata=credentials.call_metadata if credentials else (),
+                )
+            )
         self._task: asyncio.Task | None = None
         self._last_on_demand = 0.0
         self._refresh_lock = asyncio.Lock()
@@ -117,9 +137,26 @@ class Router:
         async with self._refresh_lock:
             await asyncio.gather(*(self._refresh_one(r) for r in self.replicas if not r.ejected))
 
+    async def _draining(self, replica: Replica) -> bool:
+        """The replica's gRPC health says NOT_SERVING (it is draining after SIGTERM): no new requests
+        go there, though it still serves those in flight. A replica without a health service counts as serving."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(replica.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._timeouts.unary_s
+            )
+        except grpc.aio.AioRpcError:
+            return False  # unreachable: ListDeployments tells
+        return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
     async def _refresh_one(self, replica: Replica) -> None:
         deployments: list[pb.Deployment] = []
         token = ""
+        ejections = replica.ejections
+        if await self._draining(replica):
+            if replica.listed:
+                log.warning("replica_draining", replica=replica.addr)
+            replica.listed, replica.ready, replica.last_error = False, {}, "draining (health NOT_SERVING)"
+            return
         try:
             while True:
                 reply = await replica.stub.ListDeployments(
@@ -143,6 +180,8 @@ class Router:
                 known.add(name)
                 if dep.state == pb.DEPLOYMENT_STATE_READY:
                     ready[name] = Target(name, dep.name, alias, dep.model_version, dep.create_time.seconds)
+        if replica.ejections != ejections:
+            return  # a request failed on it while this listing was in flight: the ejection stands
         if not replica.listed:
             log.info("replica_listed", replica=replica.addr, ready=sorted(ready))
         replica.listed, replica.ready, replica.known, replica.last_error = True, ready, known, ""
@@ -151,6 +190,7 @@ class Router:
     def eject(self, replica: Replica, error: str) -> None:
         """Stop routing to ``replica`` for eject_s; the next refresh after that checks it again."""
         replica.ejected_until = time.monotonic() + self._settings.eject_s
+        replica.ejections += 1
         replica.ready, replica.listed, replica.last_error = {}, False, error
         log.warning("replica_ejected", replica=replica.addr, error=error, for_s=self._settings.eject_s)
 

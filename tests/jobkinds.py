@@ -19,6 +19,7 @@ KINDS = {
     "ignores_sigterm": "tests.jobkinds:ignores_sigterm",
     "counts_with_resume": "tests.jobkinds:counts_with_resume",
     "kills_itself": "tests.jobkinds:kills_itself",
+    "segfaults": "tests.jobkinds:segfaults",
 }
 
 
@@ -51,6 +52,7 @@ def _grandchild(ctx: JobContext) -> None:
 
 def sleeps(ctx: JobContext) -> dict:
     _grandchild(ctx)
+    ctx.set_outputs({"partial": True})
     total = int(ctx.spec.get("steps", 600))
     for step in range(total):
         if ctx.cancelled():
@@ -95,3 +97,11 @@ def counts_with_resume(ctx: JobContext) -> dict:
 def kills_itself(ctx: JobContext) -> None:
     ctx.log("going down")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfaults(ctx: JobContext) -> None:
+    """Dies in native code: a NULL read through ctypes (a real SIGSEGV, as a crashing extension gives)."""
+    import ctypes
+
+    ctx.log("about to crash")
+    ctypes.string_at(0)

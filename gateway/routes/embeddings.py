@@ -7,7 +7,8 @@ from fastapi.responses import Response
 
 from .. import protocol as p
 from ..auth.keys import ApiKey
-from ..deps import api_key, call_context, state
+from ..auth.projects import ModelAccess
+from ..deps import api_key, call_context, model_access, state
 from ..serving import until_disconnect
 from .sse import json_response
 
@@ -15,8 +16,15 @@ router = APIRouter()
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: p.EmbeddingRequest, request: Request, key: ApiKey = Depends(api_key)) -> Response:
-    serving = state(request).embeddings
-    ctx = call_context(request, key, body.model, "embeddings")
+async def embeddings(
+    body: p.EmbeddingRequest,
+    request: Request,
+    key: ApiKey = Depends(api_key),
+    access: ModelAccess = Depends(model_access),
+) -> Response:
+    st = state(request)
+    body.check_limits(st.settings.limits)
+    serving = st.embeddings
+    ctx = call_context(request, key, body.model, "embeddings", access)
     result = await until_disconnect(request.receive, serving.create(ctx, body))
     return json_response(result, ctx.headers)

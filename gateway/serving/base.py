@@ -31,8 +31,10 @@ from services.core.logging import get_logger
 
 from .. import protocol as p
 from ..auth.keys import ApiKey
+from ..auth.projects import ALLOW_ALL, ModelAccess
 from ..content_filter import ContentFilter, OutputFilter
 from ..errors import error_body
+from ..limits import ContextLengths, engine_context_error, prompt_fits
 from ..metrics import STREAM_ERRORS, TOKENS, TTFT, labelled
 from ..quota import QuotaLimiter, Reservation, UsageRecorder, estimate_tokens
 from ..routing import Replica, Router, Target
@@ -81,6 +83,7 @@ class CallContext:
     # tokens (the inference service merges the ready ones), so at least ~4 characters a token
     content_deltas: int = 0
     content_chars: int = 0
+    access: ModelAccess = ALLOW_ALL  # the models the key's project may use
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -226,15 +229,18 @@ class OpenAIServing:
         self.usage = usage
         self.filter = content_filter
         self.timeouts = settings.timeouts
+        self.context_lengths = ContextLengths()
 
     # ------------------------------------------------------------ admission and billing
 
     async def admit(self, ctx: CallContext, prompt_chars: int, max_tokens: int | None, n: int) -> None:
-        """Model known, then quota reserved (prompt estimate + max_tokens per choice)."""
+        """Model allowed to the key's project and known (both 404 model_not_found otherwise, the
+        same answer), then quota reserved (prompt estimate + max_tokens per choice)."""
+        ctx.access.check(ctx.model)
         await self.router.resolve(ctx.model)
         ctx.prompt_estimate = estimate_tokens(prompt_chars)
         budget = max_tokens if max_tokens is not None else self.settings.quota.default_max_tokens_estimate
-        ctx.reservation = self.quota.reserve(ctx.key, ctx.prompt_estimate + budget * n)
+        ctx.reservation = await self.quota.acquire(ctx.key, ctx.prompt_estimate + budget * n)
 
     def settle(self, ctx: CallContext) -> None:
         """Bill the engine's usage (or the estimate of a cut stream) once, by request id."""
@@ -249,8 +255,38 @@ class OpenAIServing:
             _tokens(ctx.model, "in").inc(ctx.prompt_tokens)
             _tokens(ctx.model, "out").inc(ctx.completion_tokens)
             self.usage.record(
-                ctx.request_id, ctx.key.id, ctx.model, ctx.endpoint, ctx.prompt_tokens, ctx.completion_tokens
+                ctx.request_id,
+                ctx.key.id,
+                ctx.model,
+                ctx.endpoint,
+                ctx.prompt_tokens,
+                ctx.completion_tokens,
+                ctx.access.project,
             )
+
+    async def check_context(
+        self,
+        ctx: CallContext,
+        max_tokens: int | None,
+        param: str,
+        bounds: list[int],
+        build: Callable[[int, Target], pb.TokenizeRequest],
+        exact: Callable[[int], int | None] = lambda i: None,
+    ) -> None:
+        """400 naming ``param`` when a prompt + ``max_tokens`` would pass the deployment's context length
+        (``limits.prompt_fits``); ``build(i, target)`` is the Tokenize request of prompt i, ``exact(i)``
+        its token count when the gateway knows it already (token-id prompts)."""
+
+        async def tokenize(i: int) -> tuple[int, int]:
+            reply = await self.unary(ctx, "Tokenize", lambda t: build(i, t))
+            known = exact(i)
+            return (len(reply.tokens) if known is None else known), reply.max_model_len
+
+        await prompt_fits(self.context_lengths, ctx.model, max_tokens, param, bounds, tokenize)
+
+    @staticmethod
+    def context_error(err: DomainError, max_tokens_param: str | None, prompt_param: str) -> DomainError:
+        return engine_context_error(err, max_tokens_param, prompt_param)
 
     # ------------------------------------------------------------ calls on a replica
 
@@ -266,7 +302,7 @@ class OpenAIServing:
             try:
                 await self.router.connect(replica)
                 call = getattr(replica.stub, method)(
-                    build(target), timeout=self.timeouts.request_s, metadata=ctx.metadata
+                    build(target), timeout=self.timeouts.request_s, metadata=ctx.metadata + replica.call_metadata
                 )
                 async with asyncio.timeout(self.timeouts.first_token_s):
                     first = await call.read()
@@ -407,21 +443,32 @@ class OpenAIServing:
 
 
 async def until_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, Any]]], work: Awaitable[Any]) -> Any:
-    """Run ``work``; if the client disconnects first, cancel it (and so its gRPC calls)."""
-    task = asyncio.ensure_future(work)
+    """Run ``work``; if the client disconnects first, cancel it (and so its gRPC calls).
+
+    ``work`` runs in the request's own task (no task of its own and no ``asyncio.wait`` per request);
+    one watcher task cancels the request's task when the client goes away (as ``EventStream`` does)."""
+    task = asyncio.current_task()
+    assert task is not None
+    running, disconnected = True, False
 
     async def wait_disconnect() -> None:
+        nonlocal disconnected
         while (await receive())["type"] != "http.disconnect":
             pass
+        if running:
+            disconnected = True
+            task.cancel()
 
     watcher = asyncio.ensure_future(wait_disconnect())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        result = await work
+    except asyncio.CancelledError:
+        if disconnected and not task.uncancel():
+            raise Cancelled("the client disconnected", reason="CLIENT_DISCONNECTED") from None
+        raise
     finally:
+        running = False
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise Cancelled("the client disconnected", reason="CLIENT_DISCONNECTED")
-    return task.result()
+    if disconnected:
+        task.uncancel()  # the work caught the cancellation and finished anyway
+    return result

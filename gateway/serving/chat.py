@@ -11,10 +11,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from modelyard.inference.v1 import inference_pb2 as pb
-from services.core.errors import InvalidArgument
+from services.core.errors import DomainError, InvalidArgument
 
 from .. import protocol as p
 from ..errors import finite, token_logprob
+from ..limits import TEMPLATE_TOKENS, TEMPLATE_TOKENS_PER_MESSAGE
 from ..routing import Target
 from .base import CallContext, OpenAIServing, Upstream, sampling_params
 
@@ -64,8 +65,8 @@ def chat_logprobs(items: Any) -> p.ChatLogprobs:
     )
 
 
-def chat_request(req: p.ChatCompletionRequest, target: Target) -> pb.ChatRequest:
-    messages = [
+def chat_messages(req: p.ChatCompletionRequest) -> list[pb.ChatMessage]:
+    return [
         pb.ChatMessage(
             role=ROLES[m.role],
             content=m.text(),
@@ -77,13 +78,33 @@ def chat_request(req: p.ChatCompletionRequest, target: Target) -> pb.ChatRequest
         )
         for m in req.messages
     ]
+
+
+def prompt_bound(req: p.ChatCompletionRequest) -> int:
+    """At least the prompt tokens of the chat (one a byte of text, room for the template around it)."""
+    size = sum(
+        len(m.text().encode())
+        + len((m.name or "").encode())
+        + sum(len(t.function.arguments) for t in m.tool_calls or ())
+        for m in req.messages
+    )
+    tools = len(json.dumps(req.tools)) if req.tools else 0
+    return size + tools + TEMPLATE_TOKENS_PER_MESSAGE * len(req.messages) + TEMPLATE_TOKENS
+
+
+def tokenize_request(req: p.ChatCompletionRequest, target: Target) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(deployment=target.deployment, messages=chat_messages(req), add_generation_prompt=True)
+
+
+def chat_request(req: p.ChatCompletionRequest, target: Target) -> pb.ChatRequest:
     out = pb.ChatRequest(
         deployment=target.deployment,
         adapter=target.adapter,
-        messages=messages,
+        messages=chat_messages(req),
         sampling=sampling_params(req, logprobs=req.logprobs, top_logprobs=req.top_logprobs if req.logprobs else None),
         tools_json=json.dumps(req.tools) if req.tools else "",
         tool_choice_json=json.dumps(req.tool_choice) if req.tool_choice is not None else "",
+        parallel_tool_calls=req.parallel_tool_calls,
     )
     fmt = response_format(req.response_format)
     if fmt is not None:
@@ -122,8 +143,22 @@ class ServingChat(OpenAIServing):
         """Validated, admitted, and its stream opened on a replica (its first chunk read)."""
         self.validate(req)
         await self.admit(ctx, sum(len(m.text()) for m in req.messages), req.max_new_tokens, req.n)
+        max_param = req.max_tokens_param if req.max_new_tokens is not None else None
         try:
+            await self.check_context(
+                ctx,
+                req.max_new_tokens,
+                req.max_tokens_param,
+                [prompt_bound(req)],
+                lambda i, t: tokenize_request(req, t),
+            )
             return await self.open_stream(ctx, "Chat", lambda t: chat_request(req, t))
+        except DomainError as err:
+            self.settle(ctx)
+            mapped = self.context_error(err, max_param, "messages")
+            if mapped is err:
+                raise
+            raise mapped from None
         except BaseException:
             self.settle(ctx)
             raise

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelyard.inference.v1 import inference_pb2 as pb
-from services.core.errors import InvalidArgument
+from services.core.errors import DomainError, InvalidArgument
 
 from .. import protocol as p
 from ..errors import finite, token_logprob
@@ -59,6 +59,17 @@ def complete_request(req: p.CompletionRequest, prompt: str | list[int], target: 
     return out
 
 
+def tokenize_request(prompt: str | list[int], target: Target) -> pb.TokenizeRequest:
+    """Tokenize a text prompt; a token-id prompt's count is known, the call only learns the context length."""
+    text = prompt if isinstance(prompt, str) else " "
+    return pb.TokenizeRequest(deployment=target.deployment, prompt=text, add_special_tokens=True)
+
+
+def prompt_bound(prompt: str | list[int]) -> int:
+    """At least the prompt's tokens: one a byte of text (and a few special ones), or its token ids."""
+    return len(prompt.encode()) + 8 if isinstance(prompt, str) else len(prompt)
+
+
 def _renderer(prompt_index: int, n: int, logprobs: bool) -> Render:
     """The choice JSON of one prompt's deltas (its choices numbered after the earlier prompts')."""
     base = prompt_index * n
@@ -90,6 +101,14 @@ class ServingCompletion(OpenAIServing):
         await self.admit(ctx, chars, req.max_tokens, req.n * len(prompts))
         upstreams: list[Upstream] = []
         try:
+            await self.check_context(
+                ctx,
+                req.max_tokens,
+                "max_tokens",
+                [prompt_bound(x) for x in prompts],
+                lambda i, t: tokenize_request(prompts[i], t),
+                lambda i: None if isinstance(prompts[i], str) else len(prompts[i]),
+            )
             opened = [
                 asyncio.ensure_future(self.open_stream(ctx, "Complete", functools.partial(complete_request, req, x)))
                 for x in prompts
@@ -103,6 +122,12 @@ class ServingCompletion(OpenAIServing):
                     else:
                         task.cancel()
             return upstreams
+        except DomainError as err:
+            self.close(ctx, upstreams)
+            mapped = self.context_error(err, "max_tokens" if req.max_tokens is not None else None, "prompt")
+            if mapped is err:
+                raise
+            raise mapped from None
         except BaseException:
             self.close(ctx, upstreams)
             raise

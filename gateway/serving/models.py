@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import protocol as p
+from ..auth.projects import ALLOW_ALL, ModelAccess
 from ..routing import Router, Target
 
 
@@ -18,11 +19,14 @@ class ServingModels:
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def list(self) -> p.ModelList:
-        return p.ModelList(data=[model_card(t) for t in self.router.models()])
+    def list(self, access: ModelAccess = ALLOW_ALL) -> p.ModelList:
+        """The ready models the caller's project may use."""
+        return p.ModelList(data=[model_card(t) for t in self.router.models() if access.allows(t.model)])
 
-    async def get(self, model: str) -> p.ModelCard:
-        """404 when no replica knows ``model``, 503 when it is known but ready nowhere."""
+    async def get(self, model: str, access: ModelAccess = ALLOW_ALL) -> p.ModelCard:
+        """404 when the project may not use ``model`` or no replica knows it (the same answer), 503
+        when it is known but ready nowhere."""
+        access.check(model)
         await self.router.resolve(model)
         _, target = self.router.pick(model)
         return model_card(target)

@@ -12,6 +12,7 @@ service's typed error (``NotFound``, ``InvalidArgument`` with ``.violations``...
 ``grpc.aio.AioRpcError``. See README.md next to this file.
 """
 
+from services.core.credentials import ClientCredentials
 from services.core.errors import (
     Aborted,
     AlreadyExists,
@@ -32,9 +33,10 @@ from services.core.errors import (
 )
 from services.core.status import error_from_status_proto as error_from_status
 
-from ._base import ServiceClient, is_safe_to_retry
+from ._base import ServiceClient, is_safe_to_retry, resolve_credentials
 from .evaluation import EvaluationClient
 from .inference import InferenceClient
+from .pipeline import PipelineClient
 from .quantization import QuantizationClient
 from .registry import RegistryClient
 from .training import TrainingClient
@@ -45,7 +47,10 @@ __all__ = [
     "QuantizationClient",
     "EvaluationClient",
     "InferenceClient",
+    "PipelineClient",
     "ServiceClient",
+    "ClientCredentials",
+    "resolve_credentials",
     "is_safe_to_retry",
     "DomainError",
     "FieldViolation",

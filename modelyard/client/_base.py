@@ -6,18 +6,25 @@ for calls safe to repeat (``is_safe_to_retry``) and raise the ``DomainError`` a 
 stands for. Streaming calls go through ``_server_stream`` / ``_client_stream`` here, the one place
 that does the same for streams (a server stream safe to repeat is retried only before its first
 message).
+
+Credentials (bearer token, TLS / mTLS files): given to the constructor, else from ``YARD_TOKEN`` /
+``YARD_TOKEN_FILE`` / ``YARD_TLS_CA_FILE`` / ``YARD_TLS_CERT_FILE`` / ``YARD_TLS_KEY_FILE``, else the files
+``yard up`` wrote under the data directory (``YARD_DATA_DIR``, default ``~/.modelyard``):
+``secrets/service_token`` and ``secrets/tls/`` (``services.core.credentials``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import grpc
 
 from modelyard.common.v1 import common_pb2 as jpb
+from services.core.credentials import ClientCredentials
 from services.core.grpc_client import DEFAULT_TIMEOUT_S, make_channel, outgoing_metadata
 from services.core.logging import get_logger
 from services.core.status import error_from_rpc_error
@@ -43,11 +50,40 @@ def is_safe_to_retry(method: str) -> bool:
     return method.startswith(_SAFE_PREFIXES) or method in _SAFE_METHODS
 
 
+def resolve_credentials(
+    credentials: ClientCredentials | None = None,
+    *,
+    token: str | None = None,
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> ClientCredentials:
+    """``credentials`` when given; else the environment's / data directory's (``ClientCredentials.
+    from_environment``) with each of ``token``, ``ca_file``, ``cert_file``, ``key_file`` that is given
+    in its place (giving any TLS file replaces all three)."""
+    if credentials is not None:
+        return credentials
+    base = ClientCredentials.from_environment()
+    tls_given = any(value is not None for value in (ca_file, cert_file, key_file))
+
+    def path(value: str | Path | None) -> Path | None:
+        return Path(value).expanduser() if value else None
+
+    return ClientCredentials(
+        token=base.token if token is None else token,
+        ca_file=path(ca_file) if tls_given else base.ca_file,
+        cert_file=path(cert_file) if tls_given else base.cert_file,
+        key_file=path(key_file) if tls_given else base.key_file,
+    )
+
+
 class ServiceClient:
     """Base of the service clients: one channel, closed by ``close()`` or ``async with``.
 
     ``timeout`` is the deadline of each unary call (override per call with ``timeout=``);
     ``stream_timeout`` that of streams (default none: a watch lasts as long as its job).
+    ``token`` / ``ca_file`` / ``cert_file`` / ``key_file`` (or one ``credentials``) authenticate the
+    client; what is not given comes from the environment or the data directory (module docstring).
     """
 
     _stub_class: ClassVar[Any]  # the generated XxxServiceStub class
@@ -62,8 +98,17 @@ class ServiceClient:
         retry_backoff_s: float = 0.1,
         retry_max_backoff_s: float = 2.0,
         max_message_bytes: int = 16 * 1024 * 1024,
+        token: str | None = None,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         self.target = target
+        self.credentials = resolve_credentials(
+            credentials, token=token, ca_file=ca_file, cert_file=cert_file, key_file=key_file
+        )
+        self._call_metadata = self.credentials.call_metadata
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._attempts = max(1, retry_attempts)
@@ -79,6 +124,7 @@ class ServiceClient:
             max_message_bytes=max_message_bytes,
             intercept_streams=False,
             typed_errors=True,
+            credentials=self.credentials,
         )
         self._stub = type(self)._stub_class(self._channel)
 
@@ -107,7 +153,7 @@ class ServiceClient:
         delay = self._backoff
         for attempt in range(1, self._attempts + 1):
             call = getattr(self._stub, method)(
-                request, timeout=self._stream_deadline(timeout), metadata=outgoing_metadata()
+                request, timeout=self._stream_deadline(timeout), metadata=outgoing_metadata(extra=self._call_metadata)
             )
             received = False
             try:
@@ -128,7 +174,9 @@ class ServiceClient:
         """The reply of client-streaming ``method`` (never retried: the stream cannot be replayed)."""
         try:
             return await getattr(self._stub, method)(
-                requests, timeout=timeout if timeout is not None else self.timeout, metadata=outgoing_metadata()
+                requests,
+                timeout=timeout if timeout is not None else self.timeout,
+                metadata=outgoing_metadata(extra=self._call_metadata),
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc_error(exc) from None

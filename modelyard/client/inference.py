@@ -102,6 +102,7 @@ class InferenceClient(ServiceClient):
         response_format: ipb.ResponseFormat | None = None,
         tools_json: str = "",
         tool_choice_json: str = "",
+        parallel_tool_calls: bool | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[ipb.ChatChunk]:
         """The chunks of a chat completion (never retried: generation is not repeated behind your back)."""
@@ -115,6 +116,7 @@ class InferenceClient(ServiceClient):
                 response_format=response_format,
                 tools_json=tools_json,
                 tool_choice_json=tool_choice_json,
+                parallel_tool_calls=parallel_tool_calls,
             ),
             timeout,
         )

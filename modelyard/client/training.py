@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from modelyard.common.v1 import common_pb2 as jpb
 from modelyard.training.v1 import training_pb2 as tpb
 from modelyard.training.v1 import training_pb2_grpc
 
 from ._base import ServiceClient, follow_job, follow_pages
+
+# Short spellings accepted in a TrainingJobSpec given as data (YAML, --set): `precision: bf16`, `type: deepspeed`.
+ENUM_PREFIXES = {
+    "method": "TRAINING_METHOD_",
+    "lr_scheduler": "LR_SCHEDULER_",
+    "precision": "PRECISION_",
+    "type": "LAUNCHER_TYPE_",
+    "zero_stage": "ZERO_STAGE_",
+}
+
+
+def full_enum_names(value: Any, key: str = "") -> Any:
+    """Short enum spellings (``bf16``, ``deepspeed``, ``2``) -> the proto JSON names, recursively."""
+    if isinstance(value, dict):
+        return {k: full_enum_names(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [full_enum_names(v, key) for v in value]
+    prefix = ENUM_PREFIXES.get(key)
+    if prefix and isinstance(value, str | int) and not str(value).upper().startswith(prefix):
+        return prefix + str(value).upper()
+    return value
 
 
 class TrainingClient(ServiceClient):

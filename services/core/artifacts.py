@@ -66,7 +66,9 @@ _MAX_KEY_BYTES = 1024
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 _CONFLICT_CODES = {"XMinioParentIsObject", "XMinioObjectExistsAsDirectory"}
-_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "RequestTimeout"}
+# MinIO answers 503 XMinioServerNotInitialized while it starts; a load balancer in front of S3 answers
+# 502/503/504 (often with an HTML body, which minio-py raises as InvalidResponseError) while the server restarts.
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "RequestTimeout", "XMinioServerNotInitialized"}
 _TRANSIENT_STATUS = {502, 503, 504}
 
 
@@ -719,8 +721,10 @@ def _is_transient(exc: Exception) -> bool:
         return True
     if isinstance(exc, ServerError):
         return exc.status_code in _TRANSIENT_STATUS
+    if isinstance(exc, InvalidResponseError):  # a non-XML error answer; minio-py keeps its status in _code
+        return getattr(exc, "_code", None) in _TRANSIENT_STATUS
     if isinstance(exc, S3Error):
-        return exc.code in _TRANSIENT_CODES
+        return exc.code in _TRANSIENT_CODES or getattr(exc.response, "status", None) in _TRANSIENT_STATUS
     return isinstance(exc, ConnectionError)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from .context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from .credentials import ClientCredentials
 from .logging import get_logger
 from .status import error_from_rpc_error
 
@@ -29,20 +30,33 @@ DEFAULT_TIMEOUT_S = 30.0
 RetryPredicate = Callable[[str], bool]
 
 
-def outgoing_metadata(metadata: Sequence[tuple[str, str | bytes]] | None = None) -> grpc.aio.Metadata:
-    """``metadata`` plus ``x-request-id`` (the current request's id, or a new one) when it has none."""
+Pairs = Sequence[tuple[str, str | bytes]]
+
+
+def outgoing_metadata(metadata: Pairs | None = None, extra: Pairs = ()) -> grpc.aio.Metadata:
+    """``metadata`` plus ``extra`` (e.g. ``credentials.call_metadata``) plus ``x-request-id`` (the current
+    request's id, or a new one) when it has none."""
     out = grpc.aio.Metadata()
     for key, value in metadata or ():
         out.add(key, value)
+    for key, value in extra:
+        if key not in out:
+            out.add(key, value)
     if REQUEST_ID_HEADER not in out:
         out.add(REQUEST_ID_HEADER, request_id_var.get() or new_request_id())
     return out
 
 
-def _with_defaults(details: grpc.aio.ClientCallDetails, default_timeout: float | None) -> grpc.aio.ClientCallDetails:
+def _with_defaults(
+    details: grpc.aio.ClientCallDetails, default_timeout: float | None, extra: Pairs = ()
+) -> grpc.aio.ClientCallDetails:
     timeout = details.timeout if details.timeout is not None else default_timeout
     return grpc.aio.ClientCallDetails(
-        details.method, timeout, outgoing_metadata(details.metadata), details.credentials, details.wait_for_ready
+        details.method,
+        timeout,
+        outgoing_metadata(details.metadata, extra),
+        details.credentials,
+        details.wait_for_ready,
     )
 
 
@@ -57,17 +71,18 @@ class _MetadataInterceptor(
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
-    def __init__(self, default_timeout: float | None) -> None:
+    def __init__(self, default_timeout: float | None, extra: Pairs = ()) -> None:
         self._timeout = default_timeout
+        self._extra = extra
 
     async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_defaults(details, self._timeout), request)
+        return await continuation(_with_defaults(details, self._timeout, self._extra), request)
 
     async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_with_defaults(details, self._timeout), request_iterator)
+        return await continuation(_with_defaults(details, self._timeout, self._extra), request_iterator)
 
     async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_with_defaults(details, self._timeout), request_iterator)
+        return await continuation(_with_defaults(details, self._timeout, self._extra), request_iterator)
 
 
 class _UnaryRetryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
@@ -78,15 +93,17 @@ class _UnaryRetryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         backoff_s: float,
         max_backoff_s: float,
         retry_if: RetryPredicate | None = None,
+        extra: Pairs = (),
     ) -> None:
         self._timeout = default_timeout
+        self._extra = extra
         self._attempts = max(1, attempts)
         self._backoff = backoff_s
         self._max_backoff = max_backoff_s
         self._retry_if = retry_if
 
     async def intercept_unary_unary(self, continuation, details, request):
-        details = _with_defaults(details, self._timeout)
+        details = _with_defaults(details, self._timeout, self._extra)
         attempts = self._attempts if self._retry_if is None or self._retry_if(method_name(details)) else 1
         delay = self._backoff
         loop = asyncio.get_running_loop()
@@ -141,28 +158,52 @@ def make_channel(
     max_message_bytes: int = 16 * 1024 * 1024,
     intercept_streams: bool = True,
     typed_errors: bool = False,
+    credentials: ClientCredentials | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to ``target`` (host:port) with the chassis' client behaviour.
+    """A grpc.aio channel to ``target`` (host:port) with the chassis' client behaviour.
+
+    ``credentials``: the token and TLS files (see the module docstring); none: plaintext, no token.
 
     ``retry_if(method)`` (the bare RPC name, e.g. ``GetModel``) limits the UNAVAILABLE retries to
     calls safe to repeat; without it every unary call is retried. ``typed_errors`` makes failed
     unary calls raise ``DomainError``s. ``intercept_streams=False`` leaves streaming calls bare (no
-    default deadline or request id added): for a hot data path whose caller passes both itself,
-    and saves a task hop per message.
+    default deadline, request id or plaintext token added): for a hot data path whose caller passes
+    them itself (``credentials.call_metadata``), and saves a task hop per message.
     """
+    creds = credentials or ClientCredentials()
+    extra = creds.call_metadata
     interceptors: list[Any] = []
     if typed_errors:
         interceptors.append(_TypedErrorInterceptor())
     interceptors.append(
-        _UnaryRetryInterceptor(default_timeout_s, retry_attempts, retry_backoff_s, retry_max_backoff_s, retry_if)
+        _UnaryRetryInterceptor(
+            default_timeout_s, retry_attempts, retry_backoff_s, retry_max_backoff_s, retry_if, extra=extra
+        )
     )
     if intercept_streams:
-        interceptors.append(_MetadataInterceptor(default_timeout_s))
-    return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes), interceptors=interceptors)
+        interceptors.append(_MetadataInterceptor(default_timeout_s, extra))
+    options = channel_options(max_message_bytes)
+    channel_creds = channel_credentials(creds)
+    if channel_creds is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, channel_creds, options=options, interceptors=interceptors)
+
+
+def channel_credentials(credentials: ClientCredentials) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials (with the token as call credentials) for ``credentials``; None: plaintext."""
+    if not credentials.tls:
+        return None
+    ca, key, chain = credentials.read_tls_files()
+    ssl = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
+    if not credentials.token:
+        return ssl
+    return grpc.composite_channel_credentials(ssl, grpc.access_token_call_credentials(credentials.token))
 
 
 __all__ = [
     "make_channel",
+    "channel_credentials",
+    "ClientCredentials",
     "error_from_rpc_error",
     "outgoing_metadata",
     "method_name",

@@ -8,7 +8,8 @@ Filter (AIP-160 subset): terms joined by ``AND``; each term is ``field OP value`
 Values are bare words or double-quoted strings. ``labels.KEY`` addresses one label. Enum fields take
 the bare value or the proto spelling (``ADAPTER`` or ``MODEL_KIND_ADAPTER``).
 
-order_by: ``field [asc|desc], field [asc|desc]``; the resource name always breaks ties.
+order_by: ``field [asc|desc], field [asc|desc]``; the resource name always breaks ties; an unset value
+sorts last in ascending order and first in descending order.
 
 Page tokens are opaque: an offset bound to a hash of the query (scope, filter, order_by), so a token
 cannot be replayed against another query.
@@ -79,9 +80,10 @@ def bool_value(value: str) -> bool:
 
 
 def time_value(value: str) -> datetime:
-    """An RFC 3339 time (``2026-01-02T03:04:05Z``); a time without zone is UTC."""
+    """An RFC 3339 time (``2026-01-02T03:04:05Z``), in UTC; a time without zone is UTC. (UTC, because SQLite
+    compares times as text: ``03:04+05:30`` must reach it as ``21:34`` of the day before.)"""
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc) if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def enum_value(prefix: str, *, upper: bool = False, choices: Sequence[str] = ()) -> Callable[[str], str]:
@@ -290,10 +292,13 @@ def where_clauses(query: Query, schema: Schema) -> list[ColumnElement]:
 
 
 def order_clauses(query: Query, schema: Schema) -> list[ColumnElement]:
+    """ORDER BY of the query. An unset (NULL) value sorts after every value in ascending order and before
+    them in descending order, on every backend (PostgreSQL's default; SQLite's is the opposite) and in
+    ``memory_page``."""
     out = []
     for name, desc in query.order:
         col = schema.fields[name].column
-        out.append(col.desc() if desc else col.asc())
+        out.append(col.desc().nulls_first() if desc else col.asc().nulls_last())
     if schema.name.column is not None:
         out.append(schema.name.column.asc())
     return out

@@ -91,8 +91,9 @@ def build_app(
     db = Database(settings.db_url_for("evaluation"))
     store = JobStore(db)
     artifacts = S3ArtifactStore.connect(settings.s3)
-    registry = RegistryClient(settings.registry_addr, timeout=60)
-    inference = InferenceClient(settings.inference_addr, timeout=60)
+    credentials = settings.client_credentials()
+    registry = RegistryClient(settings.registry_addr, timeout=60, credentials=credentials)
+    inference = InferenceClient(settings.inference_addr, timeout=60, credentials=credentials)
     options = PreflightOptions(
         s3=settings.s3,
         registry_addr=settings.registry_addr,
@@ -127,7 +128,14 @@ def build_app(
         data = await asyncio.to_thread(artifacts.get_bytes, key)
         return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
-    server = GrpcServer(settings.grpc, service="evaluation", default_port=default_port, metrics=metrics)
+    server = GrpcServer(
+        settings.grpc,
+        service="evaluation",
+        default_port=default_port,
+        metrics=metrics,
+        auth=settings.auth,
+        tls=settings.tls,
+    )
     server.add_servicer(
         evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server,
         EvaluationServicer(evaluations, load_samples),

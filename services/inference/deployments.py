@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import re
 import socket
 import time
@@ -43,8 +42,10 @@ from services.core.logging import get_logger
 
 from .cache import ModelCache
 from .engines.base import ENGINE_KINDS, Engine, EngineOptions, EngineSpec
+from .engines.tool_parsers import resolve_tool_parser, valid_parsers
 from .engines.transformers_engine import TransformersEngine
 from .engines.vllm_engine import VllmEngine, check_vllm_installed
+from .metrics import ENGINE_RESTARTS, TASK_ERRORS
 from .settings import InferenceSettings
 from .tables import DeploymentRow
 
@@ -55,6 +56,7 @@ ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^models/[^/]+/versions/[^/]+$")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 READY_PROMPT = "Hello"
+EMBEDDING_TASK = "embedding"  # the registry's ModelMetadata.task of an embedding model
 # An engine that stayed up this long (s) restarts after the initial backoff again.
 STABLE_UPTIME_S = 60.0
 HEALTH_FAILURES_BEFORE_RESTART = 3
@@ -76,12 +78,14 @@ class VersionInfo:
     ready: bool
     artifact_prefix: str
     manifest: Manifest
+    task: str = ""  # the registry's metadata.task: "embedding" deployments serve embeddings only
 
     @classmethod
     def of(cls, v: rpb.ModelVersion) -> VersionInfo:
         return cls(name=v.name, is_adapter=v.kind == rpb.MODEL_KIND_ADAPTER,
                    ready=v.state == rpb.MODEL_VERSION_STATE_READY, artifact_prefix=v.artifact_prefix,
-                   manifest=Manifest([FileEntry(f.path, f.size_bytes, f.sha256) for f in v.files]))
+                   manifest=Manifest([FileEntry(f.path, f.size_bytes, f.sha256) for f in v.files]),
+                   task=v.metadata.task)
 
 
 async def _get_version(source: ModelSource, name: str) -> VersionInfo:
@@ -123,6 +127,7 @@ class DeploymentRecord:
     files: list[dict[str, Any]] = field(default_factory=list)
     create_time: datetime = field(default_factory=utcnow)
     update_time: datetime = field(default_factory=utcnow)
+    task: str = ""  # the model version's task ("embedding": probed and served as an embedding model)
 
     @property
     def deployment_id(self) -> str:
@@ -195,6 +200,7 @@ class _Runner:
         self.update_time = utcnow()
         self.lock = asyncio.Lock()  # serialises adapter changes
         self.task: asyncio.Task | None = None
+        self.tool_call_parser = ""  # the parser the engine runs with (resolved when it starts)
 
     def set_state(self, state: State, error: DomainError | None = None) -> None:
         if error is not None:
@@ -204,10 +210,14 @@ class _Runner:
                      error=error.message if error else None)
             self.state = state
             self.update_time = utcnow()
+            self.owner.changed()
 
     def view(self) -> DeploymentView:
         endpoints = [self.engine.endpoint] if self.engine is not None and self.state == State.READY else []
-        return DeploymentView(replace(self.record), self.state, endpoints, self.error,
+        record = replace(self.record)
+        if self.tool_call_parser and not record.options.tool_call_parser:  # the one chosen for it
+            record.options = replace(record.options, tool_call_parser=self.tool_call_parser)
+        return DeploymentView(record, self.state, endpoints, self.error,
                               max(self.update_time, self.record.update_time))
 
     async def run(self) -> None:
@@ -242,15 +252,28 @@ class _Runner:
             started = time.monotonic()
             try:
                 err = await self._watch(engine)
+            except Exception as exc:  # noqa: BLE001 - a failed watch must not leave the engine unsupervised
+                TASK_ERRORS.labels("supervisor", type(exc).__name__).inc()
+                log.exception("engine_watch_failed", deployment=self.record.name)
+                err = Internal(f"engine supervision failed: {type(exc).__name__}: {exc}", reason="SUPERVISOR_ERROR")
             finally:
                 self.engine = None
-                await engine.stop()
+                await self._stop_engine(engine)
             if time.monotonic() - started > STABLE_UPTIME_S:
                 delay = settings.restart_backoff_initial_s
+            ENGINE_RESTARTS.labels(self.record.deployment_id, err.reason).inc()
             self.set_state(State.DEGRADED, err)
             log.warning("engine_restart_scheduled", deployment=self.record.name, delay_s=delay, error=err.message)
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.restart_backoff_max_s)
+
+    async def _stop_engine(self, engine: Engine) -> None:
+        """Stop ``engine``; a failure to stop it is logged and counted (the next engine gets a new port)."""
+        try:
+            await engine.stop()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            TASK_ERRORS.labels("engine_stop", type(exc).__name__).inc()
+            log.exception("engine_stop_failed", deployment=self.record.name, pid=engine.pid)
 
     async def _start(self) -> Engine:
         """Files into the cache, engine process started, answering: the engine; raises otherwise."""
@@ -259,18 +282,26 @@ class _Runner:
         adapters = {}
         for a in rec.adapters:
             adapters[a.alias] = await asyncio.to_thread(owner.cache.ensure, a.artifact_prefix, a.manifest)
+        parser = "" if rec.task == EMBEDDING_TASK else \
+            await asyncio.to_thread(resolve_tool_parser, rec.options.tool_call_parser, rec.engine, model_dir)
+        if parser != self.tool_call_parser:
+            log.info("tool_call_parser_resolved", deployment=rec.name, parser=parser,
+                     chosen=not rec.options.tool_call_parser)
+            self.tool_call_parser = parser
+            owner.changed()
         spec = EngineSpec(
             deployment=rec.deployment_id, model_dir=model_dir, served_model_name=rec.model_name,
             port=owner.allocate_port(), workdir=owner.settings.engines_dir() / rec.deployment_id,
-            options=rec.options, adapters=adapters, omp_threads=owner.settings.omp_threads,
-            lora_enabled=self.lora_enabled,
+            options=replace(rec.options, tool_call_parser=parser), adapters=adapters,
+            omp_threads=owner.settings.omp_threads,
+            lora_enabled=self.lora_enabled, task=rec.task,
         )
         engine = owner.engine_factory(rec.engine, spec)
         try:
             await engine.start()
             await self._wait_ready(engine)
         except BaseException:
-            await engine.stop()
+            await self._stop_engine(engine)
             raise
         log.info("engine_ready", deployment=rec.name, endpoint=engine.endpoint)
         return engine
@@ -279,6 +310,7 @@ class _Runner:
         """Health, then a one-token generation; the process exiting or the timeout fails the start."""
         deadline = time.monotonic() + self.owner.settings.engine_start_timeout_s
         exited = asyncio.ensure_future(engine.wait_exit())
+        last_error = ""  # why the last one-token generation failed
         try:
             while time.monotonic() < deadline:
                 if exited.done():
@@ -286,15 +318,23 @@ class _Runner:
                                       f"{engine.exit_summary()}", reason="ENGINE_EXITED")
                 if await engine.health():
                     try:
+                        if self.record.task == EMBEDDING_TASK:  # an embedding model generates nothing
+                            await engine.embed({"model": self.record.model_name, "input": [READY_PROMPT]})
+                            return
                         async for _ in engine.complete({"model": self.record.model_name, "prompt": READY_PROMPT,
                                                         "max_tokens": 1, "temperature": 0}):
                             pass
                         return
-                    except Unavailable:
-                        pass
+                    except Unavailable as err:  # answering /health but not generating yet: asked again
+                        if err.message != last_error:
+                            log.info("engine_not_ready", deployment=self.record.name, reason=err.reason,
+                                     error=err.message)
+                        TASK_ERRORS.labels("engine_ready_probe", err.reason).inc()
+                        last_error = err.message
                 await asyncio.wait({exited}, timeout=0.5)
-            raise Unavailable(f"engine did not answer within {self.owner.settings.engine_start_timeout_s:.0f}s: "
-                              f"{engine.exit_summary()}", reason="ENGINE_START_TIMEOUT")
+            detail = f"; its last one-token generation failed: {last_error}" if last_error else ""
+            raise Unavailable(f"engine did not answer within {self.owner.settings.engine_start_timeout_s:.0f}s"
+                              f"{detail}: {engine.exit_summary()}", reason="ENGINE_START_TIMEOUT")
         finally:
             exited.cancel()
 
@@ -316,10 +356,11 @@ class _Runner:
             exited.cancel()
 
     async def stop(self) -> None:
-        if self.task is not None:
+        """Cancel the supervisor and wait until it stopped its engine (how the task ended is reported
+        by ``Deployments._supervisor_done``; a cancellation of the caller is passed on)."""
+        if self.task is not None and not self.task.done():
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+            await asyncio.wait({self.task})
 
 
 class Deployments:
@@ -335,6 +376,23 @@ class Deployments:
         self._runners: dict[str, _Runner] = {}
         self._deleting: set[str] = set()
         self._lock = asyncio.Lock()
+        self._listeners: builtins.list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (synchronously, in the loop) whenever a deployment appears, changes state or goes."""
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception as exc:  # noqa: BLE001 - a listener must not break the supervisor that called it
+                TASK_ERRORS.labels("change_listener", type(exc).__name__).inc()
+                log.exception("deployment_listener_failed")
+
+    def readiness(self) -> dict[str, bool]:
+        """Each deployment's name and whether it is READY now."""
+        return {name: r.state == State.READY for name, r in self._runners.items()}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -352,12 +410,28 @@ class Deployments:
         """Stop every engine; the deployments stay stored and come back with ``recover``."""
         await asyncio.gather(*(r.stop() for r in self._runners.values()))
         self._runners.clear()
+        self.changed()
 
     def _launch(self, record: DeploymentRecord) -> _Runner:
         runner = _Runner(self, record)
         runner.task = asyncio.create_task(runner.run(), name=f"deployment:{record.name}")
+        runner.task.add_done_callback(lambda task: self._supervisor_done(runner, task))
         self._runners[record.name] = runner
+        self.changed()
         return runner
+
+    def _supervisor_done(self, runner: _Runner, task: asyncio.Task) -> None:
+        """A supervisor that ended with an error (a bug: it handles its engine's failures) leaves its
+        deployment FAILED with that error, logged and counted, rather than READY with nobody watching."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        TASK_ERRORS.labels("supervisor", type(exc).__name__).inc()
+        log.error("deployment_supervisor_failed", deployment=runner.record.name, error=f"{type(exc).__name__}: {exc}",
+                  exc_info=exc)
+        runner.engine = None
+        runner.set_state(State.FAILED, Internal(f"the deployment's supervisor failed: {type(exc).__name__}: {exc}",
+                                                reason="SUPERVISOR_FAILED"))
 
     def _default_factory(self, kind: str, spec: EngineSpec) -> Engine:
         if kind == "vllm":
@@ -396,6 +470,9 @@ class Deployments:
                                             "base model and pass the adapter in deployment.adapters")
         if not base.ready:
             raise FailedPrecondition(f"model version {model_version} is not READY", reason="VERSION_NOT_READY")
+        if base.task == EMBEDDING_TASK and adapters:
+            raise InvalidArgument.for_field("deployment.adapters", f"{model_version} is an embedding model: it takes "
+                                            "no LoRA adapters")
         adapter_records = []
         for i, (alias, version) in enumerate(adapters):
             info = await _get_version(self.source, version)
@@ -411,7 +488,7 @@ class Deployments:
             record = DeploymentRecord(
                 name=name, model_version=model_version, engine=engine, options=options, adapters=adapter_records,
                 replicas=max(1, replicas), served_model_name=served_model_name,
-                artifact_prefix=base.artifact_prefix, files=_files_of(base.manifest),
+                artifact_prefix=base.artifact_prefix, files=_files_of(base.manifest), task=base.task,
             )
             with self.db.session() as s:
                 s.add(DeploymentRow(name=name, spec=record.spec_json(), create_time=record.create_time,
@@ -444,6 +521,11 @@ class Deployments:
                     "max_loras"):
             if getattr(options, key) < 0:
                 raise InvalidArgument.for_field(f"deployment.options.{key}", "must not be negative")
+        if options.tool_call_parser and options.tool_call_parser not in valid_parsers(engine):
+            raise InvalidArgument.for_field(
+                "deployment.options.tool_call_parser",
+                f"unknown tool-call parser {options.tool_call_parser!r} for the {engine} engine; valid: "
+                f"{', '.join(valid_parsers(engine))} (empty: chosen from the model's chat template)")
         if options.tensor_parallel_size > 1 and engine != "vllm":
             raise InvalidArgument.for_field("deployment.options.tensor_parallel_size",
                                             "only the vllm engine runs tensor-parallel")
@@ -506,6 +588,7 @@ class Deployments:
                                 error=err.message)
         finally:
             self._deleting.discard(name)
+            self.changed()
         log.info("deployment_deleted", deployment=name)
         return view
 
@@ -516,6 +599,8 @@ class Deployments:
         if not VERSION_RE.match(model_version):
             raise InvalidArgument.for_field("adapter.model_version",
                                             f"must be models/{{model}}/versions/{{version}}, got {model_version!r}")
+        if rec.task == EMBEDDING_TASK:
+            raise InvalidArgument.for_field("name", f"{name} serves an embedding model: it takes no LoRA adapters")
         async with runner.lock:
             if any(a.alias == alias for a in rec.adapters):
                 raise AlreadyExists(f"deployment {name} already has an adapter {alias!r}", reason="ADAPTER_EXISTS")
@@ -580,10 +665,15 @@ class Deployments:
                               reason="DEPLOYMENT_NOT_READY", metadata={"state": runner.state.value})
         return engine
 
-    def engine_for(self, deployment: str, adapter: str = "") -> tuple[Engine, str]:
+    def engine_for(self, deployment: str, adapter: str = "", *, generate: bool = False) -> tuple[Engine, str]:
         """The engine serving ``deployment`` and the model name to ask it for (the adapter's alias or
-        the base model's name). Unavailable while the deployment is not READY."""
+        the base model's name). Unavailable while the deployment is not READY; ``generate`` (chat,
+        completions, scores): InvalidArgument naming ``model`` when the deployment is an embedding model."""
         runner = self._runner(deployment, "deployment")
+        if generate and runner.record.task == EMBEDDING_TASK:
+            raise InvalidArgument.for_field("model", f"{deployment} serves an embedding model "
+                                                     f"({runner.record.model_version}): it serves embeddings only",
+                                            reason="EMBEDDING_MODEL")
         if adapter and not any(a.alias == adapter for a in runner.record.adapters):
             known = ", ".join(a.alias for a in runner.record.adapters) or "none"
             raise InvalidArgument.for_field("adapter", f"deployment {deployment} has no adapter {adapter!r} "

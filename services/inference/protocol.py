@@ -14,6 +14,7 @@ from services.core.status import to_status_proto
 
 from .deployments import DeploymentView
 from .engines.base import EngineOptions
+from .json_schema_support import check_schema
 
 ROLE_NAMES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant",
               pb.CHAT_ROLE_TOOL: "tool", pb.CHAT_ROLE_DEVELOPER: "developer"}
@@ -43,7 +44,7 @@ def options_from_proto(o: pb.EngineOptions) -> EngineOptions:
     return EngineOptions(dtype=DTYPES.get(o.dtype, "auto"), max_model_len=o.max_model_len,
                          max_num_seqs=o.max_num_seqs, kv_cache_bytes=o.kv_cache_bytes,
                          tensor_parallel_size=o.tensor_parallel_size, max_lora_rank=o.max_lora_rank,
-                         max_loras=o.max_loras)
+                         max_loras=o.max_loras, tool_call_parser=o.tool_call_parser)
 
 
 def _timestamp(dt) -> timestamp_pb2.Timestamp:
@@ -61,7 +62,7 @@ def deployment_to_proto(view: DeploymentView) -> pb.Deployment:
         options=pb.EngineOptions(dtype=DTYPE_ENUMS.get(o.dtype, pb.DTYPE_UNSPECIFIED), max_model_len=o.max_model_len,
                                  max_num_seqs=o.max_num_seqs, kv_cache_bytes=o.kv_cache_bytes,
                                  tensor_parallel_size=o.tensor_parallel_size, max_lora_rank=o.max_lora_rank,
-                                 max_loras=o.max_loras),
+                                 max_loras=o.max_loras, tool_call_parser=o.tool_call_parser),
         replicas=rec.replicas, state=STATES[view.state.value], engine_endpoints=view.endpoints,
         create_time=_timestamp(rec.create_time), update_time=_timestamp(view.update_time),
         served_model_name=rec.model_name,
@@ -103,6 +104,7 @@ def _response_format(rf: pb.ResponseFormat, body: dict[str, Any]) -> None:
         body["response_format"] = {"type": "json_object"}
     elif rf.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
         schema = _json_field(rf.json_schema, "response_format.json_schema")
+        check_schema(schema, "response_format.json_schema.schema")
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": rf.json_schema_name or "response", "schema": schema, "strict": rf.strict}}
 
@@ -131,6 +133,8 @@ def chat_body(req: pb.ChatRequest, model: str) -> dict[str, Any]:
         body["tools"] = _json_field(req.tools_json, "tools_json")
     if req.tool_choice_json:
         body["tool_choice"] = _json_field(req.tool_choice_json, "tool_choice_json")
+    if req.HasField("parallel_tool_calls"):
+        body["parallel_tool_calls"] = req.parallel_tool_calls
     return body
 
 
@@ -361,13 +365,24 @@ def chat_chunks(chunks: list[dict[str, Any]]) -> list[pb.ChatChunk]:
     at once): the deltas of each choice are merged (content and logprobs concatenated), so each gRPC
     message and each SSE event downstream carries every token of that choice that was ready. Every
     message still holds one choice, as OpenAI streams do; tool-call deltas and a finished choice end
-    a run; the usage chunk is never merged (it stays last, without choices)."""
-    return [_chat_run(run) for run in _runs(chunks, _chat_can_extend, _chat_can_continue)]
+    a run; no delta merges into or from a usage chunk, but a usage chunk that ends the batch is set on
+    the message before it (``_usage_joins_last``)."""
+    return _usage_joins_last([_chat_run(run) for run in _runs(chunks, _chat_can_extend, _chat_can_continue)])
 
 
 def complete_chunks(chunks: list[dict[str, Any]]) -> list[pb.CompleteChunk]:
     """``chat_chunks`` for text completions (a finished choice and the usage chunk end a run)."""
-    return [_complete_run(run) for run in _runs(chunks, lambda run: not _finished(run), lambda c: True)]
+    return _usage_joins_last([_complete_run(run) for run in _runs(chunks, lambda run: not _finished(run),
+                                                                  lambda c: True)])
+
+
+def _usage_joins_last(msgs: list[Any]) -> list[Any]:
+    """The usage chunk that ends a batch (no choices) rides on the message before it when that one has
+    no usage yet: the last tokens, finish reason and usage that came together go out as one message
+    (each message costs a write and a read on every hop)."""
+    if len(msgs) > 1 and not msgs[-1].choices and msgs[-1].HasField("usage") and not msgs[-2].HasField("usage"):
+        msgs[-2].usage.CopyFrom(msgs.pop().usage)
+    return msgs
 
 
 def embed_response(body: dict[str, Any]) -> pb.EmbedResponse:

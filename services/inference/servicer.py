@@ -52,7 +52,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     # ------------------------------------------------------------------ data plane
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ChatChunk]:
-        engine, model = self._deployments.engine_for(request.deployment, request.adapter)
+        engine, model = self._deployments.engine_for(request.deployment, request.adapter, generate=True)
         interval = self._pacer.interval()
         stream = self._pacer.stream(engine.chat(protocol.chat_body(request, model), interval_s=interval),
                                     pace=not engine.paces_stream(interval))
@@ -64,7 +64,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await stream.aclose()  # a cancelled call closes the engine stream: the engine aborts
 
     async def Complete(self, request: pb.CompleteRequest, context) -> AsyncIterator[pb.CompleteChunk]:
-        engine, model = self._deployments.engine_for(request.deployment, request.adapter)
+        engine, model = self._deployments.engine_for(request.deployment, request.adapter, generate=True)
         interval = self._pacer.interval()
         stream = self._pacer.stream(engine.complete(protocol.complete_body(request, model), interval_s=interval),
                                     pace=not engine.paces_stream(interval))
@@ -76,7 +76,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await stream.aclose()
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        engine, model = self._deployments.engine_for(request.deployment)
+        engine, model = self._deployments.engine_for(request.deployment, generate=bool(request.messages))
         body = await engine.tokenize(protocol.tokenize_body(request, model))
         return pb.TokenizeResponse(tokens=body.get("tokens") or [], max_model_len=body.get("max_model_len") or 0)
 
@@ -85,5 +85,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return protocol.embed_response(await engine.embed(protocol.embed_body(request, model)))
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
-        engine, model = self._deployments.engine_for(request.deployment, request.adapter)
+        engine, model = self._deployments.engine_for(request.deployment, request.adapter, generate=True)
         return protocol.score_response(await engine.score(protocol.score_body(request, model)))

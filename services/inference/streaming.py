@@ -25,6 +25,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.logging import get_logger
+
+from .metrics import OPEN_STREAMS, TASK_ERRORS
+
+log = get_logger(__name__)
+
 Batch = list[dict[str, Any]]
 
 
@@ -74,6 +80,7 @@ class Pacer:
         """``stream`` paced while the service is busy; closing it closes ``stream`` (the engine aborts).
         ``pace=False``: counted as open but forwarded as it comes (the engine paces it already)."""
         self.open_streams += 1
+        OPEN_STREAMS.inc()
         try:
             if self.interval_s <= 0 or not pace:
                 async for batch in stream:
@@ -84,6 +91,7 @@ class Pacer:
                         yield batch
         finally:
             self.open_streams -= 1
+            OPEN_STREAMS.dec()
             await stream.aclose()
 
 
@@ -142,6 +150,23 @@ async def paced(stream: AsyncIterator[Batch], interval: Callable[[], float]) -> 
         if timer is not None:
             timer.cancel()
         reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
-        await stream.aclose()
+        try:
+            await _reap(reader)
+        finally:
+            await stream.aclose()
+
+
+async def _reap(reader: asyncio.Future) -> None:
+    """Wait for the cancelled reader of ``paced`` (the engine stream must not be closed while it
+    still reads it). Its own cancellation is expected; a cancellation of the caller is passed on;
+    any other error (the reader keeps the engine's errors for the writer, so one here is a bug)
+    is logged and counted rather than raised over what the caller is already handling."""
+    try:
+        await reader
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception as exc:  # noqa: BLE001 - logged and counted, see above
+        TASK_ERRORS.labels("stream_reader", type(exc).__name__).inc()
+        log.error("stream_reader_failed", error=f"{type(exc).__name__}: {exc}")

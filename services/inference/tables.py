@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String
+from sqlalchemy import JSON, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from services.core.db import Base, Migration, create_tables, utcnow
+from services.core.db import Base, Migration, UTCDateTime, create_tables, utcnow
 
 COMPONENT = "inference"
 
@@ -20,8 +20,8 @@ class DeploymentRow(Base):
     # Everything else of the deployment (model version, engine, options, adapters with their
     # artifact prefixes and manifests), as written by ``DeploymentRecord.to_json``.
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 MIGRATIONS = [Migration(1, "deployments table", create_tables(DeploymentRow.__table__))]

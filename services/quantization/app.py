@@ -50,7 +50,7 @@ def build_app(
     db = Database(settings.db_url_for("quantization"))
     store = JobStore(db)
     artifacts = S3ArtifactStore.connect(settings.s3)
-    registry = RegistryClient(settings.registry_addr, timeout=120)
+    registry = RegistryClient(settings.registry_addr, timeout=120, credentials=settings.client_credentials())
     options = PreflightOptions(
         s3=settings.s3,
         registry_addr=settings.registry_addr,
@@ -68,7 +68,14 @@ def build_app(
         store, Preflight(registry, artifacts, hardware, options), max_attempts=settings.max_attempts
     )
     worker = service_worker(settings, store, JOB_KINDS, "quantization")
-    server = GrpcServer(settings.grpc, service="quantization", default_port=default_port, metrics=metrics)
+    server = GrpcServer(
+        settings.grpc,
+        service="quantization",
+        default_port=default_port,
+        metrics=metrics,
+        auth=settings.auth,
+        tls=settings.tls,
+    )
     server.add_servicer(
         quantization_pb2_grpc.add_QuantizationServiceServicer_to_server, QuantizationServicer(jobs), SERVICE_NAME
     )

@@ -75,6 +75,12 @@ def build_app(settings: RegistrySettings, *, metrics: bool = True,
     store = S3ArtifactStore.connect(settings.s3)
     registry = Registry(db, store, settings)
     imports = Imports(registry, jobs, max_attempts=settings.import_max_attempts)
+    policy = imports.policy
+    if policy.local.roots:
+        log.info("import_sources", roots=list(policy.local.roots), buckets=list(policy.buckets))
+    else:
+        log.warning("local_imports_disabled", reason=f"non-loopback listen address and {policy.local.setting} is empty",
+                    buckets=list(policy.buckets))
     worker = None
     if settings.worker_enabled:
         worker = Worker(
@@ -84,7 +90,8 @@ def build_app(settings: RegistrySettings, *, metrics: bool = True,
             cancel_grace_s=settings.cancel_grace_s, child_env=child_env(settings, db_url))
     datasets = Datasets(registry)
     servicer = RegistryServicer(registry, imports, datasets, chunk_size=settings.download_chunk_bytes)
-    server = GrpcServer(settings.grpc, service="registry", default_port=default_port, metrics=metrics)
+    server = GrpcServer(settings.grpc, service="registry", default_port=default_port, metrics=metrics,
+                        auth=settings.auth, tls=settings.tls)
     server.add_servicer(registry_pb2_grpc.add_RegistryServiceServicer_to_server, servicer, SERVICE_NAME)
     app = RegistryApp(settings, db, registry, imports, datasets, worker, server)
     server.on_shutdown(app._shutdown)

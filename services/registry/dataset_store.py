@@ -28,8 +28,15 @@ from services.core.datasets import (  # (formats checked there)
     ValidationReport,
     validate_dataset,
 )
-from services.core.db import utcnow
-from services.core.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from services.core.db import lock_or_create, utcnow
+from services.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from services.core.listing import EQUALITY, Field, Page, Schema, int_value, sql_page, time_value
 from services.core.listing import parse as parse_list
 from services.core.logging import get_logger
@@ -37,6 +44,7 @@ from services.core.logging import get_logger
 from .domain import Registry, check_labels
 from .names import check_id, parse_parent, parse_version
 from .records import Dataset, DatasetVersion
+from .settings import MAX_UPLOAD_SETTING
 from .tables import DatasetRow, DatasetVersionRow, EdgeRow, VersionRow
 
 log = get_logger(__name__)
@@ -76,9 +84,18 @@ def dataset_version_from_row(row: DatasetVersionRow) -> DatasetVersion:
                           row.create_time)
 
 
+def _too_large(max_bytes: int) -> ResourceExhausted:
+    description = (f"the upload is larger than the registry's dataset upload cap of {max_bytes} bytes "
+                   f"({MAX_UPLOAD_SETTING})")
+    return ResourceExhausted(f"chunk: {description}", reason="DATASET_TOO_LARGE",
+                             metadata={"max_upload_bytes": str(max_bytes)},
+                             violations=[FieldViolation("chunk", description)])
+
+
 @dataclass
 class DatasetUpload:
-    """An upload in progress: chunks are appended to a local spool file."""
+    """An upload in progress: chunks are appended to a local spool file, refused as soon as the total would
+    exceed ``max_bytes`` (before the chunk that crosses it is written)."""
 
     parent: str
     version_id: str
@@ -87,6 +104,7 @@ class DatasetUpload:
     description: str
     labels: dict[str, str]
     spool_dir: Path
+    max_bytes: int = 1024**3
     size: int = 0
     _file: BinaryIO | None = field(default=None, repr=False)
 
@@ -95,6 +113,8 @@ class DatasetUpload:
         return self.spool_dir / self.filename
 
     def write(self, chunk: bytes) -> None:
+        if self.size + len(chunk) > self.max_bytes:
+            raise _too_large(self.max_bytes)
         if self._file is None:
             self._file = self.path.open("wb")
         self._file.write(chunk)
@@ -153,7 +173,8 @@ class Datasets:
                 "metadata.filename", f"{filename!r} must be a plain file name (letters, digits, '.', '-', '_')")
         spool = Path(tempfile.mkdtemp(dir=self.registry.staging, prefix="dataset-"))
         return DatasetUpload(parent, version_id, filename, expected_format, description,
-                             check_labels(labels or {}, "metadata.labels"), spool)
+                             check_labels(labels or {}, "metadata.labels"), spool,
+                             max_bytes=self.registry.settings.datasets.max_upload_bytes)
 
     def finish_upload(self, upload: DatasetUpload) -> DatasetVersion:
         """Validate the spooled file, store it and record the version (the spool is removed)."""
@@ -173,11 +194,9 @@ class Datasets:
             stored = self.store.put_file(key, upload.path)
             try:
                 with self.db.session() as s:
-                    row = s.get(DatasetRow, upload.parent)
-                    if row is None:
-                        row = DatasetRow(name=upload.parent, description="", labels={}, next_version=1, create_time=utcnow())
-                        s.add(row)
-                        s.flush()
+                    # created when missing and locked: concurrent uploads take version numbers in turn
+                    row = lock_or_create(s, DatasetRow, {"name": upload.parent, "description": "", "labels": {},
+                                                         "next_version": 1, "create_time": utcnow()})
                     version_id = upload.version_id or self._next_version_id(s, row)
                     name = f"{upload.parent}/versions/{version_id}"
                     self._refuse_existing(s, name)

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.core.artifacts import ArtifactStore, FileEntry, Manifest, file_key
-from services.core.db import Database, utcnow
+from services.core.db import Database, lock_or_create, utcnow
 from services.core.errors import Aborted, AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.core.listing import EQUALITY, Field, Page, Schema, enum_value, int_value, sql_page, time_value
 from services.core.listing import parse as parse_list
@@ -48,6 +48,8 @@ from .settings import RegistrySettings
 from .tables import DatasetVersionRow, EdgeRow, ModelRow, VersionRow
 
 log = get_logger(__name__)
+# Longest lineage.job stored (the size of the job columns of versions and lineage edges).
+MAX_JOB_NAME = 300
 
 DEPLOYED_LABEL = "deployed_by"  # a label that marks a version deployed (besides SetDeploymentMarker)
 UPDATABLE_FIELDS = frozenset({"description", "labels"})
@@ -282,6 +284,9 @@ class Registry:
         if version_id:
             check_id(version_id, "version_id")
         labels = check_labels(labels or {})
+        if len(lineage.job) > MAX_JOB_NAME:  # the column's size (PostgreSQL refuses longer; SQLite would keep it)
+            raise InvalidArgument.for_field("lineage.job", f"must be at most {MAX_JOB_NAME} characters, got "
+                                            f"{len(lineage.job)}")
         if derived:
             if kind in (None, ModelKind.BASE):
                 raise InvalidArgument.for_field("kind", "a derived version is ADAPTER, MERGED or QUANTIZED")
@@ -502,12 +507,11 @@ class Registry:
 
     @staticmethod
     def _ensure_model(s: Session, name: str) -> ModelRow:
-        row = s.get(ModelRow, name)
-        if row is None:
-            row = ModelRow(name=name, description="", labels={}, next_version=1, create_time=utcnow(), update_time=utcnow())
-            s.add(row)
-            s.flush()
-        return row
+        """The model's row, created when missing, locked until the transaction ends (concurrent registrations
+        into one model, on any replica, take their automatic version numbers one after the other)."""
+        now = utcnow()
+        return lock_or_create(s, ModelRow, {"name": name, "description": "", "labels": {}, "next_version": 1,
+                                            "create_time": now, "update_time": now})
 
     @staticmethod
     def _next_version_id(s: Session, model: ModelRow) -> str:

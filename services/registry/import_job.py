@@ -40,7 +40,7 @@ from .imports import (
 from .inspection import detect_format, validate_and_inspect
 from .records import VersionState
 from .settings import RegistrySettings
-from .sources import fetch, model_files, parse_source
+from .sources import ImportPolicy, fetch, model_files, parse_source
 
 DOMAIN = "modelyard.registry"
 # Stage -> (start, end) of the overall fraction.
@@ -105,7 +105,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
 def _import(ctx: JobContext, db: Database, store: S3ArtifactStore, settings: RegistrySettings) -> None:
     spec = ctx.spec
     progress = _Progress(ctx)
-    source = parse_source(spec["source_uri"])
+    # Checked again here, just before reading (a link may have been added since the request was checked).
+    policy = ImportPolicy.from_dict(spec["import_policy"]) if "import_policy" in spec else ImportPolicy.from_settings(settings)
+    source = parse_source(spec["source_uri"], policy)
     staging = ctx.workdir / f"attempt-{ctx.attempt}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

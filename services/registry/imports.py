@@ -38,7 +38,7 @@ from .inspection import ModelMetadata
 from .names import check_id, parse_import, parse_parent
 from .records import Lineage, ModelFormat, ModelImport, ModelKind, VersionState
 from .settings import RegistrySettings
-from .sources import parse_source
+from .sources import ImportPolicy, parse_source
 from .tables import ModelRow, VersionRow
 
 log = get_logger(__name__)
@@ -152,6 +152,8 @@ class Imports:
         self.settings = registry.settings
         self.store = store
         self.max_attempts = max_attempts
+        # Fixed at start (the default roots include this process's working folder); each spec carries a copy.
+        self.policy = ImportPolicy.from_settings(self.settings)
 
     def start(self, parent: str, *, version_id: str = "", source_uri: str, description: str = "",
               labels: dict[str, str] | None = None) -> ModelImport:
@@ -160,7 +162,7 @@ class Imports:
         if version_id:
             check_id(version_id, "version_id")
         labels = check_labels(labels or {})
-        source = parse_source(source_uri)
+        source = parse_source(source_uri, self.policy)
         name = f"{COLLECTION}/{uuid.uuid4().hex}"
         with self.db.session() as s:
             created_model = s.get(ModelRow, parent) is None
@@ -177,6 +179,7 @@ class Imports:
             "source_uri": source.uri, "model_version": version, "artifact_prefix": prefix,
             "created_model": created_model, "hf_endpoint": self.settings.hf_endpoint,
             "s3": self.settings.s3.model_dump(mode="json", exclude={"access_key", "secret_key"}),
+            "import_policy": self.policy.to_dict(),
         }
         try:
             job = self.store.create(KIND, spec, name, self.max_attempts)

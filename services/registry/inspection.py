@@ -39,6 +39,8 @@ class ModelMetadata:
     context_length: int = 0
     has_chat_template: bool = False
     total_size_bytes: int = 0
+    task: str = ""  # text-generation | embedding | "" (see _inspect_task)
+    embedding_dimensions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +175,7 @@ def validate_and_inspect(folder: Path, fmt: ModelFormat) -> ModelMetadata:
                            "TOKENIZER_MISSING")
         meta.has_chat_template = _chat_template_present(folder)
         meta.dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+        _inspect_task(folder, config, meta)
     weights = [p for p in files if p.suffix == ".safetensors"]
     if not weights:
         if any(p.suffix in (".bin", ".pt", ".pth") for p in files):
@@ -189,6 +192,59 @@ def validate_and_inspect(folder: Path, fmt: ModelFormat) -> ModelMetadata:
         raw = dtypes.most_common(1)[0][0]
         meta.dtype = _SAFETENSORS_DTYPES.get(raw, raw.lower())
     return meta
+
+
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")
+
+
+def _inspect_task(folder: Path, config: dict[str, Any], meta: ModelMetadata) -> None:
+    """``text-generation`` for a causal LM; ``embedding`` for a sentence-transformers folder (modules.json)
+    or a bare encoder (every architecture ``...Model``, e.g. BertModel), with its vector length (the
+    Pooling/Dense configs, else hidden_size) and, where sentence_bert_config.json caps it, the tokens an
+    input is cut to as its context length."""
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith(_GENERATIVE_SUFFIXES) for a in archs):
+        meta.task = "text-generation"
+        return
+    st = (folder / "modules.json").is_file()
+    if not st and not (archs and all(a.endswith("Model") for a in archs)):
+        return
+    meta.task = "embedding"
+    hidden = config.get("hidden_size") or config.get("d_model") or 0
+    meta.embedding_dimensions = int(hidden) if isinstance(hidden, int) else 0
+    if not st:
+        return
+    modules = _read_json_list(folder, "modules.json")
+    for module in modules:
+        path = str(module.get("path") or "") if isinstance(module, dict) else ""
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        conf = folder / path / "config.json"
+        if not path or not conf.is_file():
+            continue
+        doc = _read_json(folder, f"{path}/config.json")
+        if kind.endswith("Pooling"):
+            dim = doc.get("embedding_dimension") or doc.get("word_embedding_dimension")
+            modes = doc.get("pooling_mode")
+            count = len(modes) if isinstance(modes, list) else 1 if modes else \
+                sum(1 for k, v in doc.items() if k.startswith("pooling_mode_") and v is True) or 1
+            if isinstance(dim, int) and dim > 0:
+                meta.embedding_dimensions = dim * count
+        elif kind.endswith("Dense") and isinstance(doc.get("out_features"), int):
+            meta.embedding_dimensions = doc["out_features"]
+    if (folder / "sentence_bert_config.json").is_file():
+        cap = _read_json(folder, "sentence_bert_config.json").get("max_seq_length")
+        if isinstance(cap, int) and cap > 0:
+            meta.context_length = min(meta.context_length, cap) if meta.context_length else cap
+
+
+def _read_json_list(folder: Path, rel: str) -> list[Any]:
+    try:
+        doc = json.loads((folder / rel).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _invalid(rel, f"not valid JSON: {exc}", "CONFIG_INVALID") from None
+    if not isinstance(doc, list):
+        raise _invalid(rel, "must be a JSON list of modules", "CONFIG_INVALID")
+    return doc
 
 
 def _inspect_gguf(folder: Path, meta: ModelMetadata) -> ModelMetadata:

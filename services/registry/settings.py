@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from services.core.local_paths import LocalSourceSettings, split_list
 from services.core.settings import ServiceSettings
+
+ALLOWED_ROOTS_SETTING = "YARD_REGISTRY_IMPORTS__ALLOWED_ROOTS"
+ALLOWED_BUCKETS_SETTING = "YARD_REGISTRY_IMPORTS__ALLOWED_BUCKETS"
+MAX_UPLOAD_SETTING = "YARD_REGISTRY_DATASETS__MAX_UPLOAD_BYTES"
+
+
+class ImportSettings(LocalSourceSettings):
+    """Where ImportModel may read from (env ``YARD_REGISTRY_IMPORTS__...``; a list as "a,b" or as JSON).
+
+    ``allowed_roots``: folders local imports (a folder or .gguf file) may come from; empty: on a loopback listen
+    address the single-machine defaults (home, the system temp folder, the registry's working folder, the
+    Python site-packages folders), on any other address local imports are off.
+    """
+
+    # Buckets s3:// imports may read with the registry's own S3 credentials. Empty: only the registry's artifact
+    # bucket (``S3__BUCKET``); "*": any bucket those credentials can read.
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        return split_list(value)
+
+
+class DatasetSettings(BaseModel):
+    """Dataset uploads (env ``YARD_REGISTRY_DATASETS__...``)."""
+
+    # An UploadDataset stream is refused (RESOURCE_EXHAUSTED) as soon as it carries more bytes than this.
+    max_upload_bytes: int = Field(default=1024**3, gt=0)
 
 
 class RegistrySettings(ServiceSettings):
@@ -47,6 +78,8 @@ class RegistrySettings(ServiceSettings):
     staging_dir: Path | None = None
     # Chunk size of DownloadFile responses.
     download_chunk_bytes: int = 1024 * 1024
+    imports: ImportSettings = Field(default_factory=ImportSettings)
+    datasets: DatasetSettings = Field(default_factory=DatasetSettings)
 
     def jobs_workdir(self) -> Path:
         """Where import attempts keep their files (<data_dir>/registry-jobs)."""

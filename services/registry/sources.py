@@ -3,17 +3,23 @@
 Schemes: a local directory or ``.gguf`` file (optionally ``file://``), ``s3://bucket/prefix``,
 ``hf://org/name[@revision]`` (huggingface_hub, honouring the configured endpoint and token),
 ``modelscope://org/name[@revision]`` (the modelscope client, when installed).
+
+Local sources are read only under the import policy's roots and S3 sources only from its buckets
+(:class:`ImportPolicy`, from ``YARD_REGISTRY_IMPORTS__*``); a refused source gets one error
+(SOURCE_NOT_ALLOWED) whether it is missing, outside the roots or unreadable.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.core.artifacts import S3ArtifactStore, manifest_key
 from services.core.errors import (
@@ -24,9 +30,10 @@ from services.core.errors import (
     PermissionDenied,
     Unavailable,
 )
+from services.core.local_paths import NOT_ALLOWED, LocalPathPolicy, check_folder_links
 from services.core.logging import get_logger
 
-from .settings import RegistrySettings
+from .settings import ALLOWED_BUCKETS_SETTING, ALLOWED_ROOTS_SETTING, RegistrySettings
 
 log = get_logger(__name__)
 
@@ -49,8 +56,41 @@ class Source:
     revision: str | None = None
 
 
-def parse_source(uri: str) -> Source:
-    """Parse and check ``uri`` (the ``source_uri`` field) without fetching anything."""
+@dataclass(frozen=True)
+class ImportPolicy:
+    """Where imports may read: local roots (real paths; none: local imports disabled) and S3 buckets ("*": any).
+    Fixed when the registry starts and copied into each import's spec, so the import child checks again with
+    exactly the roots the request was checked with."""
+
+    local: LocalPathPolicy
+    buckets: tuple[str, ...]
+
+    @classmethod
+    def from_settings(cls, settings: RegistrySettings) -> ImportPolicy:
+        local = LocalPathPolicy.effective(settings.imports.allowed_roots, settings.grpc.host, ALLOWED_ROOTS_SETTING)
+        return cls(local, tuple(settings.imports.allowed_buckets or [settings.s3.bucket]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"local": self.local.to_dict(), "buckets": list(self.buckets)}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ImportPolicy:
+        return cls(LocalPathPolicy.from_dict(doc.get("local") or {}), tuple(doc.get("buckets") or ()))
+
+    def check_bucket(self, uri: str, bucket: str) -> None:
+        if "*" not in self.buckets and bucket not in self.buckets:
+            raise InvalidArgument.for_field(
+                "source_uri", f"{uri!r} is not an allowed S3 source: its bucket must be one of the registry's "
+                f"allowed import buckets ({ALLOWED_BUCKETS_SETTING})", reason=NOT_ALLOWED, metadata={"path": uri})
+
+
+_LOCAL_WHAT = "a model folder or .gguf file"
+
+
+def parse_source(uri: str, policy: ImportPolicy) -> Source:
+    """Parse and check ``uri`` (the ``source_uri`` field) without fetching anything: the scheme's syntax, the
+    S3 bucket against the allowed buckets, a local path against the allowed roots (realpath, no ``~``), and a
+    local folder's symbolic links (none may lead outside the folder)."""
     uri = (uri or "").strip()
     if not uri:
         raise InvalidArgument.for_field("source_uri", "is required")
@@ -59,6 +99,7 @@ def parse_source(uri: str) -> Source:
         prefix = prefix.strip("/")
         if not bucket or not prefix:
             raise InvalidArgument.for_field("source_uri", f"{uri!r}: expected s3://bucket/prefix")
+        policy.check_bucket(uri, bucket)
         return Source("s3", uri, bucket=bucket, prefix=prefix)
     for scheme in ("hf", "modelscope"):
         if uri.startswith(f"{scheme}://"):
@@ -74,15 +115,14 @@ def parse_source(uri: str) -> Source:
     if "://" in uri and not uri.startswith("file://"):
         raise InvalidArgument.for_field(
             "source_uri", f"{uri!r}: unknown scheme; use a local path, s3://, hf:// or modelscope://")
-    path = Path(uri.removeprefix("file://")).expanduser()
-    if not path.exists():
-        raise InvalidArgument.for_field("source_uri", f"{str(path)!r} does not exist", reason="SOURCE_NOT_FOUND")
-    if path.is_file():
+    path, st = policy.local.resolve(uri.removeprefix("file://"), field="source_uri", what=_LOCAL_WHAT, given=uri)
+    if stat.S_ISREG(st.st_mode):
         if path.suffix != ".gguf":
             raise InvalidArgument.for_field(
-                "source_uri", f"{str(path)!r} is a file but not a .gguf; import a model folder or a GGUF file")
-        return Source("gguf", uri, path=path.resolve())
-    return Source("local", uri, path=path.resolve())
+                "source_uri", f"{uri!r} is a file but not a .gguf; import a model folder or a GGUF file")
+        return Source("gguf", uri, path=path)
+    check_folder_links(path, field="source_uri", given=uri)
+    return Source("local", uri, path=path)
 
 
 def fetch(source: Source, staging: Path, settings: RegistrySettings, progress: Progress) -> Path:

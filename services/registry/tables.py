@@ -9,7 +9,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Connection,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -24,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from services.core.db import Base, Migration, create_tables, utcnow
+from services.core.db import Base, Migration, UTCDateTime, create_tables, utcnow
 
 COMPONENT = "registry"
 
@@ -35,8 +34,8 @@ class ModelRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     next_version: Mapped[int] = mapped_column(Integer, default=1)  # next automatic vN, never reused
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class VersionRow(Base):
@@ -60,8 +59,8 @@ class VersionRow(Base):
     # Denormalised from files / meta so List can filter and sort on them in SQL (migration 2).
     total_size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     parameter_count: Mapped[int] = mapped_column(BigInteger, default=0)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class EdgeRow(Base):
@@ -81,7 +80,7 @@ class DatasetRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     next_version: Mapped[int] = mapped_column(Integer, default=1)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class DatasetVersionRow(Base):
@@ -97,7 +96,7 @@ class DatasetVersionRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     artifact_key: Mapped[str] = mapped_column(String(600))
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ScoreRow(Base):
@@ -113,7 +112,7 @@ class ScoreRow(Base):
     value: Mapped[float] = mapped_column(Float(precision=53))
     stderr: Mapped[float] = mapped_column(Float(precision=53), default=0.0)
     num_samples: Mapped[int] = mapped_column(BigInteger, default=0)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     __table_args__ = (Index("ix_registry_version_scores_version", "version"),)
 
 

@@ -41,16 +41,18 @@ def build_app(settings: TrainingSettings, *, hardware: Hardware | None = None, m
     db = Database(settings.db_url_for("training"))
     store = JobStore(db)
     artifacts = S3ArtifactStore.connect(settings.s3)
-    registry = RegistryClient(settings.registry_addr, timeout=120)
+    credentials = settings.client_credentials()
+    registry = RegistryClient(settings.registry_addr, timeout=120, credentials=credentials)
     options = PreflightOptions(
         s3=settings.s3, registry_addr=settings.registry_addr,
         default_checkpoint_every_steps=settings.default_checkpoint_every_steps, max_processes=settings.max_processes,
         memory_headroom=settings.memory_headroom, memory_check=settings.memory_check,
-        omp_num_threads=settings.omp_num_threads, evaluation_addr=settings.evaluation_addr)
+        omp_num_threads=settings.omp_num_threads, evaluation_addr=settings.evaluation_addr, credentials=credentials)
     jobs = TrainingJobs(store, Preflight(registry, artifacts, hardware, options), artifacts,
                         max_attempts=settings.max_attempts)
     worker = service_worker(settings, store, JOB_KINDS, "training")
-    server = GrpcServer(settings.grpc, service="training", default_port=default_port, metrics=metrics)
+    server = GrpcServer(settings.grpc, service="training", default_port=default_port, metrics=metrics,
+                        auth=settings.auth, tls=settings.tls)
     server.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(jobs), SERVICE_NAME)
 
     async def _shutdown() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.artifacts import ArtifactStore
+from services.core.credentials import ClientCredentials
 from services.core.errors import (
     DomainError,
     FailedPrecondition,
@@ -53,6 +54,7 @@ class PreflightOptions:
     memory_check: bool = True
     omp_num_threads: int = 1
     evaluation_addr: str = ""
+    credentials: ClientCredentials | None = None  # of calls to the evaluation service (None: the SDK's defaults)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,8 @@ class Preflight:
         for name in ea["benchmarks"]:
             spec.benchmarks.add(benchmark=name if name.startswith("benchmarks/") else f"benchmarks/{name}")
         try:
-            async with EvaluationClient(self.options.evaluation_addr, timeout=30) as client:
+            async with EvaluationClient(self.options.evaluation_addr, timeout=30,
+                                        credentials=self.options.credentials) as client:
                 await client.create_evaluation(epb.Evaluation(spec=spec), validate_only=True)
         except DomainError as err:
             message = err.message.replace("spec.benchmarks", "spec.eval_after.benchmarks")

@@ -4,7 +4,6 @@ directory, every later step through the real ``yard`` CLI, and ``yard down`` at 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,25 +15,13 @@ from pathlib import Path
 import psutil
 
 from cli.stack import read_state
+from tests.support.ports import free_ports
 
 HOST = "127.0.0.1"
-PORTED = ("gateway", "registry", "training", "quantization", "evaluation", "inference", "s3")
+PORTED = ("gateway", "registry", "training", "quantization", "evaluation", "inference", "pipeline", "s3")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
 
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together while picking)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
@@ -98,6 +85,7 @@ def yard_stack(data_dir: Path, extra_env: dict[str, str] | None = None) -> Itera
               "YARD_INFERENCE_VLLM_PYTHON": str(VLLM_PYTHON), **(extra_env or {})}
     stack = YardStack(data_dir, ports, cli_env={
         **base,
+        "YARD_DATA_DIR": str(data_dir),  # where the CLI finds the stack's service token
         "YARD_REGISTRY_ADDR": f"{HOST}:{ports['registry']}",
         "YARD_INFERENCE_ADDR": f"{HOST}:{ports['inference']}",
         "YARD_GATEWAY_URL": f"http://{HOST}:{ports['gateway']}",

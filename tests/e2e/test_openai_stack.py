@@ -71,12 +71,13 @@ class Deployments:
     """Deployment state read through the SDK's InferenceClient (one short-lived client per read: the tests
     here are synchronous, the SDK is asyncio)."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str, token: str) -> None:
         self.addr = addr
+        self.token = token  # the stack's service token
 
     def get(self, name: str) -> pb.Deployment:
         async def read() -> pb.Deployment:
-            async with InferenceClient(self.addr, timeout=10) as client:
+            async with InferenceClient(self.addr, timeout=10, token=self.token) as client:
                 return await client.get_deployment(f"deployments/{name}")
 
         return asyncio.run(read())
@@ -84,7 +85,8 @@ class Deployments:
 
 @pytest.fixture(scope="module")
 def inference(stack: YardStack) -> Deployments:
-    return Deployments(stack.inference_addr)
+    token = (stack.data_dir / "secrets" / "service_token").read_text().strip()
+    return Deployments(stack.inference_addr, token)
 
 
 def wait_state(deployments: Deployments, name: str, states: set[int], timeout: float) -> pb.Deployment:

@@ -38,7 +38,7 @@ from services.quantization.methods import decoder_linears
 from tests.integration.test_gateway_real_stack import new_key, start_gateway
 from tests.integration.test_inference import inference_settings, module_s3, wait_state, workdir  # noqa: F401
 from tests.support.fake_inference import BackgroundLoop
-from tests.support.quantization_stack import quant_job, quantization_stack, wait_job
+from tests.support.quantization_stack import NEEDS_VLLM_W4A16, quant_job, quantization_stack, wait_job
 from tests.support.training_stack import import_model
 
 from .conftest import VLLM_PYTHON
@@ -192,7 +192,7 @@ async def wait_listed(client: openai.AsyncOpenAI, model: str, timeout: float = 3
         await asyncio.sleep(0.2)
 
 
-@pytest.mark.parametrize("dep_id", list(METHODS))
+@pytest.mark.parametrize("dep_id", [pytest.param(d, marks=NEEDS_VLLM_W4A16) if d == "smol-gptq" else d for d in METHODS])
 async def test_quantized_version_on_vllm_chats_through_the_gateway(flow, dep_id):
     assert dep_id in flow.deployments, f"{dep_id} was not deployed (its quantization job failed)"
     d = flow.deployments[dep_id]

@@ -355,3 +355,35 @@ async def test_cli_runs_lists_shows_and_compares(stack, versions):
     rc, out, err = await run_cli(stack, "eval", "run", "deployments/smol", "-b", "nope:nope")
     assert rc == 1 and "spec.benchmarks[0].benchmark" in err and "Traceback" not in err
 
+
+
+# ----------------------------------------------------------------------------- on PostgreSQL
+
+
+async def test_model_version_evaluation_on_postgresql_records_scores_and_lists(postgres_backend, module_s3, tmp_path):
+    """Registry, training, inference and evaluation each on a PostgreSQL database of its own (the tests above run
+    on SQLite): a model-version evaluation runs as a job on a temporary deployment, records its scores on the
+    version, removes the deployment, and lists and filters like on SQLite."""
+    from cli.demo_models import build_tiny_model
+
+    async with evaluation_stack(tmp_path / "pg", module_s3, databases=postgres_backend) as pg:
+        assert pg.app.settings.database_url.startswith("postgresql+psycopg://")
+        await asyncio.to_thread(S3ArtifactStore.connect(module_s3).upload_dir, "uploads/tiny-pg/v1",
+                                build_tiny_model(tmp_path / "tiny"))
+        base = (await pg.registry.create_model_version(parent="models/tiny-pg", version_id="v1", model_version=(
+            rpb.ModelVersion(artifact_prefix="uploads/tiny-pg/v1")))).name
+        path = tmp_path / "quiz.jsonl"
+        path.write_text("".join(json.dumps({"question": f"{a} + {a} =", "choices": [str(2 * a), str(a)], "answer": 0})
+                                + "\n" for a in range(1, 5)))  # fmt: skip
+        quiz = await pg.registry.upload_dataset(path, parent="datasets/quiz-pg")
+        created = await pg.evaluation.create_evaluation(
+            evaluation(base, epb.BenchmarkRun(dataset_version=quiz.name)), evaluation_id="pg-1")
+        ev = await wait_evaluation(pg.evaluation, created.name)
+        assert ev.state == cpb.JOB_STATE_SUCCEEDED, ev.error
+        assert ev.outputs.temporary_deployment and await deployment_gone(pg.inference, ev.outputs.deployment)
+        r = result(ev, "custom:quiz-pg")
+        assert r.num_samples == 4 and "acc" in r.metrics
+        version = await pg.registry.get_model_version(base)
+        assert {(s.evaluation, s.metric) for s in version.scores} >= {(ev.name, "acc")}
+        listed = await pg.evaluation.list_evaluations(filter="state = JOB_STATE_SUCCEEDED", order_by="create_time desc")
+        assert [e.name for e in listed.evaluations] == [ev.name] and ev.end_time.seconds >= ev.create_time.seconds

@@ -3,6 +3,7 @@ first chunk, never a non-ready replica), and `yard keys` / `yard usage` against 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,7 +20,8 @@ from typer.testing import CliRunner
 
 from cli.gateway_cmds import keys_app, usage
 from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from gateway.routing import Router
+from gateway.settings import GatewaySettings, RoutingSettings, TimeoutSettings
 from modelyard.inference.v1 import inference_pb2 as pb
 from tests.support.fake_inference import BackgroundLoop, FakeInference, GatewayServer, deployment, start_fake
 
@@ -66,6 +68,36 @@ def test_a_failing_replica_is_ejected_and_requests_still_succeed(replicas):
     # replica 0 is ejected for 60 s: nothing is sent there until it is checked again
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_listing_in_flight_does_not_undo_an_ejection():
+    """A refresh that started before a request failed on the replica answers after the ejection:
+    the ejection stands (the listing no longer says whether generation works there)."""
+    bg = BackgroundLoop()
+    fake = FakeInference(list_delay_s=0.5)
+    server = bg.run(start_fake(fake))
+    routers: list[Router] = []
+
+    async def scenario() -> tuple[bool, bool]:
+        router = Router([server.address], TimeoutSettings(), RoutingSettings(eject_s=60))  # channels on this loop
+        routers.append(router)
+        await router.refresh()
+        replica = router.replicas[0]
+        listed_before = "tiny" in replica.ready
+        refreshing = asyncio.create_task(router.refresh())
+        await asyncio.sleep(0.1)  # the listing is in flight
+        router.eject(replica, "generation failed: UNAVAILABLE")
+        await refreshing
+        return listed_before, replica.ejected and not replica.ready
+
+    try:
+        listed_before, still_ejected = bg.run(scenario())
+        assert listed_before and still_ejected
+    finally:
+        for router in routers:
+            bg.run(router.stop())
+        bg.run(server.stop(0))
+        bg.close()
 
 
 def test_retry_on_another_replica_before_the_first_chunk(replicas):

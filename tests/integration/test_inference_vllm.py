@@ -44,7 +44,10 @@ async def test_smollm2_on_vllm_chats_completes_and_tokenizes(workdir, module_s3,
     try:
         await inference.deploy(pb.Deployment(
             model_version=base.name, engine=pb.ENGINE_VLLM,
-            options=pb.EngineOptions(max_model_len=1024, max_num_seqs=8, kv_cache_bytes=1 << 30)), deployment_id="smol")
+            # float32: the greedy answer below is a fact about the model, not about one CPU's bf16 kernels (with
+            # bf16 on an AMX machine SmolLM2 answers "L'Étoile, la Marseillaise..." instead of Paris)
+            options=pb.EngineOptions(max_model_len=1024, max_num_seqs=8, kv_cache_bytes=1 << 30,
+                                     dtype=pb.DTYPE_FLOAT32)), deployment_id="smol")
         d = await wait_state(inference, "deployments/smol", {pb.DEPLOYMENT_STATE_READY, pb.DEPLOYMENT_STATE_FAILED},
                              timeout=450)
         assert d.state == pb.DEPLOYMENT_STATE_READY, d.error.message

@@ -1,4 +1,5 @@
-"""The job runtime with real child processes, a real SQLite file and real signals."""
+"""The job runtime with real child processes, real signals and a real database: every test runs on a SQLite
+file and on a PostgreSQL database of its own (``db_url`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from services.core import listing
 from services.core.db import Database
 from services.core.errors import FailedPrecondition
 from services.core.jobs import JOB_ATTEMPTS_EXHAUSTED, JOB_CRASHED, EventType, JobState, JobStore, Worker, watch
-from services.core.jobs.store import JOB_SCHEMA
+from services.core.jobs.store import JOB_SCHEMA, jobs
 from tests.jobkinds import KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 # No test here races the heartbeat timeout: it is far longer than any stall of a loaded machine, and the
 # one test of a dead worker's requeue gives its survivor a short one of its own.
 FAST = dict(poll_interval_s=0.05, heartbeat_s=0.2, heartbeat_timeout_s=60.0, cancel_grace_s=3.0)
-
-
-@pytest.fixture
-def db_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'jobs.db'}"
 
 
 @pytest.fixture
@@ -248,6 +245,18 @@ async def test_dead_worker_job_is_requeued_by_another_worker_and_resumed(store, 
     assert "no heartbeat from worker doomed" in lost[0].data["why"]
 
 
+async def test_a_child_crashing_in_native_code_loses_its_attempt_and_its_stack_is_in_the_log(store, make_worker):
+    job = store.create("segfaults", {})
+    requeued = await asyncio.wait_for(make_worker().run_once(), 60)
+    assert (requeued.state, requeued.attempt) == (JobState.QUEUED, 2)
+    lost = [e for e in store.events(job.name) if e.message == "worker lost, requeued"]
+    assert [e.data["why"] for e in lost] == [
+        "child process killed by SIGSEGV (the job's log holds the stack it crashed in)"]
+    stderr = [e.message for e in store.events(job.name) if e.type == EventType.LOG and e.data.get("stream") == "stderr"]
+    assert any("Fatal Python error: Segmentation fault" in line for line in stderr), stderr
+    assert any("segfaults" in line and "jobkinds.py" in line for line in stderr), stderr
+
+
 async def test_attempts_exhausted_fails_the_job(store, make_worker):
     job = store.create("kills_itself", {}, max_attempts=2)
     worker = make_worker()
@@ -293,3 +302,34 @@ async def test_worker_runs_jobs_concurrently_in_slots_and_stop_requeues_running_
         await worker.stop()
     after = [store.get(j.name) for j in jobs]
     assert [(j.state, j.attempt) for j in after] == [(JobState.QUEUED, 2), (JobState.QUEUED, 2), (JobState.QUEUED, 1)]
+
+
+async def test_retry_queues_a_failed_job_again_keeping_outputs_and_resume_state(store, make_worker):
+    job = store.create("fails_domain", {}, name="trainingJobs/retry-1", max_attempts=1)
+    failed = await make_worker().run_once()
+    assert failed.state == JobState.FAILED and failed.attempt == 1
+    with store.db.session() as s:  # as an attempt leaves them: what it reported and where to resume from
+        s.execute(update(jobs).where(jobs.c.name == job.name).values(resume_state={"step": 3}, outputs={"a": 1}))
+    retried = store.retry(job.name)
+    assert (retried.state, retried.attempt, retried.max_attempts) == (JobState.QUEUED, 2, 2)
+    assert retried.error is None and retried.finished_at is None and retried.outputs == {"a": 1}
+    assert retried.resume_state == {"step": 3}
+    assert [e.message for e in store.events(job.name)][-1] == "retried, queued"
+    with pytest.raises(FailedPrecondition) as err:  # only FAILED or CANCELLED jobs
+        store.retry(job.name)
+    assert err.value.reason == "JOB_NOT_RETRYABLE"
+    claimed = store.claim("w9", ["fails_domain"])
+    assert claimed is not None and claimed.name == job.name and claimed.attempt == 2
+
+
+async def test_outputs_reported_while_running_are_stored_before_the_job_ends(store, make_worker):
+    job = store.create("sleeps", {"steps": 600})
+    worker = make_worker()
+    await worker.start()
+    try:
+        await _until(lambda: store.get(job.name).outputs.get("partial") is True, what="outputs stored while running")
+        assert store.get(job.name).state == JobState.RUNNING
+        store.request_cancel(job.name)
+        await _until(lambda: store.get(job.name).state == JobState.CANCELLED, what="cancelled")
+    finally:
+        await worker.stop()

@@ -22,7 +22,7 @@ from services.core.settings import GrpcServerSettings
 from services.inference.app import build_app as build_inference
 from services.inference.settings import InferenceSettings
 from services.quantization.job import registered_before
-from tests.support.quantization_stack import quant_job, quantization_stack, wait_job
+from tests.support.quantization_stack import NEEDS_VLLM_W4A16, quant_job, quantization_stack, wait_job
 from tests.support.training_stack import fails, import_model, lora_job, upload_dataset, wait_state
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -42,6 +42,7 @@ def odd_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("odd") / "model", hidden=96, head_dim=32)
 
 
+@NEEDS_VLLM_W4A16  # the job checks its GPTQ output in vLLM
 async def test_gptq_job_streams_progress_and_registers_a_smaller_quantized_version_with_quality(
         tmp_path, s3_settings, tiny_model):
     """Checked in vLLM too (verify_engine=vllm): the result loads in the engine that serves it and answers."""
@@ -254,6 +255,7 @@ async def test_cancel_and_sigkill_leave_no_half_registered_version(tmp_path, s3_
         assert [v.name for v in versions] == [done.outputs.model_version]
 
 
+@NEEDS_VLLM_W4A16
 async def test_autoawq_output_is_checked_and_scored_in_vllm(tmp_path, s3_settings, tiny_model):
     async with quantization_stack(tmp_path, s3_settings) as stack:
         base = await import_model(stack.registry, tiny_model)
@@ -327,3 +329,32 @@ async def test_cli_quantize_watches_a_real_job_and_models_show_prints_the_qualit
         assert "quantization: w8a8 8-bit" in shown.output
         job = await asyncio.to_thread(yard, "jobs", "show", "cli-w8a8")
         assert job.exit_code == 0 and "quantizationJobs/cli-w8a8" in job.output, job.output
+
+
+async def test_jobs_on_postgresql_queue_cancel_list_and_register(tmp_path, s3_settings, tiny_model, postgres_backend):
+    """Registry, training and quantization each on a PostgreSQL database of its own (the tests above run on
+    SQLite): a job queued behind a running one is cancelled at once, the running one registers its version, and
+    the jobs list, filter and page in SQL."""
+    async with quantization_stack(tmp_path, s3_settings, databases=postgres_backend) as stack:
+        assert stack.app.settings.database_url.startswith("postgresql+psycopg://")
+        base = await import_model(stack.registry, tiny_model)
+        q = stack.quantization
+        fp8 = quant_job(base, M.QUANTIZATION_METHOD_FP8_DYNAMIC)
+        running = await q.create_quantization_job(fp8, quantization_job_id="pg-run")
+        await _wait_log(stack, running.name, "source downloaded")  # claimed: the worker's only slot is busy
+        queued = await q.create_quantization_job(fp8, quantization_job_id="pg-queued")
+        cancelled = await q.cancel_quantization_job(queued.name)
+        assert cancelled.state == cpb.JOB_STATE_CANCELLED and cancelled.end_time.seconds > 0
+        done = await wait_job(q, running.name, TERMINAL, timeout=600)
+        assert done.state == cpb.JOB_STATE_SUCCEEDED and done.attempt_count == 1, done.error
+        version = await stack.registry.get_model_version(done.outputs.model_version)
+        assert version.kind == rpb.MODEL_KIND_QUANTIZED and version.lineage.job == running.name
+        names, token = [], ""
+        while True:
+            page = await q.list_quantization_jobs(order_by="create_time desc", page_size=1, page_token=token)
+            names += [j.name for j in page.quantization_jobs]
+            if not (token := page.next_page_token):
+                break
+        assert names == [queued.name, running.name]
+        only = await q.list_quantization_jobs(filter="state = JOB_STATE_CANCELLED")
+        assert [j.name for j in only.quantization_jobs] == [queued.name]

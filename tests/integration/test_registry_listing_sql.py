@@ -4,10 +4,8 @@ pages visit every matching row exactly once."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
-import psycopg
 import pytest
 from sqlalchemy import event, insert
 
@@ -24,26 +22,12 @@ from services.registry.tables import COMPONENT, MIGRATIONS, DatasetRow, DatasetV
 
 N = 10_000
 MODELS = 10
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A fresh, empty database: a SQLite file, or a PostgreSQL database of its own (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.db'}"
-        return
-    name = f"reg_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 def filled(db_url, tmp_path, s3_settings):
-    """10,000 model versions over 10 models, 10,000 dataset versions, 10,000 import jobs."""
+    """10,000 model versions over 10 models, 10,000 dataset versions, 10,000 import jobs, in a fresh SQLite file
+    and in a fresh PostgreSQL database (``db_url``, tests/conftest.py)."""
     db = Database(db_url)
     db.migrate(COMPONENT, MIGRATIONS)
     store = JobStore(db)

@@ -15,10 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 from google.rpc import error_details_pb2
 
@@ -31,8 +29,8 @@ from services.core.jobs import JobStore
 from services.registry.tables import COMPONENT, MIGRATIONS
 from tests.integration.test_registry import expect, wait_import
 from tests.integration.test_registry_imports import GatedHub, gated_hub, tiny_model  # noqa: F401 - fixtures
+from tests.support import databases
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # How long a silent worker keeps its jobs. Generous: on 2 busy cores a live replica's heartbeat can be late by
 # seconds, and a lease lost that way costs an extra attempt (correct, but not what this test is about).
 HEARTBEAT_TIMEOUT_S = 20
@@ -40,17 +38,12 @@ HEARTBEAT_TIMEOUT_S = 20
 
 @pytest.fixture
 def pg_url():
-    name = f"reg_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    db = Database(url)  # the schema once, before the replicas start
-    db.migrate(COMPONENT, MIGRATIONS)
-    JobStore(db)
-    db.dispose()
-    yield url
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with databases.pg_database() as url:
+        db = Database(url)  # the schema once, before the replicas start
+        db.migrate(COMPONENT, MIGRATIONS)
+        JobStore(db)
+        db.dispose()
+        yield url
 
 
 def _free_port() -> int:

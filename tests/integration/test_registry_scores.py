@@ -1,5 +1,6 @@
 """Evaluation scores on model versions and evaluation sets as datasets, through the real registry:
-gRPC on loopback, the nanio S3 server, SQLite, the SDK's ``RegistryClient`` and the ``yard`` CLI."""
+gRPC on loopback, the nanio S3 server, SQLite (and PostgreSQL: the tests marked ``db_backend``), the SDK's
+``RegistryClient`` and the ``yard`` CLI."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ async def add_versions(registry: RegistryClient, base: pb.ModelVersion, ids: lis
 # ----------------------------------------------------------------------------- scores
 
 
+@pytest.mark.usefixtures("db_backend")
 async def test_scores_are_recorded_replaced_per_evaluation_and_a_retry_records_once(registry, store, tiny_model):
     base = await create_base(registry, store, tiny_model)
     assert list(base.scores) == []
@@ -107,6 +109,7 @@ async def test_scores_are_recorded_replaced_per_evaluation_and_a_retry_records_o
     assert table(cleared) == [("evaluations/e1", MMLU, "accuracy", 0.6)]
 
 
+@pytest.mark.usefixtures("db_backend")
 async def test_list_loads_the_scores_of_a_page_in_one_query(registry, store, tiny_model):
     base = await create_base(registry, store, tiny_model)
     others = await add_versions(registry, base, ["v2", "v3", "v4", "v5"])
@@ -138,6 +141,7 @@ async def test_list_loads_the_scores_of_a_page_in_one_query(registry, store, tin
     assert [len(v.scores) for v in two.model_versions] == [1, 1]
 
 
+@pytest.mark.usefixtures("db_backend")
 async def test_deleting_a_version_deletes_its_scores(registry, store, tiny_model):
     base = await create_base(registry, store, tiny_model)
     (v2,) = await add_versions(registry, base, ["v2"])
@@ -152,6 +156,7 @@ async def test_deleting_a_version_deletes_its_scores(registry, store, tiny_model
     assert list(again.scores) == []
 
 
+@pytest.mark.usefixtures("db_backend")
 async def test_bad_score_requests_name_the_field_and_record_nothing(registry, store, tiny_model):
     base = await create_base(registry, store, tiny_model)
     good = score(MMLU, "accuracy", 0.5)
@@ -190,10 +195,12 @@ async def test_bad_score_requests_name_the_field_and_record_nothing(registry, st
     assert table(custom) == [("evaluations/e1", "benchmarks/custom:my-set", "accuracy", 1.0)]  # the only one stored
 
 
-async def test_an_existing_database_gains_the_scores_table_in_place(tmp_path, s3_settings, store, tiny_model):
+async def test_an_existing_database_gains_the_scores_table_in_place(tmp_path, s3_settings, store, tiny_model,
+                                                                   db_backend):
     settings = RegistrySettings(
         data_dir=tmp_path / "data", s3=s3_settings, grpc=GrpcServerSettings(port=0), import_workers=1,
         worker_poll_interval_s=0.1, hf_endpoint="http://127.0.0.1:9", hf_token=None,
+        database_url=db_backend.service_url("registry"),
     )  # fmt: skip
 
     async def running() -> tuple[object, RegistryClient]:
@@ -280,6 +287,7 @@ def _jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
+@pytest.mark.usefixtures("db_backend")
 async def test_evaluation_sets_upload_and_a_planted_bad_row_is_refused_naming_row_and_field(
     registry, store, tiny_model, tmp_path
 ):

@@ -32,6 +32,7 @@ from cli.stack import (
     state_path,
 )
 from services.core.errors import InvalidArgument
+from tests.support.ports import free_ports
 
 HOST = "127.0.0.1"
 
@@ -72,19 +73,6 @@ SERVER = textwrap.dedent(
 )
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (all held open together while picking)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 class Fleet:
     """Builds ServiceSpecs running the stand-in server, and settings on free ports."""
@@ -99,7 +87,7 @@ class Fleet:
         return ServiceSpec(name=name, argv=[sys.executable, str(self.script), name, mode, str(self.stops)], port=port)
 
     def settings(self, **kw) -> StackSettings:
-        names = ("gateway", "registry", "training", "quantization", "evaluation", "inference", "s3")
+        names = ("gateway", "registry", "training", "quantization", "evaluation", "inference", "pipeline", "s3")
         ports = dict(zip(names, free_ports(len(names)), strict=True))
         kw = {"data_dir": self.data_dir, "startup_timeout_s": 30.0, "stop_timeout_s": 5.0,
               **{f"port_{k}": v for k, v in ports.items()}, **kw}
@@ -139,8 +127,10 @@ def test_started_services_are_healthy_get_the_env_contract_and_stop_in_reverse_o
         assert env["YARD_TRAINING_REGISTRY_ADDR"] == f"{HOST}:{reg_port}"
         assert env["YARD_TRAINING_DATA_DIR"] == str(fleet.data_dir / "training")
         assert env["YARD_TRAINING_S3__ENDPOINT"] == f"{HOST}:{settings.port_s3}"
-        assert env["YARD_TRAINING_S3__ACCESS_KEY"] == settings.s3_access_key
-        assert env["YARD_TRAINING_S3__SECRET_KEY"] == settings.s3_secret_key.get_secret_value()
+        # the S3 credentials and the service token generated for this data dir (kept in <data_dir>/secrets)
+        assert env["YARD_TRAINING_S3__ACCESS_KEY"] == stack.secrets.s3_access_key == stack.s3.access_key
+        assert env["YARD_TRAINING_S3__SECRET_KEY"] == stack.secrets.s3_secret_key != "modelyard-secret"
+        assert env["YARD_TRAINING_AUTH__TOKEN_FILE"] == str(fleet.data_dir / "secrets" / "service_token")
         assert "YARD_TRAINING_TRAINING_ADDR" not in env
         registry_env = json.loads((fleet.data_dir / "registry" / "env.json").read_text())
         assert registry_env["YARD_REGISTRY_TRAINING_ADDR"] == f"{HOST}:{train_port}"

@@ -1,5 +1,6 @@
 """The training service through real gRPC: in-process registry and training servers on port 0, a real
-nanio S3 server, real SQLite, job children running the real recipes on the tiny model (CPU)."""
+nanio S3 server, real SQLite (and PostgreSQL: the tests taking ``db_backend``), job children running the real
+recipes on the tiny model (CPU)."""
 
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ async def test_preflight_refuses_bad_jobs_with_clear_errors_and_queues_nothing(t
         assert list(listed.training_jobs) == []
 
 
-async def test_lora_sft_job_streams_loss_live_and_registers_an_adapter_with_lineage(tmp_path, s3_settings, tiny_model):
-    async with training_stack(tmp_path, s3_settings) as stack:
+async def test_lora_sft_job_streams_loss_live_and_registers_an_adapter_with_lineage(tmp_path, s3_settings, tiny_model,
+                                                                                  db_backend):
+    async with training_stack(tmp_path, s3_settings, databases=db_backend) as stack:  # SQLite, then PostgreSQL
         base, chat = await _inputs(stack, tiny_model)
         job = await stack.training.create_training_job(
             lora_job(base, [chat], checkpoint_every_steps=2, output_model="models/tiny-shout"),
@@ -178,8 +180,9 @@ async def test_cancel_stops_a_running_job(tmp_path, s3_settings, tiny_model):
         assert 0 < done.progress.step < 100_000
 
 
-async def test_list_pages_filters_and_cli_shows_jobs(tmp_path, s3_settings, tiny_model):
-    async with training_stack(tmp_path, s3_settings, worker=False) as stack:  # an API-only replica: jobs stay QUEUED
+async def test_list_pages_filters_and_cli_shows_jobs(tmp_path, s3_settings, tiny_model, db_backend):
+    # an API-only replica (jobs stay QUEUED), on SQLite, then on PostgreSQL
+    async with training_stack(tmp_path, s3_settings, worker=False, databases=db_backend) as stack:
         base, chat = await _inputs(stack, tiny_model)
         created = []
         for i, method in enumerate([tpb.TRAINING_METHOD_LORA, tpb.TRAINING_METHOD_DORA, tpb.TRAINING_METHOD_LORA]):

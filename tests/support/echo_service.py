@@ -115,7 +115,7 @@ class EchoApp:
 
 
 def build_app(settings: EchoSettings) -> EchoApp:
-    server = GrpcServer(settings.grpc, service="echo", metrics=False)
+    server = GrpcServer(settings.grpc, service="echo", metrics=False, auth=settings.auth, tls=settings.tls)
     server.add_servicer(add_to_server, EchoServicer(), SERVICE)
     return EchoApp(server)
 

@@ -1,6 +1,6 @@
 """An in-process registry + training + inference + evaluation stack on loopback (port 0), for the evaluation
-tests. Every service is the real one (gRPC, nanio S3, SQLite); engines run as child processes, evaluations
-as job children."""
+tests. Every service is the real one (gRPC, nanio S3, SQLite or PostgreSQL); engines run as child processes,
+evaluations as job children."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from services.evaluation.settings import EvaluationSettings
 from services.inference.app import build_app as build_inference
 from services.inference.settings import InferenceSettings
 
+from .databases import Databases, service_url
 from .training_stack import training_stack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -41,17 +42,19 @@ class EvalStack:
 
 @asynccontextmanager
 async def evaluation_stack(
-    data_dir: Path, s3: S3Settings, *, vllm: bool = False, inference: dict | None = None, **evaluation
+    data_dir: Path, s3: S3Settings, *, vllm: bool = False, inference: dict | None = None,
+    databases: Databases | None = None, **evaluation,
 ) -> AsyncIterator[EvalStack]:
-    """The four services; temporary deployments use the transformers engine unless ``vllm``."""
+    """The four services; temporary deployments use the transformers engine unless ``vllm``. Databases as in
+    ``training_stack``."""
     evaluation.setdefault("deploy_engine", "vllm" if vllm else "transformers")
-    async with training_stack(data_dir, s3) as stack:
+    async with training_stack(data_dir, s3, databases=databases) as stack:
         registry_addr = stack.app.settings.registry_addr
         inf_settings = InferenceSettings(
             data_dir=data_dir / "inference", s3=s3, grpc=GrpcServerSettings(port=0), registry_addr=registry_addr,
             vllm_python=VLLM_PYTHON if vllm else data_dir / "no-vllm" / "bin" / "python",
             restart_backoff_initial_s=0.5, health_interval_s=0.5, engine_start_timeout_s=420, omp_threads=1,
-            **(inference or {}),
+            database_url=service_url("inference", databases), **(inference or {}),
         )  # fmt: skip
         inf_app = build_inference(inf_settings, metrics=False, default_port=0)
         await inf_app.start()
@@ -59,7 +62,7 @@ async def evaluation_stack(
         settings = EvaluationSettings(
             data_dir=data_dir / "evaluation", s3=s3, grpc=GrpcServerSettings(port=0), registry_addr=registry_addr,
             inference_addr=inference_addr, worker_poll_interval_s=0.1, heartbeat_s=0.5, heartbeat_timeout_s=10,
-            cancel_grace_s=30, deploy_timeout_s=420, **evaluation,
+            cancel_grace_s=30, deploy_timeout_s=420, database_url=service_url("evaluation", databases), **evaluation,
         )  # fmt: skip
         app = build_evaluation(settings, metrics=False, default_port=0)
         await app.start()

@@ -64,10 +64,13 @@ class FakeInference(pb_grpc.InferenceServiceServicer):
         deployment("tiny", adapters=("sql",)), deployment("warming", state=pb.DEPLOYMENT_STATE_CREATING)])
     fail_generation_with: grpc.StatusCode | None = None  # every Chat/Complete/Embed fails at once with it
     chunk_delay_s: float = 0.0
+    list_delay_s: float = 0.0  # ListDeployments answers this late (a refresh in flight)
     calls: list[Call] = field(default_factory=list)
     cancelled: list[str | None] = field(default_factory=list)  # request ids of streams the client cancelled
 
     async def ListDeployments(self, request, context):
+        if self.list_delay_s:
+            await asyncio.sleep(self.list_delay_s)
         return pb.ListDeploymentsResponse(deployments=self.deployments)
 
     async def GetDeployment(self, request, context):

@@ -24,6 +24,8 @@ from services.training.app import TrainingApp
 from services.training.app import build_app as build_training
 from services.training.settings import TrainingSettings
 
+from .databases import Databases, service_url
+
 
 @dataclass
 class Stack:
@@ -34,16 +36,22 @@ class Stack:
 
 
 @asynccontextmanager
-async def training_stack(data_dir: Path, s3: S3Settings, *, worker: bool = True, **training) -> AsyncIterator[Stack]:
-    """Registry and training servers (training's worker runs jobs in child processes when ``worker``)."""
+async def training_stack(data_dir: Path, s3: S3Settings, *, worker: bool = True, databases: Databases | None = None,
+                         **training) -> AsyncIterator[Stack]:
+    """Registry and training servers (training's worker runs jobs in child processes when ``worker``).
+
+    Each service's database: a fresh one of ``databases`` (the ``db_backend`` / ``postgres_backend`` fixtures),
+    else its SQLite file in its data dir (see tests/support/databases.py)."""
     reg_app = build_registry(RegistrySettings(data_dir=data_dir / "registry", s3=s3, grpc=GrpcServerSettings(port=0),
-                                              import_workers=1, watch_interval_s=0.05), metrics=False, default_port=0)
+                                              import_workers=1, watch_interval_s=0.05,
+                                              database_url=service_url("registry", databases)),
+                             metrics=False, default_port=0)
     await reg_app.start()
     registry_addr = f"127.0.0.1:{reg_app.server.port}"
     settings = TrainingSettings(
         data_dir=data_dir / "training", s3=s3, grpc=GrpcServerSettings(port=0), registry_addr=registry_addr,
         worker_enabled=worker, worker_poll_interval_s=0.1, heartbeat_s=0.5, heartbeat_timeout_s=10,
-        cancel_grace_s=5, **training)
+        cancel_grace_s=5, database_url=service_url("training", databases), **training)
     app = build_training(settings, metrics=False, default_port=0)
     await app.start()
     registry = RegistryClient(registry_addr, timeout=120)

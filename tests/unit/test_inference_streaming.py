@@ -490,18 +490,24 @@ def test_chat_chunks_of_one_chunk_is_chat_chunk():
     assert protocol.chat_chunks([]) == []
 
 
-def test_chat_chunks_keeps_the_usage_chunk_separate_and_last():
+def test_chat_chunks_sets_the_usage_that_ends_a_batch_on_the_last_message():
     out = protocol.chat_chunks([
         _chat("", role="assistant"),
         _chat("a"),
         _chat("b", finish="stop"),
         _usage(),
     ])
-    assert len(out) == 2
+    # one message: the merged deltas, the finish reason and the usage that came with them
+    assert len(out) == 1
     assert out[0].choices[0].content == "ab" and out[0].choices[0].finish_reason == pb.FINISH_REASON_STOP
-    assert not out[0].HasField("usage")
-    assert len(out[1].choices) == 0
-    assert out[1].usage.prompt_tokens == 5 and out[1].usage.completion_tokens == 3
+    assert out[0].usage.prompt_tokens == 5 and out[0].usage.completion_tokens == 3
+    # a usage chunk alone in its batch stays a message of its own, without choices
+    alone = protocol.chat_chunks([_usage()])
+    assert len(alone) == 1 and not alone[0].choices and alone[0].usage.completion_tokens == 3
+    # a message that carries a usage already keeps it (the usage chunk stays apart)
+    both = protocol.chat_chunks([dict(_chat("a", finish="stop"), usage={"prompt_tokens": 1, "completion_tokens": 1}),
+                                 _usage()])
+    assert [m.usage.completion_tokens for m in both] == [1, 3] and not both[1].choices
 
 
 def test_chat_chunks_never_merges_into_or_from_a_usage_chunk():
@@ -546,7 +552,8 @@ def test_chat_chunks_does_not_merge_tool_call_deltas():
     assert (first.id, first.name) == ("call_1", "get_weather")
     assert "".join(m.choices[0].tool_calls[0].arguments for m in tool_msgs) == '{"city": "Paris"}'
     assert [m.choices[0].tool_calls[0].arguments for m in tool_msgs] == ["", '{"city": ', '"Paris"}']
-    assert out[-1].HasField("usage") and not out[-1].choices
+    assert out[-1].HasField("usage") and out[-1].choices[0].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert [m.HasField("usage") for m in out].count(True) == 1
     finishes = [c.finish_reason for m in out for c in m.choices if c.finish_reason]
     assert finishes == [pb.FINISH_REASON_TOOL_CALLS]
     # content right before a tool call is not merged into the tool-call message either
@@ -565,8 +572,9 @@ def test_chat_chunks_merges_interleaved_choices_per_index():
         _chat("F", index=1, lp=-6.0, finish="length"),
         _usage(),
     ])
-    # one choice per message, as OpenAI streams send them; each choice's deltas merged in order
-    assert len(out) == 3
+    # one choice per message, as OpenAI streams send them; each choice's deltas merged in order (the
+    # usage rides on the last message)
+    assert len(out) == 2
     assert [len(m.choices) for m in out[:2]] == [1, 1]
     by_index = {m.choices[0].index: m.choices[0] for m in out[:2]}
     assert set(by_index) == {0, 1}
@@ -576,7 +584,7 @@ def test_chat_chunks_merges_interleaved_choices_per_index():
         ("BDF", pb.FINISH_REASON_LENGTH, pb.CHAT_ROLE_ASSISTANT)
     assert [t.logprob for t in by_index[0].logprobs] == [-1.0, -3.0, -5.0]
     assert [t.logprob for t in by_index[1].logprobs] == [-2.0, -4.0, -6.0]
-    assert not out[2].choices and out[2].usage.completion_tokens == 3
+    assert out[1].usage.completion_tokens == 3 and not out[0].HasField("usage")
 
 
 def test_complete_chunks_merges_text_and_logprobs():
@@ -884,6 +892,8 @@ def _reference_merge(msgs, can_extend, can_continue, extend):
             continue
         out.append(msg)
         open_by_index[c.index] = msg
+    if len(out) > 1 and not out[-1].choices and out[-1].HasField("usage") and not out[-2].HasField("usage"):
+        out[-2].usage.CopyFrom(out.pop().usage)  # the usage that ends the batch rides on the message before
     return out
 
 

@@ -1,4 +1,4 @@
-"""JobStore on a real SQLite file, without child processes."""
+"""JobStore on a real SQLite file and a real PostgreSQL database, without child processes."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from services.core.jobs.store import JOB_SCHEMA
 
 
 @pytest.fixture
-def store(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(db_url):
+    db = Database(db_url)  # a SQLite file, and a PostgreSQL database of its own (tests/conftest.py)
     yield JobStore(db)
     db.dispose()
 

@@ -23,7 +23,7 @@ HEAVY = ("torch", "transformers", "deepspeed", "peft", "trl")
 # Everything the server extra brings: the SDK and the CLI's remote commands need none of it.
 SERVER_ONLY = HEAVY + ("sqlalchemy", "minio", "nanio", "fastapi", "starlette", "uvicorn", "prometheus_client",
                        "tokenizers", "safetensors", "gguf", "huggingface_hub", "accelerate", "datasets", "pyarrow",
-                       "numpy", "psycopg", "grpc_reflection", "grpc_status")
+                       "numpy", "psycopg", "grpc_reflection", "grpc_status", "cryptography")
 
 BLOCKING_IMPORT = textwrap.dedent("""
     import importlib, sys

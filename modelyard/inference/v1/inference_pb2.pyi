@@ -122,7 +122,7 @@ class Adapter(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class EngineOptions(_message.Message):
-    __slots__ = ("dtype", "max_model_len", "max_num_seqs", "kv_cache_bytes", "tensor_parallel_size", "max_lora_rank", "max_loras")
+    __slots__ = ("dtype", "max_model_len", "max_num_seqs", "kv_cache_bytes", "tensor_parallel_size", "max_lora_rank", "max_loras", "tool_call_parser")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class EngineOptions(_message.Message):
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_PARSER_FIELD_NUMBER: _ClassVar[int]
     dtype: Dtype
     max_model_len: int
     max_num_seqs: int
@@ -137,7 +138,8 @@ class EngineOptions(_message.Message):
     tensor_parallel_size: int
     max_lora_rank: int
     max_loras: int
-    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., max_model_len: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ...) -> None: ...
+    tool_call_parser: str
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., max_model_len: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ..., tool_call_parser: _Optional[str] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
     __slots__ = ("deployment", "deployment_id")
@@ -260,7 +262,7 @@ class ResponseFormat(_message.Message):
     def __init__(self, type: _Optional[_Union[ResponseFormatType, str]] = ..., json_schema_name: _Optional[str] = ..., json_schema: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("deployment", "adapter", "messages", "sampling", "response_format", "tools_json", "tool_choice_json")
+    __slots__ = ("deployment", "adapter", "messages", "sampling", "response_format", "tools_json", "tool_choice_json", "parallel_tool_calls")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +270,7 @@ class ChatRequest(_message.Message):
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     adapter: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -275,7 +278,8 @@ class ChatRequest(_message.Message):
     response_format: ResponseFormat
     tools_json: str
     tool_choice_json: str
-    def __init__(self, deployment: _Optional[str] = ..., adapter: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tools_json: _Optional[str] = ..., tool_choice_json: _Optional[str] = ...) -> None: ...
+    parallel_tool_calls: bool
+    def __init__(self, deployment: _Optional[str] = ..., adapter: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tools_json: _Optional[str] = ..., tool_choice_json: _Optional[str] = ..., parallel_tool_calls: _Optional[bool] = ...) -> None: ...
 
 class ChatChunk(_message.Message):
     __slots__ = ("id", "choices", "usage")

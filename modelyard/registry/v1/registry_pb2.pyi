@@ -119,7 +119,7 @@ class FileEntry(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("architecture", "model_type", "parameter_count", "dtype", "context_length", "has_chat_template", "total_size_bytes")
+    __slots__ = ("architecture", "model_type", "parameter_count", "dtype", "context_length", "has_chat_template", "total_size_bytes", "task", "embedding_dimensions")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,8 @@ class ModelMetadata(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_type: str
     parameter_count: int
@@ -134,7 +136,9 @@ class ModelMetadata(_message.Message):
     context_length: int
     has_chat_template: bool
     total_size_bytes: int
-    def __init__(self, architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., total_size_bytes: _Optional[int] = ...) -> None: ...
+    task: str
+    embedding_dimensions: int
+    def __init__(self, architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., total_size_bytes: _Optional[int] = ..., task: _Optional[str] = ..., embedding_dimensions: _Optional[int] = ...) -> None: ...
 
 class Lineage(_message.Message):
     __slots__ = ("base_model_version", "dataset_versions", "job", "parameters", "source_uri")

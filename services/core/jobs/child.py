@@ -8,6 +8,7 @@ kills its whole process group so no orphan keeps running the job.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import os
@@ -37,6 +38,9 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
+    # A crash in native code (SIGSEGV, SIGBUS, ...) prints the Python stacks to stderr, which the worker stores
+    # in the job's log: an attempt lost that way says where it died.
+    faulthandler.enable(all_threads=True)
     channel = open_channel(int(argv[0]))
     start = json.loads(sys.stdin.readline())
     threading.Thread(target=_die_with_parent, name="parent-watch", daemon=True).start()

@@ -68,6 +68,14 @@ class JobResource:
         log.info("job_cancel_requested", job=name, state=job.state.value)
         return job
 
+    async def retry(self, name: str) -> JobRecord:
+        """Queue a FAILED or CANCELLED job again as a new attempt; what earlier attempts saved
+        (``save_resume_state``) tells it where to resume."""
+        self.job_id(name)
+        job = await asyncio.to_thread(self.store.retry, name)
+        log.info("job_retried", job=name, attempt=job.attempt)
+        return job
+
     async def watch(self, name: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         self.job_id(name)
         if after_seq < 0:

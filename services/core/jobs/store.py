@@ -13,14 +13,13 @@ import json
 import re
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
-from typing import Any, cast, overload
+from datetime import datetime, timedelta
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
     Boolean,
     Column,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -37,7 +36,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..db import Database, Migration, create_tables, utcnow
+from ..db import Database, Migration, UTCDateTime, create_tables, utcnow
 from ..errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, error_dict
 from ..listing import EQUALITY, Field, Page, Query, Schema, enum_value, int_value, sql_page, time_value
 from ..logging import get_logger
@@ -69,10 +68,10 @@ jobs = Table(
     Column("attempt", Integer, nullable=False),
     Column("max_attempts", Integer, nullable=False),
     Column("worker", String(200)),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True)),
-    Column("finished_at", DateTime(timezone=True)),
-    Column("heartbeat_at", DateTime(timezone=True)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("heartbeat_at", UTCDateTime),
     Column("progress", JSON, nullable=False),
     Column("error", JSON),
     Column("outputs", JSON, nullable=False),
@@ -89,7 +88,7 @@ job_events = Table(
     metadata,
     Column("job", String(255), ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True),
     Column("seq", Integer, primary_key=True),
-    Column("time", DateTime(timezone=True), nullable=False),
+    Column("time", UTCDateTime, nullable=False),
     Column("type", String(16), nullable=False),
     Column("message", Text, nullable=False),
     Column("data", JSON, nullable=False),
@@ -128,17 +127,6 @@ def job_schema(extra: dict[str, Field] | None = None, default_order: str = "crea
 JOB_SCHEMA = job_schema()
 
 
-@overload
-def _aware(dt: datetime) -> datetime: ...
-@overload
-def _aware(dt: None) -> None: ...
-def _aware(dt: datetime | None) -> datetime | None:
-    """SQLite gives naive datetimes back; every stored time is UTC."""
-    if dt is None or dt.tzinfo is not None:
-        return dt
-    return dt.replace(tzinfo=timezone.utc)
-
-
 def _rowcount(result: Any) -> int:
     """Rows an UPDATE/DELETE matched (``Session.execute`` is typed as returning a plain Result)."""
     return cast(CursorResult, result).rowcount
@@ -153,10 +141,10 @@ def _record(row: Any) -> JobRecord:
         attempt=row.attempt,
         max_attempts=row.max_attempts,
         worker=row.worker,
-        created_at=_aware(row.created_at),
-        started_at=_aware(row.started_at),
-        finished_at=_aware(row.finished_at),
-        heartbeat_at=_aware(row.heartbeat_at),
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        heartbeat_at=row.heartbeat_at,
         progress=row.progress,
         error=row.error,
         outputs=row.outputs,
@@ -169,7 +157,7 @@ def _record(row: Any) -> JobRecord:
 
 def _event(row: Any) -> JobEvent:
     return JobEvent(
-        job=row.job, seq=row.seq, time=_aware(row.time), type=EventType(row.type), message=row.message, data=row.data
+        job=row.job, seq=row.seq, time=row.time, type=EventType(row.type), message=row.message, data=row.data
     )
 
 
@@ -263,17 +251,29 @@ class JobStore:
         """
         if not kinds:
             return None
-        with self.db.session() as s:
-            candidates = (
-                s.execute(
-                    select(jobs.c.name)
-                    .where(jobs.c.state == JobState.QUEUED.value, jobs.c.kind.in_(list(kinds)))
-                    .order_by(jobs.c.created_at, jobs.c.name)
-                    .limit(8)
+        while True:
+            with self.db.session() as s:
+                candidates = (
+                    s.execute(
+                        select(jobs.c.name)
+                        .where(jobs.c.state == JobState.QUEUED.value, jobs.c.kind.in_(list(kinds)))
+                        .order_by(jobs.c.created_at, jobs.c.name)
+                        .limit(8)
+                    )
+                    .scalars()
+                    .all()
                 )
-                .scalars()
-                .all()
-            )
+            if not candidates:
+                return None
+            if (job := self._claim_first(worker_id, candidates)) is not None:
+                return job
+            # Other workers took all of them meanwhile (they are not QUEUED any more): look again.
+
+    def _claim_first(self, worker_id: str, candidates: Sequence[str]) -> JobRecord | None:
+        """The first of ``candidates`` this worker wins, RUNNING on ``worker_id``. The conditional UPDATE is
+        the claim: on PostgreSQL (READ COMMITTED) a second UPDATE of the row waits for the first one's
+        transaction, then re-checks ``state = 'QUEUED'`` against the committed row and matches nothing; on
+        SQLite writers take turns."""
         for name in candidates:
             now = utcnow()
             with self.db.session() as s:
@@ -325,9 +325,11 @@ class JobStore:
         *,
         progress: dict[str, Any] | None = None,
         resume_state: dict[str, Any] | None = None,
+        outputs: dict[str, Any] | None = None,
         heartbeat: bool = False,
     ) -> bool:
-        """The runner's periodic write: events, progress, resume state and heartbeat in one transaction.
+        """The runner's periodic write: events, progress, resume state, the outputs reported so far and the
+        heartbeat in one transaction.
 
         Returns whether a cancel was requested; raises FailedPrecondition(JOB_NOT_OWNED) when the job is
         not RUNNING on ``worker_id`` any more.
@@ -339,6 +341,9 @@ class JobStore:
             values["progress"] = progress
         if resume_state is not None:
             values["resume_state"] = resume_state
+        if outputs is not None:
+            _check_json("outputs", outputs)
+            values["outputs"] = outputs
         with self.db.session() as s:
             if values or events:  # write first: the ownership check and the writes are one transaction
                 if _rowcount(s.execute(self._owned(name, worker_id).values(worker=worker_id, **values))) != 1:
@@ -450,6 +455,38 @@ class JobStore:
                     metadata={"job": name, "state": job.state},
                 )
         raise FailedPrecondition(f"job {name} changed state while cancelling; retry", reason="JOB_STATE_CHANGED")
+
+    def retry(self, name: str) -> JobRecord:
+        """FAILED or CANCELLED -> QUEUED as a new attempt (``attempt + 1``, with at least one attempt left),
+        keeping the outputs and the resume state the earlier attempts saved; anything else ->
+        FailedPrecondition(JOB_NOT_RETRYABLE)."""
+        job = self.get(name)
+        if job.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise FailedPrecondition(
+                f"job {name} is {job.state.value}: only a FAILED or CANCELLED job can be retried",
+                reason="JOB_NOT_RETRYABLE",
+                metadata={"job": name, "state": job.state.value},
+            )
+        values = {
+            "state": JobState.QUEUED.value,
+            "attempt": job.attempt + 1,
+            "max_attempts": max(job.max_attempts, job.attempt + 1),
+            "worker": None,
+            "heartbeat_at": None,
+            "child_pid": None,
+            "finished_at": None,
+            "error": None,
+            "cancel_requested": False,
+        }
+        with self.db.session() as s:
+            res = s.execute(update(jobs).where(jobs.c.name == name, jobs.c.state == job.state.value).values(**values))
+            if _rowcount(res) != 1:
+                raise FailedPrecondition(f"job {name} changed state while retrying; retry", reason="JOB_STATE_CHANGED")
+            event = NewEvent(
+                EventType.STATE, "retried, queued", {"state": JobState.QUEUED.value, "attempt": job.attempt + 1}
+            )
+            self._append(s, name, [event])
+            return self._get(s, name)
 
     # ----------------------------------------------------------------- internals
 

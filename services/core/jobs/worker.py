@@ -56,6 +56,9 @@ async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         yield buf
 
 
+# Signals of a crash in native code: the child's faulthandler prints its stacks to stderr (the job's log).
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
+
 class _Attempt:
     """One attempt of one job in one child process."""
 
@@ -70,6 +73,7 @@ class _Attempt:
         self.progress_saved = 0
         self.resume_state: dict[str, Any] | None = None
         self.outputs: dict[str, Any] = {}
+        self.outputs_version = self.outputs_saved = 0  # outputs are stored while the job runs, not only at its end
         self.final: dict[str, Any] | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.cancelling = False
@@ -126,8 +130,14 @@ class _Attempt:
                 "workdir": str(self.workdir),
                 "resume_state": self.job.resume_state,
             }
-            stdin.write((json.dumps(start) + "\n").encode())
-            await stdin.drain()
+            try:
+                stdin.write((json.dumps(start) + "\n").encode())
+                await stdin.drain()
+            except (ConnectionError, RuntimeError) as e:
+                # The child died before reading its start line (killed, or it failed on start-up). asyncio
+                # raises ConnectionResetError here, uvloop RuntimeError ("the handler is closed"). The attempt
+                # ends by the child's exit status below, not by a stale heartbeat much later.
+                log.warning("job_child_gone_before_start", pid=self.proc.pid, error=str(e))
             await self._supervise()
         except FailedPrecondition:
             self.lost = True  # requeued by another worker before the child started
@@ -208,6 +218,7 @@ class _Attempt:
             self.progress_version += 1
         elif t == "outputs":
             self.outputs.update(msg.get("outputs") or {})
+            self.outputs_version += 1
         elif t == "resume_state":
             self.resume_state = msg.get("state")
         elif t in ("result", "error", "crash", "interrupted"):
@@ -260,6 +271,8 @@ class _Attempt:
         version = self.progress_version
         progress = json.loads(json.dumps(self.progress)) if version != self.progress_saved else None
         resume = self.resume_state
+        outputs_version = self.outputs_version
+        outputs = json.loads(json.dumps(self.outputs)) if outputs_version != self.outputs_saved else None
         try:
             cancel = await asyncio.to_thread(
                 self.store.sync,
@@ -268,12 +281,14 @@ class _Attempt:
                 events,
                 progress=progress,
                 resume_state=resume,
+                outputs=outputs,
                 heartbeat=heartbeat,
             )
         except BaseException:
             self.pending[:0] = events
             raise
         self.progress_saved = version
+        self.outputs_saved = outputs_version
         if self.resume_state is resume:
             self.resume_state = None
         return cancel
@@ -310,6 +325,8 @@ class _Attempt:
                 )
             elif t == "interrupted" or rc < 0:
                 why = f"child process killed by {signal.Signals(-rc).name}" if rc < 0 else final.get("message", "")
+                if -rc in _CRASH_SIGNALS:
+                    why += " (the job's log holds the stack it crashed in)"
                 job = await asyncio.to_thread(self.store.lose_attempt, name, wid, why)
             else:
                 job = await asyncio.to_thread(
@@ -456,12 +473,15 @@ def service_worker(
     settings: JobServiceSettings, store: JobStore, kinds: Mapping[str, str], service: str
 ) -> Worker | None:
     """The job worker a service runs next to its gRPC server (None when ``worker_enabled`` is off). Its children
-    get the S3 credentials in their environment (``services.core.jobs.secrets``), never in the stored spec."""
+    get the S3 credentials in their environment (``services.core.jobs.secrets``), never in the stored spec, and
+    the service's own gRPC credentials as the SDK's variables (``YARD_TOKEN``, ``YARD_TLS_*_FILE``), so that the
+    clients a job makes call the other services as the service does."""
     if not settings.worker_enabled:
         return None
     child_env = {
         "YARD_JOB_S3_ACCESS_KEY": settings.s3.access_key,
         "YARD_JOB_S3_SECRET_KEY": settings.s3.secret_key.get_secret_value(),
+        **settings.client_credentials().child_env(),
     }
     return Worker(
         store,

@@ -15,7 +15,8 @@ import ctypes
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,8 @@ class EngineOptions:
     tensor_parallel_size: int = 0
     max_lora_rank: int = 0
     max_loras: int = 0
+    # vLLM --tool-call-parser; empty: chosen from the model folder when the engine starts; "none": no parser
+    tool_call_parser: str = ""
 
 
 @dataclass
@@ -59,6 +62,7 @@ class EngineSpec:
     adapters: dict[str, Path] = field(default_factory=dict)  # alias -> local adapter folder
     omp_threads: int = 1
     lora_enabled: bool = False  # vLLM: start with LoRA support (needed for LoadAdapter later)
+    task: str = ""  # the registry's model task; "embedding": serve /v1/embeddings only (engines/embedding.py)
 
 
 class Engine(Protocol):
@@ -117,10 +121,24 @@ class Engine(Protocol):
         """Remove the LoRA adapter ``alias``."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGTERM the engine when the inference service dies, so no engine is orphaned."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _death_signal_setter() -> Callable[[], None] | None:
+    """Linux: a function for ``preexec_fn`` that makes the kernel SIGTERM the engine when the inference
+    service dies (``PR_SET_PDEATHSIG``), so no engine is orphaned. libc is loaded here, in the parent
+    (nothing is loaded between fork and exec). None where there is no such call (logged at each engine start)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG; cannot fail for a valid signal
+
+    return die_with_parent
+
+
+_DIE_WITH_PARENT = _death_signal_setter()
 
 
 class StreamRate:
@@ -180,8 +198,11 @@ class HttpEngine:
         with open(self.log_path, "ab") as out:
             self._process = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env=self.environment(), start_new_session=True, preexec_fn=_die_with_parent,
+                env=self.environment(), start_new_session=True, preexec_fn=_DIE_WITH_PARENT,
             )
+        if _DIE_WITH_PARENT is None:
+            log.warning("engine_orphan_guard_unavailable", deployment=self.spec.deployment,
+                        detail="no PR_SET_PDEATHSIG here: an engine outlives a killed inference service")
         log.info("engine_started", engine=self.kind, deployment=self.spec.deployment, pid=self._process.pid,
                  endpoint=self.endpoint, log=str(self.log_path))
 

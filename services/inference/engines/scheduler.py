@@ -76,8 +76,9 @@ class GenRequest:
     """A generation request of ``n`` choices; events arrive on ``events`` in the caller's loop."""
 
     def __init__(self, prompt_ids: list[int], sampling: Sampling, *, n: int = 1, adapter: str | None = None,
-                 prompt_logprobs: bool = False, loop: asyncio.AbstractEventLoop) -> None:
+                 prompt_logprobs: bool = False, loop: asyncio.AbstractEventLoop, grammar: Any = None) -> None:
         self.prompt_ids = prompt_ids
+        self.grammar = grammar  # constrained decoding (constrained.Grammar): each choice gets its matcher
         self.sampling = sampling
         self.n = n
         self.adapter = adapter
@@ -108,6 +109,7 @@ class _Seq:
         self.sent = 0  # characters of ``text`` already sent
         self.unsent_tokens: list[TokenInfo] = []
         self.counts = torch.zeros(vocab) if _uses_penalties(req.sampling) else None
+        self.matcher = req.grammar.matcher() if req.grammar is not None else None
         self.generator: torch.Generator | None = None
         seed = req.sampling.seed
         if seed is not None and req.sampling.temperature > 0:
@@ -133,6 +135,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._seqs: list[_Seq] = []
+        self._admitting: list[GenRequest] = []  # taken from the queue, not in the batch yet (failed with it)
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -162,6 +165,11 @@ class Scheduler:
     def running(self) -> int:
         return sum(1 for s in self._seqs if s.pending is not None)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not admitted yet (aborted ones leave at the next step)."""
+        return self._incoming.qsize()
+
     # ------------------------------------------------------------------ loop
 
     def _run(self) -> None:
@@ -179,9 +187,13 @@ class Scheduler:
                     self._step()
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
                 log.exception("scheduler_step_failed")
-                for seq in self._seqs:
-                    if seq.pending is not None:  # not the rows that finished already
-                        seq.req.emit(Event("error", message=f"engine step failed: {exc}"))
+                # every request of the batch (not the rows that finished already) and those being
+                # admitted (a failed prefill): each gets one error event, none is left waiting
+                failed = {id(s.req): s.req for s in self._seqs if s.pending is not None}
+                failed.update((id(r), r) for r in self._admitting)
+                for req in failed.values():
+                    req.emit(Event("error", message=f"engine step failed: {exc}"))
+                self._admitting.clear()
                 self._reset_batch()
 
     def _run_calls(self) -> None:
@@ -217,11 +229,13 @@ class Scheduler:
             if req.adapter and req.adapter not in self.adapters:
                 req.emit(Event("error", message=f"adapter {req.adapter!r} is not loaded"))
                 continue
+            self._admitting.append(req)
             seqs = [_Seq(req, i, self._vocab) for i in range(req.n)]
             if req.sampling.max_tokens == 0:
                 self._prefill([seqs[0]], only_prompt=True)
                 for seq in seqs:
                     self._finish(seq, "length")
+                self._admitting.remove(req)
                 continue
             new.extend(seqs)
             room -= req.n
@@ -229,6 +243,7 @@ class Scheduler:
             self._prefill(new)  # its merge also drops the rows that finished since the last step
         else:
             self._drop_finished(defer=False)
+        self._admitting.clear()
 
     def _adapter_kwargs(self, seqs: list[_Seq]) -> dict[str, Any]:
         if not self.adapters:
@@ -345,7 +360,9 @@ class Scheduler:
     def _accept(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample the next token of ``seq`` from ``logits``, stream its text, finish it if due."""
         s = seq.req.sampling
-        token = self._sample(seq, logits)
+        token = self._sample(seq, logits if seq.matcher is None else seq.matcher.mask(logits))
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
         seq.generated.append(token)
         seq.req.completion_tokens += 1
         if seq.counts is not None:

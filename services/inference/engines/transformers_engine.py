@@ -37,6 +37,8 @@ class TransformersEngine(HttpEngine):
         ]
         if opts.max_model_len:
             cmd += ["--max-model-len", str(opts.max_model_len)]
+        if spec.task == "embedding":
+            cmd += ["--task", "embedding"]
         for alias, path in spec.adapters.items():
             cmd += ["--lora", f"{alias}={path}"]
         return cmd

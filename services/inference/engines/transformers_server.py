@@ -37,6 +37,8 @@ from services.core.logging import configure_logging, get_logger
 from services.core.runtime import freeze_startup_heap
 
 from ..streaming import Pacing
+from . import tool_calls
+from .constrained import ConstraintError, Constraints, Grammar
 from .scheduler import BASE_ADAPTER, Event, GenRequest, RequestError, Sampling, Scheduler, TokenInfo
 from .score_encoding import EncodedScore, ScoreRequestError, encode_score, score_result
 
@@ -74,6 +76,7 @@ class ChatBody(_Body):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
 
@@ -130,6 +133,7 @@ class TransformersEngineServer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         model.eval()
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])  # token ids a prompt may hold
         context = getattr(model.config, "max_position_embeddings", 0) or 2048
         self.max_model_len = min(max_model_len, context) if max_model_len else context
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -137,6 +141,8 @@ class TransformersEngineServer:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(model, self.tokenizer, max_num_seqs=max_num_seqs, eos_ids=eos_ids)
+        self._eos_ids = eos_ids
+        self._constraints: Constraints | None = None  # built at the first constrained request
         for alias, path in loras.items():
             self._load_adapter(alias, path)
         self.created = int(time.time())
@@ -185,6 +191,32 @@ class TransformersEngineServer:
             return model
         raise ModelNotFound(f"The model `{model}` does not exist.")
 
+    async def grammar(self, response_format: dict[str, Any] | None,
+                      tools: tool_calls.ToolSpec | None = None) -> Grammar | None:
+        """The grammar a request's output must follow (``constrained``): its tool choice (required or
+        a named function) or its ``response_format``; None for free text. Compiled off the loop."""
+        kind = (response_format or {}).get("type") or "text"
+        constrains_tools = tools is not None and tools.constrains
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ConstraintError("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
+        if kind == "text" and not constrains_tools:
+            return None
+        if kind != "text" and constrains_tools:
+            raise ConstraintError("response_format", f"cannot be combined with tool_choice {tools.choice!r}")
+        if self._constraints is None:
+            vocab = int(self.scheduler.model.get_output_embeddings().weight.shape[0])
+            self._constraints = await asyncio.to_thread(Constraints, self.tokenizer, vocab_size=vocab,
+                                                        stop_ids=self._eos_ids)
+        constraints = self._constraints
+        if constrains_tools:
+            return await asyncio.to_thread(constraints.tool_calls, tools)
+        if kind == "json_object":
+            return await asyncio.to_thread(constraints.json_object)
+        spec = (response_format or {}).get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ConstraintError("response_format.json_schema.schema", "is required for json_schema")
+        return await asyncio.to_thread(constraints.json_schema, spec["schema"])
+
     def chat_prompt(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not messages:
@@ -192,7 +224,8 @@ class TransformersEngineServer:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template; use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+            text = self.tokenizer.apply_chat_template(tool_calls.template_messages(messages), tools=tools or None,
+                                                      tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise RequestError(f"messages: chat template failed: {exc}") from None
@@ -200,8 +233,6 @@ class TransformersEngineServer:
 
     def sampling(self, body: _Body, prompt_len: int, *, logprobs: bool, top_logprobs: int,
                  allow_zero: bool = False) -> Sampling:
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise RequestError("response_format: structured output is not supported by the transformers engine")
         if not 1 <= body.n <= self.scheduler.max_num_seqs:
             raise RequestError(f"n: must be between 1 and max_num_seqs ({self.scheduler.max_num_seqs})")
         if prompt_len >= self.max_model_len:
@@ -432,7 +463,7 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _bad_request(_request: Request, exc: RequestError) -> JSONResponse:
-        return error_response(400, str(exc))
+        return error_response(400, str(exc), param=getattr(exc, "param", None))
 
     @app.exception_handler(ScoreRequestError)
     async def _bad_score(_request: Request, exc: ScoreRequestError) -> JSONResponse:
@@ -448,7 +479,7 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "running": engine.scheduler.running})
+        return JSONResponse({"status": "ok", "running": engine.scheduler.running, "waiting": engine.scheduler.waiting})
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -461,17 +492,22 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
     async def chat(request: Request):
         body: ChatBody = await parse(request, ChatBody)  # type: ignore[assignment]
         adapter = engine.resolve_adapter(body.model)
+        tools = tool_calls.resolve(body.tools, body.tool_choice, body.parallel_tool_calls)
         prompt = engine.chat_prompt(body.messages, add_generation_prompt=body.add_generation_prompt,
                                     tools=body.tools)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         sampling = engine.sampling(body, len(prompt), logprobs=body.logprobs, top_logprobs=top)
-        req = GenRequest(prompt, sampling, n=body.n, adapter=adapter, loop=asyncio.get_running_loop())
+        grammar = await engine.grammar(body.response_format, tools)
+        req = GenRequest(prompt, sampling, n=body.n, adapter=adapter, loop=asyncio.get_running_loop(),
+                         grammar=grammar)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             started: set[int] = set()
+            # tool calls read out of each choice's text (tool_calls.py) unless tool_choice is none
+            readers = {i: tool_calls.ToolCallStream() for i in range(body.n)} if tools.parses else None
             async for ev in engine.stream_events(req) if body.stream else engine.generate(req):
                 if ev.kind == "done":
                     if include_usage:
@@ -479,13 +515,22 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
                     return
                 if ev.kind != "delta":
                     continue
-                delta: dict[str, Any] = {"content": ev.text}
-                if ev.index not in started:
-                    started.add(ev.index)
-                    delta["role"] = "assistant"
-                yield {**head, "choices": [{
-                    "index": ev.index, "delta": delta, "finish_reason": ev.finish_reason,
-                    "logprobs": _chat_logprobs(ev.tokens) if body.logprobs else None}]}
+                deltas: list[dict[str, Any]] = [{"content": ev.text}]
+                finish = ev.finish_reason
+                if readers is not None:
+                    reader = readers[ev.index]
+                    deltas = reader.feed(ev.text) + (reader.finish() if finish is not None else [])
+                    if not deltas and (finish is not None or body.logprobs or ev.index not in started):
+                        deltas = [{"content": ""}]  # the role, the finish reason or logprobs still go out
+                    # a named function ends with "stop", as OpenAI (and vLLM) report a forced call
+                    finish = "tool_calls" if finish == "stop" and reader.calls and tools.choice != "named" else finish
+                for k, delta in enumerate(deltas):
+                    if ev.index not in started:
+                        started.add(ev.index)
+                        delta = {"role": "assistant", **delta}
+                    yield {**head, "choices": [{
+                        "index": ev.index, "delta": delta, "finish_reason": finish if k == len(deltas) - 1 else None,
+                        "logprobs": (_chat_logprobs(ev.tokens if k == 0 else []) if body.logprobs else None)}]}
 
         if body.stream:
             return StreamingResponse(_stream(chunks()), media_type="text/event-stream")
@@ -496,6 +541,9 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
         body: CompletionBody = await parse(request, CompletionBody)  # type: ignore[assignment]
         adapter = engine.resolve_adapter(body.model)
         if isinstance(body.prompt, list):
+            bad = next((t for t in body.prompt if not 0 <= t < engine.vocab_size), None)
+            if bad is not None:  # would fail the whole batch's prefill
+                raise RequestError(f"prompt: token id {bad} is not in the vocabulary (0-{engine.vocab_size - 1})")
             prompt_ids, prompt_text = body.prompt, engine.tokenizer.decode(body.prompt)
         else:
             prompt_ids, prompt_text = engine.tokenizer.encode(body.prompt), body.prompt
@@ -505,7 +553,7 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
         sampling = engine.sampling(body, len(prompt_ids), logprobs=want_lp, top_logprobs=body.logprobs or 0,
                                    allow_zero=body.echo)
         req = GenRequest(prompt_ids, sampling, n=body.n, adapter=adapter, prompt_logprobs=body.echo and want_lp,
-                         loop=asyncio.get_running_loop())
+                         loop=asyncio.get_running_loop(), grammar=await engine.grammar(body.response_format))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -607,14 +655,20 @@ async def _aggregate_chat(chunks, head, n, logprobs, req) -> dict[str, Any]:
     choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "finish_reason": None,
                 "logprobs": {"content": []} if logprobs else None} for i in range(n)]
     usage = None
+    calls: dict[int, dict[int, dict[str, Any]]] = {i: {} for i in range(n)}
     async for chunk in chunks:
         usage = chunk.get("usage", usage)
         for c in chunk["choices"]:
             out = choices[c["index"]]
-            out["message"]["content"] += c["delta"]["content"]
+            out["message"]["content"] += c["delta"].get("content") or ""
+            tool_calls.merge_delta({"tool_calls": c["delta"].get("tool_calls")}, [], calls[c["index"]])
             out["finish_reason"] = c["finish_reason"] or out["finish_reason"]
             if logprobs:
                 out["logprobs"]["content"] += c["logprobs"]["content"]
+    for i, choice in enumerate(choices):
+        if calls[i]:
+            choice["message"]["tool_calls"] = [calls[i][k] for k in sorted(calls[i])]
+            choice["message"]["content"] = choice["message"]["content"] or None
     usage = usage or {"prompt_tokens": len(req.prompt_ids), "completion_tokens": req.completion_tokens,
                       "total_tokens": len(req.prompt_ids) + req.completion_tokens}
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
@@ -655,10 +709,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-max-interval-ms", type=float, default=0.0)
     parser.add_argument("--stream-messages-per-s", type=float, default=0.0)
     parser.add_argument("--stream-pacing-min-streams", type=int, default=1)
+    parser.add_argument("--task", default="auto", choices=("auto", "generate", "embedding"),
+                        help="embedding: serve an encoder on /v1/embeddings only (engines/embedding.py); "
+                             "auto: embedding when the folder is a sentence-transformers or bare-encoder model")
     args = parser.parse_args(argv)
 
     configure_logging(level="INFO", json=True, service="inference-engine")
     torch.set_num_threads(args.threads)
+    from . import embedding
+
+    if args.task == "embedding" or (args.task == "auto" and embedding.is_embedding_model(args.model)):
+        embedding.serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+                        dtype=DTYPES[args.dtype], max_model_len=args.max_model_len)
+        return
     loras = dict(item.split("=", 1) for item in args.lora)
     engine = TransformersEngineServer(args.model, served_model_name=args.served_model_name, dtype=args.dtype,
                                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,

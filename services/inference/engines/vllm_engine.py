@@ -5,6 +5,9 @@
 logits processor and prefix caching on (see ``vllm_server``); the repository root is put on the
 engine's PYTHONPATH for that module. LoRA adapters: ``--enable-lora --lora-modules alias=path`` at start, and
 runtime loading through ``/v1/load_lora_adapter`` (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+Tool calls: ``--enable-auto-tool-choice --tool-call-parser NAME`` with the deployment's resolved parser
+(``tool_parsers``); with none, the JSON-only parser that ``vllm_server`` registers, and ``tool_choice``
+``auto`` refused here with a 400 before it reaches vLLM.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from services.core.errors import FailedPrecondition
+from services.core.errors import FailedPrecondition, InvalidArgument
 
 from .base import EngineSpec, HttpEngine
+from .tool_parsers import NONE, engine_parser_name
 
 GIB = 1024**3
 REPO_ROOT = Path(__file__).resolve().parents[3]  # holds the ``services`` package
@@ -60,6 +65,9 @@ class VllmEngine(HttpEngine):
             cmd += ["--max-num-seqs", str(opts.max_num_seqs)]
         if opts.tensor_parallel_size > 1:
             cmd += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
+        if spec.task == "embedding":  # (embeddings) an encoder: vLLM's pooling runner, /v1/embeddings only;
+            # no prefix caching (an encoder has no cacheable KV group: vLLM 0.32 fails to start with it)
+            cmd += ["--runner", "pooling", "--no-enable-prefix-caching"]
         if spec.lora_enabled or spec.adapters:
             cmd.append("--enable-lora")
             if opts.max_lora_rank:
@@ -68,7 +76,26 @@ class VllmEngine(HttpEngine):
                 cmd += ["--max-loras", str(opts.max_loras)]
             if spec.adapters:
                 cmd += ["--lora-modules", *(f"{alias}={path}" for alias, path in spec.adapters.items())]
+        if opts.tool_call_parser:  # resolved by the deployment before the engine starts (never empty there)
+            cmd += ["--enable-auto-tool-choice", "--tool-call-parser", engine_parser_name(opts.tool_call_parser)]
         return cmd
+
+    def chat(self, body: dict[str, Any], *, interval_s: float = 0.0) -> AsyncIterator[list[dict[str, Any]]]:
+        self.check_tool_choice(body)
+        return super().chat(body, interval_s=interval_s)
+
+    def check_tool_choice(self, body: dict[str, Any]) -> None:
+        """InvalidArgument for ``tool_choice`` ``auto`` (explicit, or the default when ``tools`` are given)
+        on a deployment without a tool-call parser: nothing could read the model's calls."""
+        if self.spec.options.tool_call_parser != NONE or not body.get("tools"):
+            return
+        choice = body.get("tool_choice", "auto")
+        if choice == "auto":
+            raise InvalidArgument.for_field(
+                "tool_choice", f"'auto' (the default when tools are given) needs a tool-call parser, and deployment "
+                f"{self.spec.deployment} has none (its chat template shows no tool-call format this engine reads): "
+                "redeploy it with --tool-call-parser (options.tool_call_parser), or use tool_choice 'required', a "
+                "named function or 'none'", reason="TOOL_PARSER_REQUIRED")
 
     def stream_fields(self, interval_s: float) -> dict[str, Any]:
         """vLLM's per-request ``stream_interval`` (tokens per streamed chunk; its first and last chunks
@@ -81,6 +108,29 @@ class VllmEngine(HttpEngine):
 
     def paces_stream(self, interval_s: float) -> bool:
         return bool(self.stream_fields(interval_s))
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """(embeddings) Inputs past the model's length are truncated to it, as the transformers engine and
+        sentence-transformers do (vLLM refuses them unless asked to truncate).
+
+        vLLM refuses ``dimensions`` on a model without Matryoshka dimensions, even its own size (and the
+        400 names no field): the model's own size is then answered as on the transformers engine, and any
+        other size is a refusal naming ``dimensions``."""
+        body = {"truncate_prompt_tokens": -1, **body}
+        try:
+            return await super().embed(body)
+        except InvalidArgument as exc:
+            if "dimensions" not in body:
+                raise
+            refusal = exc.message
+        full = await super().embed({k: v for k, v in body.items() if k != "dimensions"})
+        sizes = {len(d.get("embedding") or ()) for d in full.get("data") or ()}
+        if sizes == {body["dimensions"]}:
+            return full
+        raise InvalidArgument.for_field(
+            "dimensions", f"this model gives {'/'.join(map(str, sorted(sizes)))}-dimension embeddings and "
+            f"declares no Matryoshka dimensions; got {body['dimensions']} (vLLM: {refusal})",
+            reason="ENGINE_REJECTED_REQUEST")
 
     def environment(self) -> dict[str, str]:
         env = super().environment()

@@ -4,7 +4,8 @@
 
 It is ``vllm.entrypoints.openai.api_server`` unchanged (same arguments, same routes, same
 metrics) with one route added to the app it builds, two arguments added to the command line
-(``--logits-processors ...:ForcedTokens`` and ``--enable-prefix-caching``), and nothing else.
+(``--logits-processors ...:ForcedTokens`` and ``--enable-prefix-caching``), and one tool-call parser
+registered (``modelyard_json_only``, see ``register_json_only_parser``), and nothing else.
 
 ``/v1/score`` (request: ``score_encoding``): the log-likelihood of continuations of one context.
 vLLM has no such endpoint, and lm-evaluation-harness's way through ``/v1/completions`` (prompt =
@@ -217,12 +218,40 @@ def _with_score_route(build_app: Any) -> Any:
     return build
 
 
+NO_PARSER_NAME = "modelyard_json_only"  # tool_parsers.NO_PARSER_ENGINE_NAME
+
+
+def register_json_only_parser() -> None:
+    """Register ``modelyard_json_only``: the tool-call parser of a deployment with none. vLLM 0.32 serves
+    ``tool_choice`` ``required`` and a named function only with a parser; this one reads no calls out of
+    free text (``auto`` is refused by the inference service before it gets here, ``none`` answers text)
+    and leaves ``required`` / named to vLLM's generic path: the answer constrained by structured outputs
+    to a JSON list of ``{name, parameters}`` matching the tools (``supports_required_and_named``)."""
+    from vllm.entrypoints.generate.base.protocol import DeltaMessage, ExtractedToolCallInformation
+    from vllm.tool_parsers import ToolParser, ToolParserManager
+
+    class JsonOnlyToolParser(ToolParser):
+        supports_required_and_named = True
+        structural_tag_model = None
+
+        def extract_tool_calls(self, model_output: str, request: Any) -> Any:
+            return ExtractedToolCallInformation(tools_called=False, tool_calls=[], content=model_output)
+
+        def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
+                                         *args: Any, **kwargs: Any) -> Any:
+            return DeltaMessage(content=delta_text)
+
+    ToolParserManager.register_module(NO_PARSER_NAME, module=JsonOnlyToolParser)
+
+
 def main() -> None:
     from vllm.entrypoints.launchers.api_server import entry
 
+    register_json_only_parser()
     entry.build_app = _with_score_route(entry.build_app)
     extra = []
-    if "--logits-processors" not in sys.argv:
+    pooling = "--runner" in sys.argv[:-1] and sys.argv[sys.argv.index("--runner") + 1] == "pooling"
+    if "--logits-processors" not in sys.argv and not pooling:  # an embedding model: vLLM refuses any
         extra += ["--logits-processors", PROCESSOR]
     if not any(a in sys.argv for a in ("--enable-prefix-caching", "--no-enable-prefix-caching")):
         extra.append("--enable-prefix-caching")

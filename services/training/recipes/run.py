@@ -23,7 +23,7 @@ from services.core.jobs.secrets import s3_settings_for
 
 from . import rank as rank_files
 from .capability import check_capabilities
-from .checkpoints import complete_checkpoints, download_latest, job_prefix
+from .checkpoints import complete_checkpoints, download_latest, job_prefix, remove_partial
 from .distributed import launch_command, launch_env
 from .events import ContextSink, relay
 from .merge import merge_adapter
@@ -115,12 +115,13 @@ def run_training(ctx: JobContext) -> dict[str, Any]:
         shutil.rmtree(workdir / stale, ignore_errors=True)
     resume_from = None
     if ctx.resume:
-        latest = download_latest(store, ctx.name, workdir / "resume")
+        remove_partial(store, ctx.name, sink.log)  # a checkpoint the previous attempt died uploading
+        latest = download_latest(store, ctx.name, workdir / "resume", sink.log)
         if latest is None:
             sink.log("no complete checkpoint, training from the start", attempt=ctx.attempt)
         else:
             step, prefix, resume_dir = latest
-            sink.checkpoints = [{"prefix": p, "step": n} for n, p in complete_checkpoints(store, ctx.name)]
+            sink.checkpoints = [{"prefix": p, "step": n} for n, p in complete_checkpoints(store, ctx.name) if n <= step]
             sink.log("checkpoint downloaded", prefix=prefix, step=step)
             resume_from = str(resume_dir)
     output_dir = workdir / "output"

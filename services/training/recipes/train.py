@@ -324,7 +324,9 @@ def train(plan: Plan, sink: EventSink, *, rank: int = 0, world_size: int = 1) ->
     step = trainer.state.global_step
     if reporting.stopped_by_cancel:
         return TrainResult(step, True, {})
-    metrics = {"train_loss": float(output.training_loss), "global_step": float(step)}
+    # train_tokens: non-padding tokens trained on (rank 0's count times the ranks), OpenAI's trained_tokens
+    metrics = {"train_loss": float(output.training_loss), "global_step": float(step),
+               "train_tokens": float(counter.tokens * world_size)}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:
         metrics["final_loss"] = float(losses[-1])
