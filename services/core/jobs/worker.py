@@ -59,6 +59,7 @@ async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
 # Signals of a crash in native code: the child's faulthandler prints its stacks to stderr (the job's log).
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
 
+
 class _Attempt:
     """One attempt of one job in one child process."""
 
