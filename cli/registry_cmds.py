@@ -173,6 +173,20 @@ async def list_models(
     emit(versions, output, versions_table, console=console)
 
 
+def _vision_rows(m: pb.ModelMetadata) -> list[tuple[str, str]]:
+    """The vision side of a vision-language model (nothing for a text-only one)."""
+    if not m.HasField("vision"):
+        return []
+    x = m.vision
+    merge = f", merge {x.spatial_merge_size}x{x.spatial_merge_size}" if x.spatial_merge_size > 1 else ""
+    return [
+        ("vision", f"{x.vision_model_type or '?'}: {x.depth} blocks, width {x.hidden_size}, "
+                   f"patch {x.patch_size}px{merge}"),
+        ("image token", x.image_token),
+        ("processor files", ", ".join(x.processor_files)),
+    ]
+
+
 def _version_detail(v: pb.ModelVersion) -> Table:
     table = Table(show_header=False, box=None)
     m = v.metadata
@@ -184,7 +198,7 @@ def _version_detail(v: pb.ModelVersion) -> Table:
                                                            if m.embedding_dimensions else "")),
         ("parameters", f"{m.parameter_count:,}"), ("dtype", m.dtype),
         ("context length", str(m.context_length)), ("chat template", "yes" if m.has_chat_template else "no"),
-        ("size", _human(m.total_size_bytes)), ("files", str(len(v.files))),
+        ("size", _human(m.total_size_bytes)), ("files", str(len(v.files))), *_vision_rows(m),
         ("source", v.lineage.source_uri), ("base", v.lineage.base_model_version),
         ("datasets", ", ".join(v.lineage.dataset_versions)), ("job", v.lineage.job),
         ("deployed by", ", ".join(v.deployed_by)), ("labels", _fmt_labels(v.labels)), ("description", v.description),
@@ -311,7 +325,9 @@ def _dataset_name(name: str) -> str:
 @command
 async def upload(
     client: RegistryClient,
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL / JSON / Parquet file.")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help=(
+        "JSONL / JSON / Parquet file, or an image+text archive (.zip, .tar, .tar.gz: one data file and the "
+        "images its rows refer to)."))],
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset id (created when missing).")],
     version: Annotated[str, typer.Option("--version")] = "",
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "",
@@ -320,7 +336,9 @@ async def upload(
     """Upload a dataset file as a new version (streamed in chunks).
 
     An evaluation set (multiple_choice rows {question, choices, answer}, qa rows {prompt, reference})
-    is refused when any row is bad; the error names each bad row and field.
+    is refused when any row is bad; the error names each bad row and field. Rows refer to images as
+    message content parts {"type": "image_url", "image_url": {"url": "images/0001.png"}} (a path inside
+    the archive, or a data: URL), evaluation rows as "images": [...].
     """
     with Progress(TextColumn("[bold]uploading"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   console=console, transient=True) as progress:
@@ -328,20 +346,26 @@ async def upload(
         v = await client.upload_dataset(file, parent=_dataset_name(name), version_id=version, expected_format=format,
                                         description=description, on_progress=lambda n: progress.advance(task, n),
                                         timeout=UPLOAD_TIMEOUT_S)
+    images = f", {v.image_count} images" if v.image_count else ""
     console.print(f"[green]uploaded[/green] {v.name}: {v.format}, {v.row_count} rows "
-                  f"({v.invalid_row_count} invalid), sha256 {v.sha256}")
+                  f"({v.invalid_row_count} invalid){images}, sha256 {v.sha256}")
+    if v.invalid_row_count:
+        console.print(f"see the bad rows with: yard datasets show {v.name.removeprefix('datasets/')}", highlight=False)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "config.json")
+                   "config.json", "preprocessor_config.json", "processor_config.json")
 
 
 def _load_tokenizer(model: str):
-    """The tokenizer of a local folder, or of a registry version (only its tokenizer files are fetched)."""
+    """The tokenizer of a local folder, or of a registry version (only its tokenizer files are fetched); for a
+    vision-language model its processor (which counts image tokens)."""
     import tempfile
 
     from transformers import AutoTokenizer
+
+    from services.core.vision import load_processor, vision_info
 
     folder = Path(model)
     with tempfile.TemporaryDirectory(prefix="yard-tokenizer-") as tmp:
@@ -349,6 +373,8 @@ def _load_tokenizer(model: str):
             folder = Path(tmp)
             _fetch_tokenizer_files(_version_name(model), folder)
         try:
+            if vision_info(folder) is not None:
+                return load_processor(folder)
             return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure means no usable tokenizer
             _fail(f"--model {model!r}: cannot load its tokenizer: {exc}")
@@ -366,7 +392,7 @@ async def _fetch_tokenizer_files(client: RegistryClient, name: str, dest: Path) 
 
 @datasets_app.command("validate")
 def validate(
-    file: Annotated[Path, typer.Argument(help="Local JSONL / JSON / Parquet file.")],
+    file: Annotated[Path, typer.Argument(help="Local JSONL / JSON / Parquet file, or an image+text archive.")],
     model: Annotated[str, typer.Option(
         "--model",
         help="Registry model version (MODEL/VERSION) or a local model folder whose tokenizer counts tokens.")] = "",
@@ -374,24 +400,36 @@ def validate(
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "",
     show: Annotated[int, typer.Option("--show", help="Row errors to print.")] = 50,
 ) -> None:
-    """Validate a local dataset file (no server needed); exit 1 when any row is bad."""
-    from services.core.datasets import DatasetFormat, validate_dataset
+    """Validate a local dataset file (no server needed); exit 1 when any row is bad.
+
+    An archive's images are all read and decoded; with a vision-language --model, rows are counted as its
+    processor encodes them (image tokens included); with a text-only one, any image is a bad row.
+    """
+    from services.core.datasets import DatasetFormat, ImageCheck, validate_dataset
 
     formats = [f.value for f in DatasetFormat]
     if format and format not in formats:
         _fail(f"--format must be one of {', '.join(formats)}, got {format!r}")
     try:
         tokenizer = _load_tokenizer(model) if model else None
+        images = ImageCheck()
+        if tokenizer is not None and hasattr(tokenizer, "image_processor"):
+            images, tokenizer = ImageCheck(model=model, processor=tokenizer), None
+        elif tokenizer is not None:
+            images = ImageCheck(model=model, takes_images=False)
         report = validate_dataset(file, expected_format=DatasetFormat(format) if format else None, tokenizer=tokenizer,
-                                  max_length=max_length or None)
+                                  max_length=max_length or None, images=images)
     except DomainError as err:
         _fail(err.message, err.reason)
     console.print(f"{file}: {report.file_type}, format {report.format or 'unknown'}, {report.row_count} rows, "
                   f"{report.valid_rows} valid, sha256 {report.sha256}")
+    if report.image_count:
+        console.print(f"images: {report.image_count} ({report.max_images_per_row} at most in one row)")
     if report.token_stats:
         t = report.token_stats
         console.print(f"tokens: min {t.min}, mean {t.mean:.1f}, max {t.max}"
-                      + (f", {t.over_length} rows over {t.max_length}" if t.max_length else ""))
+                      + (f", {t.over_length} rows over {t.max_length}" if t.max_length else "")
+                      + (f"; {t.image_tokens} image tokens" if t.image_tokens else ""))
     if report.errors:
         table = new_table("row", "field", "reason")
         for e in report.errors[:show]:
@@ -428,10 +466,10 @@ async def list_datasets(
                                                                order_by=order_by, page_size=200)]
 
     def versions_table() -> Table:
-        table = new_table("version", "file", "format", "rows", "invalid", "size", "sha256")
+        table = new_table("version", "file", "format", "rows", "invalid", "images", "size", "sha256")
         for v in versions:
             table.add_row(v.name, v.filename, v.format, str(v.row_count), str(v.invalid_row_count),
-                          _human(v.size_bytes), v.sha256[:16])
+                          str(v.image_count), _human(v.size_bytes), v.sha256[:16])
         return table
 
     emit(versions, output, versions_table, console=console)
@@ -465,15 +503,20 @@ async def show_dataset(
     def detail() -> None:
         table = Table(show_header=False, box=None)
         for key, value in (("name", v.name), ("file", v.filename), ("format", v.format), ("rows", str(v.row_count)),
-                           ("invalid rows", str(v.invalid_row_count)), ("size", _human(v.size_bytes)),
+                           ("invalid rows", str(v.invalid_row_count)),
+                           ("images", str(v.image_count) if v.image_count else ""), ("size", _human(v.size_bytes)),
                            ("sha256", v.sha256), ("description", v.description), ("labels", _fmt_labels(v.labels))):
             if value:
                 table.add_row(f"[bold]{key}[/bold]", value)
         console.print(table)
-        if report.HasField("token_stats"):
+        if report.HasField("token_stats") and report.token_stats.rows:
             t = report.token_stats
             console.print(f"tokens: min {t.min_tokens}, mean {t.mean_tokens:.1f}, max {t.max_tokens}, "
-                          f"{t.rows_over_max_length} rows over {t.max_length or '-'}")
+                          f"{t.rows_over_max_length} rows over {t.max_length or '-'}"
+                          + (f"; {t.image_tokens} image tokens" if t.image_tokens else ""))
+        if report.token_stats.images:
+            console.print(f"images: {report.token_stats.images} ({report.token_stats.max_images_per_row} at most "
+                          "in one row)")
         if report.errors:
             errors = new_table("row", "field", "reason")
             for e in report.errors[:50]:

@@ -44,6 +44,21 @@ class TextPart(_Request):
     text: str
 
 
+class ImageUrl(_Request):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Request):
+    """An image (``gateway/images.py`` reads its URL)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(_Request):
     name: str
     arguments: str = ""
@@ -57,17 +72,21 @@ class ToolCallIn(_Request):
 
 class ChatMessageIn(_Request):
     role: Role
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCallIn] | None = None
 
     def text(self) -> str:
+        """The message's text (its text parts joined; image parts have none)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if part.type == "text")
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(part.type == "image_url" for part in self.content)
 
 
 class ResponseFormatIn(_Request):

@@ -102,11 +102,24 @@ class ConsoleSettings(BaseModel):
 class LimitSettings(BaseModel):
     """Bounds on what one request may ask (each excess is answered in the OpenAI error shape)."""
 
-    # Largest request body, counted as it arrives (chunked bodies too): 413 beyond it.
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Largest request body, counted as it arrives (chunked bodies too): 413 beyond it. 20 MiB holds a 10 MiB
+    # image as a base64 data URL (images.max_bytes) and stays within the services' 16 MiB gRPC messages once
+    # decoded; text-only requests are far smaller.
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_n: int = Field(default=16, ge=1, le=128)  # choices per prompt (`n`): 400 naming `n` beyond it
     max_prompts: int = Field(default=256, ge=1)  # prompts of one completion, inputs of one embedding request
     max_model_chars: int = Field(default=256, ge=1)  # length of the `model` string
+
+
+class ImageSettings(BaseModel):
+    """Image parts of chat messages (gateway/images.py): what one request may carry."""
+
+    # http(s) image URLs: false (default) refuses them with a 400 naming the field (send data URLs); true fetches
+    # them here, with fetch_timeout_s and max_bytes, so that engines never fetch anything.
+    allow_remote_urls: bool = False
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)  # one image, decoded (limits.max_body_bytes applies too)
+    max_images: int = Field(default=8, ge=0)  # images in one request, all messages together
+    fetch_timeout_s: float = Field(default=10.0, gt=0)  # one remote image, connect to last byte
 
 
 class FineTuningSettings(BaseModel):
@@ -156,6 +169,7 @@ class GatewaySettings(BaseSettings):
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
     fine_tuning: FineTuningSettings = Field(default_factory=FineTuningSettings)
 
     @field_validator("blocked_terms", mode="before")

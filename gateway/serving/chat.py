@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+
+import httpx
 
 from modelyard.inference.v1 import inference_pb2 as pb
 from services.core.errors import DomainError, InvalidArgument
 
 from .. import protocol as p
 from ..errors import finite, token_logprob
+from ..images import Image, load_image
 from ..limits import TEMPLATE_TOKENS, TEMPLATE_TOKENS_PER_MESSAGE
 from ..routing import Target
 from .base import CallContext, OpenAIServing, Upstream, sampling_params
@@ -32,6 +36,26 @@ FORMATS = {
     "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
 }
 _content = operator.attrgetter("content")
+# A prompt with images has no token bound the gateway can compute (the model's processor decides how many
+# tokens an image takes): its context check always asks the engine (Tokenize).
+IMAGE_PROMPT_BOUND = 2**62
+
+# (message index, part index) -> the image of that part
+Images = dict[tuple[int, int], Image]
+# A field of the inference service's ChatMessage.parts, which are the request's content parts one for one.
+_PART_FIELD = re.compile(r"(messages\[\d+\])\.parts(\[\d+\])")
+
+
+def request_field(err: DomainError) -> DomainError:
+    """``err`` naming the request's field (``messages[0].content[1]``) where the inference service named its
+    own (``messages[0].parts[1].image``)."""
+    if not isinstance(err, InvalidArgument) or not err.violations:
+        return err
+    violation = err.violations[0]
+    found = _PART_FIELD.match(violation.field)
+    if found is None:
+        return err
+    return InvalidArgument.for_field(f"{found[1]}.content{found[2]}", violation.description, reason=err.reason)
 
 
 def response_format(fmt: p.ResponseFormatIn | None) -> pb.ResponseFormat | None:
@@ -65,23 +89,44 @@ def chat_logprobs(items: Any) -> p.ChatLogprobs:
     )
 
 
-def chat_messages(req: p.ChatCompletionRequest) -> list[pb.ChatMessage]:
+def _parts(m: p.ChatMessageIn, i: int, images: Images) -> list[pb.ContentPart]:
+    out = []
+    for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+        if isinstance(part, p.TextPart):
+            out.append(pb.ContentPart(text=part.text))
+        else:
+            image = images[(i, j)]
+            out.append(
+                pb.ContentPart(
+                    image=pb.ImageInput(data=image.data, mime_type=image.mime_type, detail=part.image_url.detail or "")
+                )
+            )
+    return out
+
+
+def chat_messages(req: p.ChatCompletionRequest, images: Images | None = None) -> list[pb.ChatMessage]:
+    """The messages as protos; a message with images (``images``, from ``ServingChat.images``) as ordered
+    ``parts``, every other one as plain ``content`` (text parts joined), as before images existed."""
     return [
         pb.ChatMessage(
             role=ROLES[m.role],
-            content=m.text(),
+            content="" if images and m.has_images() else m.text(),
+            parts=_parts(m, i, images) if images and m.has_images() else None,
             name=m.name or "",
             tool_call_id=m.tool_call_id or "",
             tool_calls=[
                 pb.ToolCall(id=t.id, name=t.function.name, arguments=t.function.arguments) for t in m.tool_calls or ()
             ],
         )
-        for m in req.messages
+        for i, m in enumerate(req.messages)
     ]
 
 
-def prompt_bound(req: p.ChatCompletionRequest) -> int:
-    """At least the prompt tokens of the chat (one a byte of text, room for the template around it)."""
+def prompt_bound(req: p.ChatCompletionRequest, images: Images | None = None) -> int:
+    """At least the prompt tokens of the chat (one a byte of text, room for the template around it); with
+    images, ``IMAGE_PROMPT_BOUND`` (only the engine can count them)."""
+    if images:
+        return IMAGE_PROMPT_BOUND
     size = sum(
         len(m.text().encode())
         + len((m.name or "").encode())
@@ -92,15 +137,23 @@ def prompt_bound(req: p.ChatCompletionRequest) -> int:
     return size + tools + TEMPLATE_TOKENS_PER_MESSAGE * len(req.messages) + TEMPLATE_TOKENS
 
 
-def tokenize_request(req: p.ChatCompletionRequest, target: Target) -> pb.TokenizeRequest:
-    return pb.TokenizeRequest(deployment=target.deployment, messages=chat_messages(req), add_generation_prompt=True)
+def tokenize_request(
+    req: p.ChatCompletionRequest, target: Target, messages: list[pb.ChatMessage] | None = None
+) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(
+        deployment=target.deployment,
+        messages=chat_messages(req) if messages is None else messages,
+        add_generation_prompt=True,
+    )
 
 
-def chat_request(req: p.ChatCompletionRequest, target: Target) -> pb.ChatRequest:
+def chat_request(
+    req: p.ChatCompletionRequest, target: Target, messages: list[pb.ChatMessage] | None = None
+) -> pb.ChatRequest:
     out = pb.ChatRequest(
         deployment=target.deployment,
         adapter=target.adapter,
-        messages=chat_messages(req),
+        messages=chat_messages(req) if messages is None else messages,
         sampling=sampling_params(req, logprobs=req.logprobs, top_logprobs=req.top_logprobs if req.logprobs else None),
         tools_json=json.dumps(req.tools) if req.tools else "",
         tool_choice_json=json.dumps(req.tool_choice) if req.tool_choice is not None else "",
@@ -139,9 +192,42 @@ class ServingChat(OpenAIServing):
             raise InvalidArgument.for_field("top_logprobs", "requires logprobs=true")
         self.filter.check_prompt((m.text() for m in req.messages), "messages")
 
+    async def images(self, req: p.ChatCompletionRequest) -> Images:
+        """The images of the request's image parts, read (``gateway/images.py``) and checked against
+        ``images.max_images``; each refusal a 400 naming its field."""
+        settings = self.settings.images
+        found: Images = {}
+        client = None
+        try:
+            for i, m in enumerate(req.messages):
+                if not m.has_images():
+                    continue
+                for j, part in enumerate(m.content or ()):
+                    if not isinstance(part, p.ImagePart):
+                        continue
+                    where = f"messages[{i}].content[{j}]"
+                    if m.role != "user":
+                        raise InvalidArgument.for_field(
+                            where, f"images are accepted in user messages only, not {m.role}"
+                        )
+                    if len(found) >= settings.max_images:
+                        raise InvalidArgument.for_field(
+                            where, f"at most {settings.max_images} images in one request (images.max_images)"
+                        )
+                    url = part.image_url.url
+                    if client is None and settings.allow_remote_urls and not url[:5].lower().startswith("data:"):
+                        client = httpx.AsyncClient(follow_redirects=True, max_redirects=3)
+                    found[(i, j)] = await load_image(url, f"{where}.image_url.url", settings, client)
+        finally:
+            if client is not None:
+                await client.aclose()
+        return found
+
     async def start(self, ctx: CallContext, req: p.ChatCompletionRequest) -> Upstream:
         """Validated, admitted, and its stream opened on a replica (its first chunk read)."""
         self.validate(req)
+        images = await self.images(req) if any(m.has_images() for m in req.messages) else None
+        messages = chat_messages(req, images)
         await self.admit(ctx, sum(len(m.text()) for m in req.messages), req.max_new_tokens, req.n)
         max_param = req.max_tokens_param if req.max_new_tokens is not None else None
         try:
@@ -149,13 +235,13 @@ class ServingChat(OpenAIServing):
                 ctx,
                 req.max_new_tokens,
                 req.max_tokens_param,
-                [prompt_bound(req)],
-                lambda i, t: tokenize_request(req, t),
+                [prompt_bound(req, images)],
+                lambda i, t: tokenize_request(req, t, messages),
             )
-            return await self.open_stream(ctx, "Chat", lambda t: chat_request(req, t))
+            return await self.open_stream(ctx, "Chat", lambda t: chat_request(req, t, messages))
         except DomainError as err:
             self.settle(ctx)
-            mapped = self.context_error(err, max_param, "messages")
+            mapped = self.context_error(request_field(err), max_param, "messages")
             if mapped is err:
                 raise
             raise mapped from None

@@ -333,7 +333,9 @@ class RegistryClient(ServiceClient):
     ) -> rpb.DatasetVersion:
         """Upload the file at ``path`` as a new version of ``parent`` (streamed in chunks).
 
-        ``on_progress(n)`` is called with the size of each chunk sent.
+        An image+text dataset is an archive (``.zip``, ``.tar``, ``.tar.gz``) holding one data file and the
+        images its rows refer to; it is sent and stored as it is (``DatasetVersion.image_count`` counts the
+        images). ``on_progress(n)`` is called with the size of each chunk sent.
         """
         file = Path(path)
         metadata = rpb.DatasetUploadMetadata(

@@ -18,6 +18,11 @@ Pure domain code (no gRPC, no S3). Rules:
   Errors about the file as a whole (no rows, no ``"data"`` array) use row 0.
 - Files are streamed: JSONL line by line, JSON element by element, Parquet by record batches;
   the SHA-256 of the file bytes is computed in the same pass for JSON/JSONL.
+- Images (see :mod:`services.core.image_datasets`): message content lists may hold image parts
+  (``{"type": "image_url", "image_url": {"url": REF}}`` or ``{"type": "image", "image": REF}``) in
+  system/user/tool messages, and ``multiple_choice``/``qa`` rows an ``images`` list of REFs. An image+text
+  dataset is an archive (one data file + the images); :func:`validate_dataset` takes the archive itself,
+  reads and decodes every image a row refers to and reports each bad one with its exact field.
 """
 
 from __future__ import annotations
@@ -40,6 +45,18 @@ import pyarrow.parquet as pq
 from jinja2 import TemplateError
 
 from services.core.errors import FieldViolation, InvalidArgument, NotFound
+from services.core.image_datasets import (
+    IMAGE_PART_TYPES,
+    ImageCheck,
+    ImageError,
+    conversation_image_refs,
+    decode_image,
+    image_refs,
+    is_archive,
+    opened_dataset,
+    processor_token_count,
+    read_image_bytes,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,6 +65,7 @@ __all__ = [
     "EVALUATION_FORMATS",
     "DatasetFormat",
     "FileType",
+    "ImageCheck",
     "RowError",
     "TokenStats",
     "ValidationReport",
@@ -102,6 +120,11 @@ class TokenStats:
     max: int
     over_length: int
     max_length: int | None
+    # Images of all rows, the most in one row, and the image tokens of the counted rows (with a
+    # vision-language model's processor; included in the counts above).
+    images: int = 0
+    max_images_per_row: int = 0
+    image_tokens: int = 0
 
 
 @dataclass
@@ -115,6 +138,9 @@ class ValidationReport:
     token_stats: TokenStats | None
     sha256: str
     size_bytes: int
+    # Image references over all rows and the most in one row (image+text datasets).
+    image_count: int = 0
+    max_images_per_row: int = 0
 
     @property
     def ok(self) -> bool:
@@ -508,9 +534,46 @@ def detect_row_format(row: Any) -> DatasetFormat | None:
 
 
 def _content_text(content: Any) -> str:
+    """The text of a content (image parts left out)."""
     if isinstance(content, list):
-        return "\n".join(part["text"] for part in content)
+        return "\n".join(part["text"] for part in content if part.get("type") == "text")
     return content or ""
+
+
+def _has_images(content: Any) -> bool:
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content)
+
+
+_PART_SHAPES = '{"type": "text", "text": str} or an image part {"type": "image_url", "image_url": {"url": str}}'
+_REF_SHAPE = "an image path inside the dataset archive, a data: URL or an http(s) URL"
+
+
+def _check_image_ref(ref: Any, fld: str, issues: _Issues) -> None:
+    if ref is None:
+        issues.append((fld, "missing required field"))
+    elif not isinstance(ref, str):
+        issues.append((fld, f"must be a string ({_REF_SHAPE}), got {_type_name(ref)}"))
+    elif not ref.strip():
+        issues.append((fld, f"must not be empty ({_REF_SHAPE})"))
+
+
+def _check_image_part(part: dict, fld: str, role: Any, issues: _Issues) -> bool:
+    """Check one image content part; False when it makes the content invalid."""
+    if role == "assistant":
+        issues.append((fld, "an assistant message cannot hold images (put them in a user message)"))
+        return False
+    before = len(issues)
+    if part.get("type") == "image_url":
+        inner = part.get("image_url")
+        if isinstance(inner, dict):
+            _check_image_ref(inner.get("url"), f"{fld}.image_url.url", issues)
+        elif isinstance(inner, str):
+            _check_image_ref(inner, f"{fld}.image_url", issues)
+        else:
+            _check_image_ref(inner, f"{fld}.image_url.url", issues)
+    else:
+        _check_image_ref(part.get("image"), f"{fld}.image", issues)
+    return len(issues) == before
 
 
 def _check_content(msg: dict, prefix: str, role: Any, issues: _Issues) -> bool:
@@ -525,9 +588,13 @@ def _check_content(msg: dict, prefix: str, role: Any, issues: _Issues) -> bool:
         return False
     if isinstance(content, list):
         for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
+                if not _check_image_part(part, f"{fld}[{j}]", role, issues):
+                    return False
+                continue
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 got = f"type {part.get('type')!r}" if isinstance(part, dict) else _type_name(part)
-                issues.append((f"{fld}[{j}]", f'must be a text part {{"type": "text", "text": str}}, got {got}'))
+                issues.append((f"{fld}[{j}]", f"must be a text part {_PART_SHAPES}, got {got}"))
                 return False
     elif not isinstance(content, str):
         issues.append((fld, f"must be a string or a list of text parts, got {_type_name(content)}"))
@@ -541,7 +608,9 @@ def _check_content(msg: dict, prefix: str, role: Any, issues: _Issues) -> bool:
     return False
 
 
-def _check_messages(value: Any, fld: str, issues: _Issues, *, need_answer: bool) -> None:
+def _check_messages(value: Any, fld: str, issues: _Issues, *, need_answer: bool, start: bool = True) -> None:
+    """Check a list of messages; ``start``: it is a conversation from its beginning (not the answer part of a
+    preference/KTO row), so its role order is checked too."""
     if not isinstance(value, list):
         issues.append((fld, f"must be a list of messages, got {_type_name(value)}"))
         return
@@ -565,8 +634,34 @@ def _check_messages(value: Any, fld: str, issues: _Issues, *, need_answer: bool)
         before = len(issues)
         answered |= _check_content(msg, prefix, role, issues)
         explained |= role not in MESSAGE_ROLES or (role == "assistant" and len(issues) > before)
+    roles = [m.get("role") if isinstance(m, dict) else None for m in value]
+    if start and all(r in MESSAGE_ROLES for r in roles):
+        order = _role_order_issue(cast(list[str], roles), fld)
+        if order:
+            issues.append(order)
+            explained = True
     if need_answer and not answered and not explained:
         issues.append((fld, "needs at least one assistant message with content"))
+
+
+def _role_order_issue(roles: list[str], fld: str) -> tuple[str, str] | None:
+    """The first role out of order in a conversation, as chat templates and trainers need it: an optional
+    system message first, then a user message; an assistant message answers a user or tool message; a tool
+    message follows an assistant (tool call) or another tool message. Two user messages in a row are kept
+    (a template renders them as two turns)."""
+    for i, role in enumerate(roles):
+        previous = roles[i - 1] if i else None
+        if role == "system" and i:
+            return f"{fld}[{i}].role", "a system message must be the first message"
+        if previous in (None, "system") and role != "system" and role != "user":
+            return f"{fld}[{i}].role", (
+                f"the conversation must start with a user message (after an optional system message), got {role!r}"
+            )
+        if role == "assistant" and previous not in ("user", "tool"):
+            return f"{fld}[{i}].role", f"an assistant message must answer a user or tool message, not {previous!r}"
+        if role == "tool" and previous not in ("assistant", "tool"):
+            return f"{fld}[{i}].role", f"a tool message must follow an assistant message, not {previous!r}"
+    return None
 
 
 def _check_text(row: dict, key: str, issues: _Issues, *, required: bool, non_empty: bool = False) -> None:
@@ -660,7 +755,7 @@ def _check_answer(value: Any, fld: str, issues: _Issues) -> None:
         else:
             _check_content(value, fld, "assistant", issues)
     elif isinstance(value, list):
-        _check_messages(value, fld, issues, need_answer=True)
+        _check_messages(value, fld, issues, need_answer=True, start=False)
     else:
         issues.append((fld, f"must be a string, an assistant message or a list of messages, got {_type_name(value)}"))
 
@@ -766,12 +861,39 @@ def _check_multiple_choice(row: dict, issues: _Issues) -> None:
         if index is None:
             issues.append(("answer", why))
     _check_id(row, issues)
+    _check_images_list(row, issues)
 
 
 def _check_qa(row: dict, issues: _Issues) -> None:
     _check_text(row, "prompt", issues, required=True, non_empty=True)
     _check_text(row, "reference", issues, required=True, non_empty=True)
     _check_id(row, issues)
+    _check_images_list(row, issues)
+
+
+def _check_images_list(row: dict, issues: _Issues) -> None:
+    """An evaluation row's optional ``images``: a list of REFs (or ``{"url": REF}``), shown before the text."""
+    images = row.get("images")
+    if images is None:
+        return
+    if not isinstance(images, list):
+        issues.append(("images", f"must be a list of images ({_REF_SHAPE}), got {_type_name(images)}"))
+        return
+    for i, ref in enumerate(images):
+        _check_image_ref(ref.get("url") if isinstance(ref, dict) else ref, f"images[{i}]", issues)
+
+
+def _no_images_list(row: dict, issues: _Issues) -> None:
+    """Training rows carry images in their messages: a top-level ``images`` list would be silently unused."""
+    if row.get("images") is not None:
+        issues.append(
+            (
+                "images",
+                "a top-level images list is read only in multiple_choice and qa rows; put each "
+                'image in a user message\'s content as {"type": "image_url", "image_url": '
+                '{"url": REF}}',
+            )
+        )
 
 
 _CHECKS = {
@@ -785,6 +907,13 @@ _CHECKS = {
     DatasetFormat.MULTIPLE_CHOICE: _check_multiple_choice,
     DatasetFormat.QA: _check_qa,
 }
+_TRAINING_FORMATS = (
+    DatasetFormat.MESSAGES,
+    DatasetFormat.ALPACA,
+    DatasetFormat.SHAREGPT,
+    DatasetFormat.PREFERENCE,
+    DatasetFormat.KTO,
+)
 
 
 def row_errors(row: Any, fmt: DatasetFormat) -> list[tuple[str, str]]:
@@ -792,7 +921,10 @@ def row_errors(row: Any, fmt: DatasetFormat) -> list[tuple[str, str]]:
     if not isinstance(row, dict):
         return [("", f"row must be a JSON object, got {_type_name(row)}")]
     issues: _Issues = []
-    _CHECKS[DatasetFormat(fmt)](row, issues)
+    fmt = DatasetFormat(fmt)
+    _CHECKS[fmt](row, issues)
+    if fmt in _TRAINING_FORMATS:
+        _no_images_list(row, issues)
     return issues
 
 
@@ -811,7 +943,13 @@ def _require_valid(row: Any, fmt: DatasetFormat) -> None:
 
 
 def _message(msg: dict) -> dict:
-    out = {"role": msg.get("role", "assistant"), "content": _content_text(msg.get("content"))}
+    content = msg.get("content")
+    # A content with images stays a list of parts (text and image parts as given); text-only content is text.
+    parts = content if isinstance(content, list) and _has_images(content) else None
+    out = {
+        "role": msg.get("role", "assistant"),
+        "content": [dict(p) for p in parts] if parts is not None else _content_text(content),
+    }
     out.update({k: msg[k] for k in _MESSAGE_EXTRAS if msg.get(k) is not None})
     return out
 
@@ -831,9 +969,10 @@ def _answer_messages(value: str | dict | list) -> list[dict]:
 def to_messages(row: dict, fmt: DatasetFormat) -> list[dict]:
     """A valid ``messages``/``alpaca``/``sharegpt``/``multiple_choice``/``qa`` row as OpenAI chat messages.
 
-    Content lists of text parts are joined with newlines; an alpaca ``input`` follows the
-    ``instruction`` on a new line. A ``qa`` row is its prompt and reference; a ``multiple_choice``
-    row is the question with lettered choices and the answer's letter (see :func:`to_multiple_choice`).
+    Content lists of text parts are joined with newlines; a content list holding image parts stays a
+    list of parts (as given). An alpaca ``input`` follows the ``instruction`` on a new line. A ``qa`` row is
+    its prompt and reference; a ``multiple_choice`` row is the question with lettered choices and the
+    answer's letter (see :func:`to_multiple_choice`); their ``images`` become image parts before the text.
     Raises InvalidArgument (with field violations) for an invalid row.
     """
     fmt = DatasetFormat(fmt)
@@ -845,12 +984,18 @@ def to_messages(row: dict, fmt: DatasetFormat) -> list[dict]:
 
 def _messages_of(row: dict, fmt: DatasetFormat) -> list[dict]:
     if fmt is DatasetFormat.QA:
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["reference"]}]
+        return [
+            {"role": "user", "content": _with_images(row["prompt"], row)},
+            {"role": "assistant", "content": row["reference"]},
+        ]
     if fmt is DatasetFormat.MULTIPLE_CHOICE:
         mc = _multiple_choice_of(row)
         lines = [mc["question"], *(f"{_LETTERS[i]}. {c}" for i, c in enumerate(mc["choices"]))]
         answer = _LETTERS[mc["answer_index"]]
-        return [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": answer}]
+        return [
+            {"role": "user", "content": _with_images("\n".join(lines), row)},
+            {"role": "assistant", "content": answer},
+        ]
     if fmt is DatasetFormat.MESSAGES:
         return [_message(m) for m in row["messages"]]
     if fmt is DatasetFormat.SHAREGPT:
@@ -861,6 +1006,18 @@ def _messages_of(row: dict, fmt: DatasetFormat) -> list[dict]:
         messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
     prompt = "\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def _row_images(row: dict) -> list[Any]:
+    return [ref.get("url") if isinstance(ref, dict) else ref for ref in row.get("images") or []]
+
+
+def _with_images(text: str, row: dict) -> str | list[dict]:
+    """An evaluation row's prompt text, after image parts for its ``images`` when it has any."""
+    images = _row_images(row)
+    if not images:
+        return text
+    return [*({"type": "image_url", "image_url": {"url": ref}} for ref in images), {"type": "text", "text": text}]
 
 
 def to_preference(row: dict, fmt: DatasetFormat) -> dict[str, list[dict]]:
@@ -899,7 +1056,8 @@ def to_multiple_choice(row: dict) -> dict[str, Any]:
     """A valid ``multiple_choice`` row as ``{"id", "question", "choices", "answer_index"}``.
 
     ``answer`` (an index, the text of a choice or its letter) becomes a 0-based index; ``id`` is
-    the row's own (as a string) or None. Raises InvalidArgument for an invalid row.
+    the row's own (as a string) or None; a row with ``images`` also has ``"images"`` (its REFs). Raises
+    InvalidArgument for an invalid row.
     """
     _require_valid(row, DatasetFormat.MULTIPLE_CHOICE)
     return _multiple_choice_of(row)
@@ -907,13 +1065,20 @@ def to_multiple_choice(row: dict) -> dict[str, Any]:
 
 def _multiple_choice_of(row: dict) -> dict[str, Any]:
     index, _ = _answer_index(row["answer"], row["choices"])
-    return {"id": _row_id(row), "question": row["question"], "choices": list(row["choices"]), "answer_index": index}
+    out = {"id": _row_id(row), "question": row["question"], "choices": list(row["choices"]), "answer_index": index}
+    if row.get("images"):
+        out["images"] = _row_images(row)
+    return out
 
 
 def to_qa(row: dict) -> dict[str, Any]:
-    """A valid ``qa`` row as ``{"id", "prompt", "reference"}`` (``id`` as a string, or None)."""
+    """A valid ``qa`` row as ``{"id", "prompt", "reference"}`` (``id`` as a string, or None; ``"images"``, its
+    REFs, when the row has images)."""
     _require_valid(row, DatasetFormat.QA)
-    return {"id": _row_id(row), "prompt": row["prompt"], "reference": row["reference"]}
+    out = {"id": _row_id(row), "prompt": row["prompt"], "reference": row["reference"]}
+    if row.get("images"):
+        out["images"] = _row_images(row)
+    return out
 
 
 def _row_id(row: dict) -> str | None:
@@ -950,18 +1115,31 @@ class _FormatTally:
     valid: int = 0
     row_numbers: list[int] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])  # count, min, sum, max, over
+    tokens: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0, 0])  # count, min, sum, max, over, image tokens
     ids: dict[str, int] = field(default_factory=dict)  # evaluation rows: id -> first row number
 
 
 class _Tally:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, max_length: int | None, max_errors: int) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        max_length: int | None,
+        max_errors: int,
+        images: ImageCheck | None = None,
+        image_dir: Path | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_errors = max_errors
         self.row_count = 0
         self.general: list[RowError] = []  # unreadable and unrecognised rows, file-level errors
         self.formats: dict[DatasetFormat, _FormatTally] = {}
+        self.images = images or ImageCheck()
+        self.policy = self.images.policy(image_dir)
+        self.processor = self.images.processor
+        self.counting = tokenizer is not None or self.processor is not None
+        self.image_count = 0
+        self.max_images_per_row = 0
 
     def add(self, row_no: int, value: Any) -> None:
         if row_no:
@@ -982,10 +1160,11 @@ class _Tally:
         tally.rows += 1
         self._cap(tally.row_numbers, [row_no])
         issues = row_errors(value, fmt)
+        decoded = self._check_images(value, issues)
         if not issues and fmt in EVALUATION_FORMATS:
             issues = self._check_unique_id(row_no, value, tally)
-        if not issues and self.tokenizer is not None:
-            issues = self._count_tokens(value, fmt, tally)
+        if not issues and self.counting:
+            issues = self._count_tokens(value, fmt, tally, decoded)
         if issues:
             self._cap(tally.errors, [RowError(row_no, f, r) for f, r in issues])
         else:
@@ -999,12 +1178,54 @@ class _Tally:
         first = tally.ids.setdefault(row_id, row_no)
         return [] if first == row_no else [("id", f"duplicate id {row_id!r} (first used in row {first})")]
 
-    def _count_tokens(self, row: dict, fmt: DatasetFormat, tally: _FormatTally) -> _Issues:
+    def _check_images(self, row: dict, issues: _Issues) -> dict[str, Any]:
+        """Read and decode every image the row refers to (appending an issue per bad one); the decoded images
+        by REF. A REF whose part is already reported is not read again."""
+        refs = list(image_refs(row))
+        self.image_count += len(refs)
+        self.max_images_per_row = max(self.max_images_per_row, len(refs))
+        decoded: dict[str, Any] = {}
+        if not refs:
+            return decoded
+        check = self.images
+        model = f"model {check.model}" if check.model else "the model"
+        bad = {f for f, _ in issues}
+        if not check.takes_images:
+            issues += [(fld, f"{model} takes no images (a text-only model)") for fld, _ in refs if fld not in bad]
+            return decoded
+        limit = check.max_images_per_row
+        if limit and len(refs) > limit:
+            issues.append(
+                (refs[limit][0], f"{len(refs)} images in this row, more than the {limit} {model} takes per row")
+            )
+        for fld, ref in refs:
+            part = fld.rsplit(".image", 1)[0] if ".content[" in fld else fld
+            if fld in bad or part in bad or (fld.startswith("images[") and "images" in bad):
+                continue
+            try:
+                decoded[ref] = decode_image(read_image_bytes(ref, self.policy))
+            except ImageError as exc:
+                issues.append((fld, str(exc)))
+        return decoded
+
+    def _count_tokens(
+        self, row: dict, fmt: DatasetFormat, tally: _FormatTally, decoded: dict[str, Any] | None = None
+    ) -> _Issues:
+        decoded = decoded or {}
+        image_tokens = 0
         try:
-            n = max(_token_count(self.tokenizer, conv) for conv in _conversations(row, fmt))  # type: ignore[arg-type]
-        except (TemplateError, TypeError, ValueError) as exc:
+            if self.processor is not None:
+                counts = [
+                    processor_token_count(self.processor, conv, [decoded[r] for r in conversation_image_refs(conv)])
+                    for conv in _conversations(row, fmt)
+                ]
+                n, image_tokens = max(c[0] for c in counts), counts[0][1]
+            else:
+                n = max(_token_count(self.tokenizer, conv) for conv in _conversations(row, fmt))  # type: ignore[arg-type]
+        except (TemplateError, TypeError, ValueError, KeyError) as exc:
             return [("", f"chat template failed: {exc}")]
         t = tally.tokens
+        t[5] += image_tokens
         t[1] = n if t[0] == 0 else min(t[1], n)
         t[0] += 1
         t[2] += n
@@ -1037,9 +1258,19 @@ class _Tally:
         errors.sort(key=lambda e: e.row)
         chosen = self.formats.get(target) if target is not None else None
         token_stats = None
-        if self.tokenizer is not None:
-            count, low, total, high, over = chosen.tokens if chosen else [0, 0, 0, 0, 0]
-            token_stats = TokenStats(count, low, total / count if count else 0.0, high, over, self.max_length)
+        if self.counting:
+            count, low, total, high, over, image_tokens = chosen.tokens if chosen else [0, 0, 0, 0, 0, 0]
+            token_stats = TokenStats(
+                count,
+                low,
+                total / count if count else 0.0,
+                high,
+                over,
+                self.max_length,
+                self.image_count,
+                self.max_images_per_row,
+                image_tokens,
+            )
         return ValidationReport(
             file_type=str(file_type),
             format=target,
@@ -1050,6 +1281,8 @@ class _Tally:
             token_stats=token_stats,
             sha256=digest.sha256.hexdigest(),
             size_bytes=digest.size,
+            image_count=self.image_count,
+            max_images_per_row=self.max_images_per_row,
         )
 
 
@@ -1061,6 +1294,8 @@ def validate_dataset(
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
     max_errors: int = 1000,
+    images: ImageCheck | None = None,
+    workdir: Path | None = None,
 ) -> ValidationReport:
     """Read a dataset file once and report its type, format, every bad row, token counts and SHA-256.
 
@@ -1070,13 +1305,20 @@ def validate_dataset(
     ``tokenizer``) cover the valid rows of the file's format; ``max_length`` needs a tokenizer.
     Raises NotFound for a missing file, InvalidArgument for bad arguments; problems in the data
     are reported, never raised.
+
+    ``path`` may be an image+text dataset archive (``.zip``, ``.tar``, ``.tar.gz``): it is extracted into a
+    temporary folder under ``workdir`` (an unsafe or unreadable archive is an InvalidArgument with reason
+    DATASET_ARCHIVE_INVALID) and its data file validated, image paths resolving inside it; ``sha256`` and
+    ``size_bytes`` are the archive's. Every image a row refers to is read and decoded as ``images`` says
+    (default: remote URLs refused, no model limits); with ``images.processor`` (a vision-language model's) the
+    token statistics count each row as that processor encodes it, images included.
     """
     path = Path(path)
     if max_errors < 1:
         raise InvalidArgument.for_field("max_errors", "must be at least 1")
     if max_length is not None and max_length < 1:
         raise InvalidArgument.for_field("max_length", "must be a positive number of tokens")
-    if max_length is not None and tokenizer is None:
+    if max_length is not None and tokenizer is None and (images is None or images.processor is None):
         raise InvalidArgument.for_field("max_length", "needs a tokenizer to count tokens")
     expected: DatasetFormat | None = None
     if expected_format is not None:
@@ -1086,9 +1328,31 @@ def validate_dataset(
             known = ", ".join(DatasetFormat)
             reason = f"unknown format {expected_format!r} (expected one of {known})"
             raise InvalidArgument.for_field("expected_format", reason) from None
+    if not is_archive(path.name):
+        return _validate_file(path, file_type, expected, _Tally(tokenizer, max_length, max_errors, images))
+    if not path.is_file():
+        raise NotFound(f"dataset file not found: {path}", reason="DATASET_FILE_NOT_FOUND")
+    try:
+        with opened_dataset(path, workdir) as (data, image_dir):
+            report = _validate_file(
+                data, file_type, expected, _Tally(tokenizer, max_length, max_errors, images, image_dir)
+            )
+    except ImageError as exc:
+        raise InvalidArgument(
+            f"{path.name}: {exc}", reason="DATASET_ARCHIVE_INVALID", violations=[FieldViolation("file", str(exc))]
+        ) from None
+    digest = _Digest()
+    with open(path, "rb") as raw:
+        digest.consume(raw)
+    report.sha256, report.size_bytes = digest.sha256.hexdigest(), digest.size
+    return report
+
+
+def _validate_file(
+    path: Path, file_type: str | None, expected: DatasetFormat | None, tally: _Tally
+) -> ValidationReport:
     kind = _resolve_file_type(path, file_type)
     digest = _Digest()
-    tally = _Tally(tokenizer, max_length, max_errors)
     for row_no, value in _rows(path, kind, digest):
         tally.add(row_no, value)
     return tally.report(kind, expected, digest)

@@ -4,8 +4,10 @@ Evaluations live in the shared job runtime (``JobStore``, kind ``evaluate``); na
 ``evaluations/{id}``. Preflight checks everything that can be checked before a worker is involved: every
 benchmark resolves with its options (or its custom set is a READY registry dataset of an evaluation
 format), the target exists (a READY model version, a deployment with that adapter, or an endpoint URL),
-and the numbers are in range. The stored spec carries what the job child needs, never a credential of
-the service (S3 keys reach the child through its environment).
+and the numbers are in range. A custom set with images (``image_count`` > 0, or stored as an archive) needs
+a vision-language target: a model version or deployment of a text-only model is refused here, before
+anything runs (an endpoint cannot be asked, and is tried). The stored spec carries what the job child
+needs, never a credential of the service (S3 keys reach the child through its environment).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from modelyard.inference.v1 import inference_pb2 as ipb
-from services.core.errors import DomainError, FailedPrecondition, FieldViolation, InvalidArgument
+from services.core.errors import DomainError, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from services.core.image_datasets import is_archive
 from services.core.jobs import JobRecord, JobStore
 from services.core.jobs.resource import JobResource
 from services.core.jobs.store import job_schema, jobs
@@ -41,6 +44,11 @@ VERSION_RE = re.compile(r"^models/[^/]+/versions/[^/]+$")
 DATASET_VERSION_RE = re.compile(r"^datasets/[^/]+/versions/[^/]+$")
 DEPLOYMENT_RE = re.compile(r"^deployments/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 EVAL_FORMATS = ("multiple_choice", "qa")
+# model_type of vision-language models, for a version whose registry metadata predates ``vision``.
+VISION_MODEL_TYPES = frozenset({
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "idefics2", "idefics3",
+    "smolvlm", "paligemma", "gemma3", "mllama", "pixtral", "mistral3", "internvl", "phi3_v", "phi4_multimodal",
+})  # fmt: skip
 MAX_CONCURRENCY = 64
 
 # ListEvaluations: the shared job fields plus the target and what each evaluation ran.
@@ -131,6 +139,21 @@ class Preflight:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise InvalidArgument.for_field("spec.benchmarks", f"benchmark listed twice: {', '.join(dupes)}")
+        with_images = [i for i, r in enumerate(runs) if (r.get("dataset") or {}).get("images")]
+        if with_images:
+            target["vision"] = await self._vision(target)
+            if target["vision"] is False:
+                i = with_images[0]
+                model = target.get("model_version", "")
+                if target["kind"] == "deployment":
+                    model = f"{target['deployment']} ({model})" if model else target["deployment"]
+                fld = f"spec.benchmarks[{i}].dataset_version"
+                raise FailedPrecondition(
+                    f"{fld}: {runs[i]['dataset']['name']} has rows with images, but {model} is a text-only model "
+                    "(its config has no vision tower); evaluate a vision-language model on it",
+                    reason="MODEL_NOT_VISION",
+                    violations=[FieldViolation(fld, f"has images; {model} is text-only")],
+                )
         o = self.options
         return {
             "target": target,
@@ -234,6 +257,28 @@ class Preflight:
             "api_key": req.endpoint_api_key,
         }
 
+    async def _vision(self, target: dict[str, Any]) -> bool | None:
+        """Whether the target's model is a vision-language model: its registry metadata (an adapter: its
+        base's); None when it cannot be known (an endpoint, a version gone from the registry)."""
+        if target["kind"] == "endpoint":
+            return None
+        name = target.get("adapter_of") or target.get("model_version") or ""
+        if target["kind"] == "deployment":
+            try:  # the deployed base carries the vision tower, also for an adapter's alias
+                name = (await self.inference.get_deployment(target["deployment"], timeout=30)).model_version
+            except DomainError:
+                return None
+        if not name:
+            return None
+        try:
+            version = await self.registry.get_model_version(name)
+            if version.lineage.base_model_version and not version.metadata.model_type:
+                version = await self.registry.get_model_version(version.lineage.base_model_version)
+        except NotFound:
+            return None
+        meta = version.metadata
+        return meta.HasField("vision") or meta.model_type in VISION_MODEL_TYPES
+
     async def _benchmark(self, i: int, run: BenchmarkRunRequest, target: dict[str, Any]) -> dict[str, Any]:
         fld = f"spec.benchmarks[{i}]"
         if run.limit < 0:
@@ -280,7 +325,15 @@ class Preflight:
             "num_fewshot": run.num_fewshot,
             "limit": run.limit,
             "kind": "multiple_choice" if fmt == "multiple_choice" else "generation",
-            "dataset": {"name": d.name, "key": d.artifact_key, "sha256": d.sha256, "format": fmt, "rows": d.row_count},
+            "dataset": {
+                "name": d.name,
+                "key": d.artifact_key,
+                "sha256": d.sha256,
+                "format": fmt,
+                "rows": d.row_count,
+                # An archive holds images even where the registry does not count them (``image_count`` 0).
+                "images": int(d.image_count) or is_archive(d.filename or d.artifact_key),
+            },
         }
 
 

@@ -9,7 +9,10 @@
 3. Samples are scored concurrently (``concurrency`` in flight): multiple choice through the inference
    service's ``Score`` RPC (all choices of a question against one shared context) or, for an endpoint,
    ``/v1/completions`` with echo + logprobs per choice as lm-evaluation-harness does; generation through
-   Chat / Complete; code through the sandbox.
+   Chat / Complete; code through the sandbox. A custom set whose rows carry images (an uploaded archive, or
+   data: URLs) goes through chat only: each image is read from the extracted archive right before its
+   request and sent as an image part (``ChatMessage.parts``; ``image_url`` data URLs to an endpoint), and
+   its multiple-choice rows are answered by generation (see ``benchmarks.custom``).
 4. Each benchmark's per-sample records go to the artifact store as JSON lines, its metrics (with standard
    errors) into the job's outputs; a retried attempt skips the benchmarks an earlier attempt finished.
 5. At the end a JSON report is stored and, when the target is a registry version, the scores are
@@ -19,6 +22,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import functools
 import json
 import math
@@ -35,7 +40,25 @@ from modelyard.client import InferenceClient, NotFound, RegistryClient
 from modelyard.inference.v1 import inference_pb2 as ipb
 from services.core.artifacts import S3ArtifactStore
 from services.core.datasets import iter_rows
-from services.core.errors import DomainError, FailedPrecondition, Internal, InvalidArgument, Unavailable, error_dict
+from services.core.errors import (
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+    error_dict,
+)
+from services.core.image_datasets import (
+    ImageError,
+    ImagePolicy,
+    data_dir_for,
+    decode_image,
+    extract_archive,
+    is_archive,
+    read_image_bytes,
+    sniff_mime,
+)
 from services.core.jobs.context import JobContext
 from services.core.jobs.secrets import s3_settings_for
 
@@ -72,6 +95,35 @@ def _truncate(text: str, until: list[str]) -> str:
             if i != -1:
                 cut = min(cut, i)
     return text[:cut]
+
+
+def _chat_message(m: dict[str, Any]) -> ipb.ChatMessage:
+    """One message for the inference service: text content, or ordered parts (resolved images and text)."""
+    content = m["content"]
+    if isinstance(content, str):
+        return ipb.ChatMessage(role=ROLES[m["role"]], content=content)
+    parts = [
+        ipb.ContentPart(image=ipb.ImageInput(data=p["data"], mime_type=p["mime_type"]))
+        if p["type"] == "image"
+        else ipb.ContentPart(text=p["text"])
+        for p in content
+    ]
+    return ipb.ChatMessage(role=ROLES[m["role"]], parts=parts)
+
+
+def _openai_message(m: dict[str, Any]) -> dict[str, Any]:
+    """One message for an OpenAI-compatible endpoint: resolved images become ``image_url`` data URLs."""
+    content = m["content"]
+    if isinstance(content, str):
+        return m
+    parts = [
+        {"type": "image_url",
+         "image_url": {"url": f"data:{p['mime_type']};base64,{base64.b64encode(p['data']).decode()}"}}
+        if p["type"] == "image"
+        else {"type": "text", "text": p["text"]}
+        for p in content
+    ]  # fmt: skip
+    return {"role": m["role"], "content": parts}
 
 
 def _sampling(req: bm.GenRequest, generation: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +175,7 @@ class DeploymentScorer:
         )
         texts: dict[int, list[str]] = {}
         if req.messages:
-            messages = [ipb.ChatMessage(role=ROLES[m["role"]], content=m["content"]) for m in req.messages]
+            messages = [_chat_message(m) for m in req.messages]
             stream: Any = self.inference.chat(
                 deployment=self.deployment, messages=messages, adapter=self.adapter, sampling=sampling, timeout=900
             )
@@ -210,7 +262,8 @@ class EndpointScorer:
         if s["n"] > 1:
             body["n"] = s["n"]
         if req.messages:
-            out = await self._post("chat/completions", {"messages": req.messages, **body})
+            messages = [_openai_message(m) for m in req.messages]
+            out = await self._post("chat/completions", {"messages": messages, **body})
             texts = [c["message"].get("content") or "" for c in sorted(out["choices"], key=lambda c: c["index"])]
         else:
             out = await self._post("completions", {"prompt": req.prompt, **body})
@@ -318,8 +371,9 @@ class _Evaluation:
         options = dict(run.get("options") or {})
         if k is not None:
             options["num_fewshot"] = str(k)
+        images: ImagePolicy | None = None
         if run.get("dataset"):
-            bench = self._custom(run, options)
+            bench, images = self._custom(run, options)
         else:
             sandbox = spec.get("sandbox") or {}
             if bm.resolve(run["name"], {}, field="benchmark").info.kind == "code":
@@ -348,21 +402,42 @@ class _Evaluation:
         for i, doc in enumerate(test):
             fewshot = bench.fewshot_examples(docs, doc, k) if k else []
             requests.append(bench.build(doc, i, fewshot, chat=chat))
-        return {"run": run, "bench": bench, "docs": test, "requests": requests, "k": k}
+        if images is not None:
+            check_images(run["dataset"]["name"], test, images)
+        return {"run": run, "bench": bench, "docs": test, "requests": requests, "k": k, "images": images}
 
-    def _custom(self, run: dict[str, Any], options: dict[str, str]) -> Any:
+    def _custom(self, run: dict[str, Any], options: dict[str, str]) -> tuple[Any, ImagePolicy | None]:
+        """The custom set's benchmark and, when its rows carry images, where they are read from (an archive is
+        extracted next to it; a plain file may only hold data: URLs)."""
         d = run["dataset"]
-        path = self.workdir / "datasets" / d["name"].replace("/", "_")
+        stem = d["name"].replace("/", "_")
+        filename = d["key"].rsplit("/", 1)[-1]
+        path = self.workdir / "datasets" / (f"{stem}-{filename}" if is_archive(filename) else stem)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.store.get_file(d["key"], path)
-        bench, issues = bm.custom_benchmark(iter_rows(path), name=run["name"], field="dataset_version")
+        data, base_dir = path, None
+        if is_archive(filename):
+            try:
+                data = extract_archive(path, self.workdir / "datasets" / f"{stem}-files")
+            except ImageError as err:
+                raise InvalidArgument(f"{d['name']}: {err}", reason="EVAL_SET_ARCHIVE_INVALID") from None
+            base_dir = data_dir_for(data)
+        bench, issues = bm.custom_benchmark(iter_rows(data), name=run["name"], field="dataset_version")
         if options.get("num_fewshot"):
             bench.num_fewshot = int(options["num_fewshot"])
         if issues:
             raise InvalidArgument(
                 f"{d['name']}: {len(issues)} invalid rows; first: {issues[0]}", reason="INVALID_EVALUATION_SET"
             )
-        return bench
+        if not getattr(bench, "with_images", False):  # custom sets only
+            return bench, None
+        if self.spec["target"].get("vision") is False:  # preflight did not know the set had images
+            raise FailedPrecondition(
+                f"{d['name']}: the rows carry images, but {self.spec['target'].get('model_version') or 'the target'} "
+                "is a text-only model",
+                reason="MODEL_NOT_VISION",
+            )
+        return bench, ImagePolicy(base_dir=base_dir)
 
     # ------------------------------------------------------------------ target
 
@@ -458,14 +533,19 @@ class _Evaluation:
                 if self.ctx.cancelled():
                     return
                 req = plan["requests"][i]
+                sent = None
+                if isinstance(req, bm.GenRequest) and req.images:
+                    sent = await asyncio.to_thread(_with_image_data, req, plan["images"], doc)
                 if isinstance(req, bm.MCRequest):
                     result: Any = await scorer.loglikelihoods(req)
                 else:
-                    result = await scorer.generate(req, generation)
+                    result = await scorer.generate(sent or req, generation)
                 if code:
                     scores[i] = await asyncio.to_thread(bench.score, doc, req, result)
                 else:
                     scores[i] = bench.score(doc, req, result)
+                if sent is not None:  # the image parts that went out with bytes, as a check on the plan
+                    scores[i].extra["images_sent"] = _image_parts(sent)
                 progress.add()
 
         try:
@@ -484,6 +564,7 @@ class _Evaluation:
         self.store.put_bytes(key, ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
         result = {
             "benchmark": name,
+            **({"num_images": sum(len(r.images) for r in plan["requests"])} if plan["images"] else {}),
             "metrics": {m: v for m, (v, _) in metrics.items()},
             "stderr": {m: e for m, (_, e) in metrics.items() if e is not None and not math.isnan(e)},
             "primary_metric": bench.info.metrics[0] if bench.info.metrics else "",
@@ -540,6 +621,59 @@ class _Evaluation:
             self.ctx.log("the model version is gone: scores not recorded", model_version=version)
         finally:
             await registry.close()
+
+
+def check_images(dataset: str, docs: list[dict[str, Any]], policy: ImagePolicy) -> None:
+    """Every image of the rows to run is there and decodes, before any request: a bad one fails the
+    evaluation naming its row (the registry's upload validation should have caught it already)."""
+    issues: list[tuple[str, str]] = []
+    for doc in docs:
+        for j, ref in enumerate(doc.get("images", [])):
+            try:
+                decode_image(read_image_bytes(ref, policy))
+            except ImageError as err:
+                issues.append((f"dataset_version[row {doc['row']}].images[{j}]", f"{ref[:80]!r}: {err}"))
+    if issues:
+        first = issues[0]
+        raise InvalidArgument(
+            f"{dataset}: {len(issues)} image(s) cannot be loaded; first: {first[0]}: {first[1]}",
+            reason="EVAL_SET_IMAGE_INVALID",
+            violations=[FieldViolation(f, why) for f, why in issues[:20]],
+        )
+
+
+def _with_image_data(req: bm.GenRequest, policy: ImagePolicy | None, doc: dict[str, Any]) -> bm.GenRequest:
+    """``req`` with each image part's reference replaced by the image's bytes and media type (read now, so
+    only the requests in flight hold image bytes)."""
+    if policy is None:
+        policy = ImagePolicy()
+
+    def part(p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("type") != "image":
+            return p
+        try:
+            data = read_image_bytes(p["image"], policy)
+        except ImageError as err:
+            raise InvalidArgument(
+                f"row {doc.get('row')}: image {p['image'][:80]!r}: {err}", reason="EVAL_SET_IMAGE_INVALID"
+            ) from None
+        return {"type": "image", "data": data, "mime_type": sniff_mime(data) or "application/octet-stream"}
+
+    messages = [
+        m if isinstance(m["content"], str) else {**m, "content": [part(p) for p in m["content"]]}
+        for m in req.messages or []
+    ]
+    return dataclasses.replace(req, messages=messages)
+
+
+def _image_parts(req: bm.GenRequest) -> int:
+    return sum(
+        1
+        for m in req.messages or []
+        if not isinstance(m["content"], str)
+        for p in m["content"]
+        if p.get("type") == "image" and p.get("data")
+    )
 
 
 async def _gather_cancelling(coros: list[Awaitable[None]]) -> None:

@@ -39,12 +39,13 @@ from services.core.errors import (
     Unavailable,
 )
 from services.core.logging import get_logger
+from services.core.vision import vision_info
 
 from .cache import ModelCache
 from .engines.base import ENGINE_KINDS, Engine, EngineOptions, EngineSpec
 from .engines.tool_parsers import resolve_tool_parser, valid_parsers
 from .engines.transformers_engine import TransformersEngine
-from .engines.vllm_engine import VllmEngine, check_vllm_installed
+from .engines.vllm_engine import VISION_UNSUPPORTED, VllmEngine, check_vllm_installed, check_vllm_serves_vision
 from .metrics import ENGINE_RESTARTS, TASK_ERRORS
 from .settings import InferenceSettings
 from .tables import DeploymentRow
@@ -79,13 +80,14 @@ class VersionInfo:
     artifact_prefix: str
     manifest: Manifest
     task: str = ""  # the registry's metadata.task: "embedding" deployments serve embeddings only
+    vision: bool = False  # the registry's metadata says it is a vision-language model
 
     @classmethod
     def of(cls, v: rpb.ModelVersion) -> VersionInfo:
         return cls(name=v.name, is_adapter=v.kind == rpb.MODEL_KIND_ADAPTER,
                    ready=v.state == rpb.MODEL_VERSION_STATE_READY, artifact_prefix=v.artifact_prefix,
                    manifest=Manifest([FileEntry(f.path, f.size_bytes, f.sha256) for f in v.files]),
-                   task=v.metadata.task)
+                   task=v.metadata.task, vision=v.metadata.HasField("vision"))
 
 
 async def _get_version(source: ModelSource, name: str) -> VersionInfo:
@@ -201,6 +203,7 @@ class _Runner:
         self.lock = asyncio.Lock()  # serialises adapter changes
         self.task: asyncio.Task | None = None
         self.tool_call_parser = ""  # the parser the engine runs with (resolved when it starts)
+        self.vision = False  # the model folder is a vision-language model's (known once the engine started)
 
     def set_state(self, state: State, error: DomainError | None = None) -> None:
         if error is not None:
@@ -236,7 +239,7 @@ class _Runner:
                 err = exc if isinstance(exc, DomainError) else Internal(f"engine start failed: {exc}")
                 if not isinstance(exc, DomainError):
                     log.exception("engine_start_failed", deployment=self.record.name)
-                if failures >= settings.max_start_failures:
+                if failures >= settings.max_start_failures or err.reason == VISION_UNSUPPORTED:  # no retry helps
                     self.set_state(State.FAILED, err)
                     return
                 self.set_state(State.DEGRADED if ever_ready else State.CREATING, err)
@@ -279,6 +282,9 @@ class _Runner:
         """Files into the cache, engine process started, answering: the engine; raises otherwise."""
         owner, rec = self.owner, self.record
         model_dir = await asyncio.to_thread(owner.cache.ensure, rec.artifact_prefix, rec.manifest)
+        self.vision = await asyncio.to_thread(vision_info, model_dir) is not None
+        if self.vision and rec.engine == "vllm":
+            check_vllm_serves_vision(owner.settings.vllm_python, rec.model_version)
         adapters = {}
         for a in rec.adapters:
             adapters[a.alias] = await asyncio.to_thread(owner.cache.ensure, a.artifact_prefix, a.manifest)
@@ -470,6 +476,8 @@ class Deployments:
                                             "base model and pass the adapter in deployment.adapters")
         if not base.ready:
             raise FailedPrecondition(f"model version {model_version} is not READY", reason="VERSION_NOT_READY")
+        if base.vision and engine == "vllm":
+            check_vllm_serves_vision(self.settings.vllm_python, model_version)
         if base.task == EMBEDDING_TASK and adapters:
             raise InvalidArgument.for_field("deployment.adapters", f"{model_version} is an embedding model: it takes "
                                             "no LoRA adapters")
@@ -665,15 +673,22 @@ class Deployments:
                               reason="DEPLOYMENT_NOT_READY", metadata={"state": runner.state.value})
         return engine
 
-    def engine_for(self, deployment: str, adapter: str = "", *, generate: bool = False) -> tuple[Engine, str]:
+    def engine_for(self, deployment: str, adapter: str = "", *, generate: bool = False,
+                   image_field: str | None = None) -> tuple[Engine, str]:
         """The engine serving ``deployment`` and the model name to ask it for (the adapter's alias or
         the base model's name). Unavailable while the deployment is not READY; ``generate`` (chat,
-        completions, scores): InvalidArgument naming ``model`` when the deployment is an embedding model."""
+        completions, scores): InvalidArgument naming ``model`` when the deployment is an embedding model;
+        ``image_field`` (the request's first image part): InvalidArgument naming it when the model is not a
+        vision-language model."""
         runner = self._runner(deployment, "deployment")
         if generate and runner.record.task == EMBEDDING_TASK:
             raise InvalidArgument.for_field("model", f"{deployment} serves an embedding model "
                                                      f"({runner.record.model_version}): it serves embeddings only",
                                             reason="EMBEDDING_MODEL")
+        if image_field is not None and runner.engine is not None and not runner.vision:
+            raise InvalidArgument.for_field(image_field, f"{deployment} serves {runner.record.model_version}, a "
+                                                         "text-only model: it takes no images",
+                                            reason="MODEL_TAKES_NO_IMAGES")
         if adapter and not any(a.alias == adapter for a in runner.record.adapters):
             known = ", ".join(a.alias for a in runner.record.adapters) or "none"
             raise InvalidArgument.for_field("adapter", f"deployment {deployment} has no adapter {adapter!r} "

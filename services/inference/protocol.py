@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from typing import Any
@@ -109,10 +110,56 @@ def _response_format(rf: pb.ResponseFormat, body: dict[str, Any]) -> None:
             "name": rf.json_schema_name or "response", "schema": schema, "strict": rf.strict}}
 
 
-def _message(m: pb.ChatMessage, i: int, field_name: str = "messages") -> dict[str, Any]:
+# Largest image the service passes to an engine (decoded bytes); the gateway's own limit is usually lower.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+IMAGE_MIME_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp")
+
+
+def _parts(m: pb.ChatMessage, where: str, max_image_bytes: int) -> list[dict[str, Any]]:
+    """``m.parts`` as OpenAI content parts; images as base64 data URLs (what both engine servers read: the
+    engines never fetch a URL)."""
+    if m.content:
+        raise InvalidArgument.for_field(f"{where}.content", "must be empty when parts are set")
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(m.parts):
+        kind = part.WhichOneof("kind")
+        if kind == "text":
+            out.append({"type": "text", "text": part.text})
+        elif kind == "image":
+            image, field = part.image, f"{where}.parts[{j}].image"
+            if not image.data:
+                raise InvalidArgument.for_field(f"{field}.data", "must not be empty")
+            if len(image.data) > max_image_bytes:
+                raise InvalidArgument.for_field(f"{field}.data", f"the image has {len(image.data)} bytes; at most "
+                                                                 f"{max_image_bytes} are accepted")
+            mime = image.mime_type or "image/png"
+            if mime not in IMAGE_MIME_TYPES:
+                raise InvalidArgument.for_field(f"{field}.mime_type", f"must be one of {', '.join(IMAGE_MIME_TYPES)}, "
+                                                                      f"got {mime!r}")
+            url: dict[str, Any] = {"url": f"data:{mime};base64,{base64.b64encode(image.data).decode()}"}
+            if image.detail:
+                url["detail"] = image.detail
+            out.append({"type": "image_url", "image_url": url})
+        else:
+            raise InvalidArgument.for_field(f"{where}.parts[{j}]", "set text or image")
+    return out
+
+
+def first_image_field(messages: Any, field_name: str = "messages") -> str | None:
+    """The field of the first image part of ``messages`` (``messages[0].parts[1].image``), None without images."""
+    for i, m in enumerate(messages):
+        for j, part in enumerate(m.parts):
+            if part.WhichOneof("kind") == "image":
+                return f"{field_name}[{i}].parts[{j}].image"
+    return None
+
+
+def _message(m: pb.ChatMessage, i: int, field_name: str = "messages",
+             max_image_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
     if m.role not in ROLE_NAMES:
         raise InvalidArgument.for_field(f"{field_name}[{i}].role", "required")
-    out: dict[str, Any] = {"role": ROLE_NAMES[m.role], "content": m.content}
+    content: str | list[dict[str, Any]] = _parts(m, f"{field_name}[{i}]", max_image_bytes) if m.parts else m.content
+    out: dict[str, Any] = {"role": ROLE_NAMES[m.role], "content": content}
     if m.name:
         out["name"] = m.name
     if m.tool_call_id:
@@ -123,10 +170,11 @@ def _message(m: pb.ChatMessage, i: int, field_name: str = "messages") -> dict[st
     return out
 
 
-def chat_body(req: pb.ChatRequest, model: str) -> dict[str, Any]:
+def chat_body(req: pb.ChatRequest, model: str, max_image_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
     if not req.messages:
         raise InvalidArgument.for_field("messages", "at least one message is required")
-    body: dict[str, Any] = {"model": model, "messages": [_message(m, i) for i, m in enumerate(req.messages)]}
+    body: dict[str, Any] = {"model": model, "messages": [_message(m, i, max_image_bytes=max_image_bytes)
+                                                         for i, m in enumerate(req.messages)]}
     _sampling(req.sampling, body, chat=True)
     _response_format(req.response_format, body)
     if req.tools_json:
@@ -153,11 +201,12 @@ def complete_body(req: pb.CompleteRequest, model: str) -> dict[str, Any]:
     return body
 
 
-def tokenize_body(req: pb.TokenizeRequest, model: str) -> dict[str, Any]:
+def tokenize_body(req: pb.TokenizeRequest, model: str, max_image_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
     if bool(req.prompt) == bool(req.messages):
         raise InvalidArgument.for_field("prompt", "exactly one of prompt and messages is required")
     if req.messages:
-        return {"model": model, "messages": [_message(m, i) for i, m in enumerate(req.messages)],
+        return {"model": model, "messages": [_message(m, i, max_image_bytes=max_image_bytes)
+                                             for i, m in enumerate(req.messages)],
                 "add_generation_prompt": req.add_generation_prompt, "add_special_tokens": req.add_special_tokens}
     return {"model": model, "prompt": req.prompt, "add_special_tokens": req.add_special_tokens}
 

@@ -52,9 +52,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     # ------------------------------------------------------------------ data plane
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ChatChunk]:
-        engine, model = self._deployments.engine_for(request.deployment, request.adapter, generate=True)
+        engine, model = self._deployments.engine_for(request.deployment, request.adapter, generate=True,
+                                                     image_field=protocol.first_image_field(request.messages))
+        body = protocol.chat_body(request, model, self._deployments.settings.max_image_bytes)
         interval = self._pacer.interval()
-        stream = self._pacer.stream(engine.chat(protocol.chat_body(request, model), interval_s=interval),
+        stream = self._pacer.stream(engine.chat(body, interval_s=interval),
                                     pace=not engine.paces_stream(interval))
         try:
             async for batch in stream:
@@ -76,8 +78,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await stream.aclose()
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        engine, model = self._deployments.engine_for(request.deployment, generate=bool(request.messages))
-        body = await engine.tokenize(protocol.tokenize_body(request, model))
+        engine, model = self._deployments.engine_for(request.deployment, generate=bool(request.messages),
+                                                     image_field=protocol.first_image_field(request.messages))
+        body = await engine.tokenize(protocol.tokenize_body(request, model,
+                                                            self._deployments.settings.max_image_bytes))
         return pb.TokenizeResponse(tokens=body.get("tokens") or [], max_model_len=body.get("max_model_len") or 0)
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:

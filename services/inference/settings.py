@@ -52,6 +52,9 @@ class InferenceSettings(ServiceSettings):
     stream_pacing_min_streams: int = 8
     # Default of max_num_seqs for the transformers engine.
     transformers_max_num_seqs: int = 32
+    # Largest image (decoded bytes) one chat message part may carry; larger ones are INVALID_ARGUMENT naming
+    # messages[i].parts[j].image.data (the gateway's images.max_bytes is its own, usually lower, limit).
+    max_image_bytes: int = 20 * 1024 * 1024
 
     def pacing(self) -> Pacing:
         return Pacing(self.stream_interval_ms / 1000, self.stream_max_interval_ms / 1000, self.stream_messages_per_s,

@@ -5,6 +5,13 @@ An upload is spooled to a local file (it has to be read whole for validation), v
 any recognisable row format is refused; bad rows of a recognisable training set are counted at
 upload and reported row by row by ``validate``. An evaluation set (``multiple_choice``, ``qa``) is
 refused when any row is bad: its scores must cover exactly the rows the user uploaded.
+
+An image+text dataset is uploaded as an archive (``.zip``, ``.tar``, ``.tar.gz``: one data file and the
+images its rows refer to) and stored as uploaded; validation extracts it into a temporary folder (an unsafe
+archive, with ``..`` or absolute paths, links or devices, is refused) and reads and decodes every image a row
+refers to, so a missing, corrupt or remote image is a bad row naming its field. Validating against a model
+version adds the model's view: a text-only model takes no images, a vision-language model at most
+``max_images_per_row`` per row, and its processor counts the image tokens into each row's length.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +32,7 @@ from services.core.artifacts import FileEntry, file_key
 from services.core.datasets import (  # (formats checked there)
     EVALUATION_FORMATS,
     DatasetFormat,
+    ImageCheck,
     ValidationReport,
     validate_dataset,
 )
@@ -51,6 +59,8 @@ log = get_logger(__name__)
 
 _FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _TOKENIZER_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+# Config keys (top level or vision_config) by which a vision-language model names how many images it takes.
+_IMAGE_LIMIT_KEYS = ("max_images", "max_num_images", "max_images_per_prompt", "max_image_count")
 
 _VERSION_COUNT = (select(func.count()).select_from(DatasetVersionRow)
                   .where(DatasetVersionRow.dataset == DatasetRow.name).correlate(DatasetRow).scalar_subquery())
@@ -81,7 +91,7 @@ DATASET_VERSION_SCHEMA = Schema(
 def dataset_version_from_row(row: DatasetVersionRow) -> DatasetVersion:
     return DatasetVersion(row.name, row.filename, row.sha256, row.size_bytes, row.format, row.row_count,
                           row.invalid_row_count, row.description, dict(row.labels or {}), row.artifact_key,
-                          row.create_time)
+                          row.create_time, int(row.image_count or 0))
 
 
 def _too_large(max_bytes: int) -> ResourceExhausted:
@@ -150,6 +160,22 @@ def _bad_evaluation_rows(filename: str, report: ValidationReport) -> InvalidArgu
     )
 
 
+def _model_image_limit(folder: Path) -> int:
+    """The images per prompt a model's config.json says it takes (0: it says nothing)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    for doc in (config, config.get("vision_config") or {}):
+        for key in _IMAGE_LIMIT_KEYS:
+            value = doc.get(key) if isinstance(doc, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return 0
+
+
 class Datasets:
     """Dataset and dataset-version operations."""
 
@@ -182,7 +208,9 @@ class Datasets:
             upload.close()
             if upload.size == 0:
                 raise InvalidArgument.for_field("chunk", "the uploaded file is empty", reason="DATASET_EMPTY")
-            report = validate_dataset(upload.path, expected_format=cast(DatasetFormat, upload.expected_format or None))
+            report = self._validate_file(upload.path, upload.filename, field_name="chunk",
+                                         expected_format=cast(DatasetFormat, upload.expected_format or None),
+                                         images=self._image_check())
             if report.format is None:
                 first = "; ".join(f"row {e.row} {e.field}: {e.reason}".replace(" :", ":") for e in report.errors[:3])
                 raise InvalidArgument.for_field(
@@ -204,7 +232,7 @@ class Datasets:
                         name=name, dataset=upload.parent, filename=upload.filename, sha256=stored.sha256,
                         size_bytes=stored.size, format=report.format.value, row_count=report.row_count,
                         invalid_row_count=report.invalid_rows, description=upload.description, labels=upload.labels,
-                        artifact_key=key, create_time=utcnow(),
+                        artifact_key=key, create_time=utcnow(), image_count=report.image_count,
                     )
                     s.add(vrow)
                     s.flush()
@@ -218,7 +246,7 @@ class Datasets:
         finally:
             upload.discard()
         log.info("dataset_uploaded", version=version.name, sha256=version.sha256, rows=version.row_count,
-                 invalid_rows=version.invalid_row_count, format=version.format)
+                 invalid_rows=version.invalid_row_count, format=version.format, images=version.image_count)
         return version
 
     # ------------------------------------------------------------------ read / delete
@@ -290,22 +318,52 @@ class Datasets:
         with tempfile.TemporaryDirectory(dir=self.registry.staging, prefix="validate-") as tmp:
             local = Path(tmp) / version.filename
             self.store.get_file(version.artifact_key, local, FileEntry(version.artifact_key, version.size_bytes, version.sha256))
-            tokenizer = self._tokenizer(model_version, Path(tmp) / "tokenizer") if model_version else None
-            return validate_dataset(local, expected_format=cast(DatasetFormat, expected_format or None), tokenizer=tokenizer,
-                                    max_length=max_length or None)
+            tokenizer, images = (self._model_view(model_version, Path(tmp) / "tokenizer") if model_version
+                                 else (None, self._image_check()))
+            return self._validate_file(local, version.filename, field_name="name",
+                                       expected_format=cast(DatasetFormat, expected_format or None),
+                                       tokenizer=tokenizer, max_length=max_length or None, images=images)
 
-    def _tokenizer(self, model_version: str, dest: Path):
+    def _validate_file(self, path: Path, filename: str, *, field_name: str, **kw: Any) -> ValidationReport:
+        """``validate_dataset``, an unsafe or unreadable archive named as ``filename`` under ``field_name``."""
+        try:
+            return validate_dataset(path, workdir=self.registry.staging, **kw)
+        except InvalidArgument as err:
+            if err.reason != "DATASET_ARCHIVE_INVALID":
+                raise
+            description = err.message.removeprefix(f"{path.name}: ")
+            raise InvalidArgument.for_field(field_name, f"{filename}: {description}",
+                                            reason="DATASET_ARCHIVE_INVALID") from None
+
+    def _image_check(self, **kw: Any) -> ImageCheck:
+        return ImageCheck(allow_remote=self.registry.settings.datasets.allow_remote_images, **kw)
+
+    def _model_view(self, model_version: str, dest: Path) -> tuple[Any, ImageCheck]:
+        """How ``model_version`` sees the rows: a text-only model its tokenizer (and no images); a
+        vision-language model its processor (image tokens counted) and its image limit per row."""
         from transformers import AutoTokenizer
+
+        from services.core.vision import load_processor, vision_info
 
         version = self.registry._ready_version(model_version)
         wanted = [f for f in version.files if "/" not in f.path and f.path.endswith(_TOKENIZER_SUFFIXES)]
         for f in wanted:
             self.store.get_file(file_key(version.artifact_prefix, f.path), dest / f.path, FileEntry(f.path, f.size, f.sha256))
+        if version.metadata.get("vision") or vision_info(dest) is not None:
+            try:
+                processor = load_processor(dest)
+            except Exception as exc:  # noqa: BLE001 - any failure means no usable processor
+                raise FailedPrecondition(f"model version {model_version!r} is a vision-language model without a "
+                                         f"usable processor: {exc}", reason="PROCESSOR_MISSING",
+                                         metadata={"name": model_version}) from None
+            limit = _model_image_limit(dest) or self.registry.settings.datasets.max_images_per_row
+            return None, self._image_check(max_images_per_row=limit, model=model_version, processor=processor)
         try:
-            return AutoTokenizer.from_pretrained(str(dest), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(dest), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure means no usable tokenizer
             raise FailedPrecondition(f"model version {model_version!r} has no usable tokenizer: {exc}",
                                      reason="TOKENIZER_MISSING", metadata={"name": model_version}) from None
+        return tokenizer, self._image_check(model=model_version, takes_images=False)
 
     # ------------------------------------------------------------------ helpers
 

@@ -2,7 +2,12 @@
 
 The parameter count is the sum of tensor element counts in the safetensors headers; a header
 that does not parse, or promises more bytes than the file holds (a truncated download), is an
-InvalidArgument naming the file.
+InvalidArgument naming the file. It covers every tensor, so a vision-language model's count includes its
+vision tower and projector.
+
+A vision-language model (a ``vision_config`` in config.json) gets ``vision`` metadata and must carry its
+image processor config (``preprocessor_config.json``): without it the model can neither be served nor
+trained on images, so the import is refused naming the file.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.errors import FieldViolation, InvalidArgument
+from services.core.vision import vision_info
 
 from .records import ModelFormat, ModelKind
 
@@ -41,6 +47,8 @@ class ModelMetadata:
     total_size_bytes: int = 0
     task: str = ""  # text-generation | embedding | "" (see _inspect_task)
     embedding_dimensions: int = 0
+    # A vision-language model's vision side (the proto VisionMetadata's fields); None for a text-only model.
+    vision: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +184,7 @@ def validate_and_inspect(folder: Path, fmt: ModelFormat) -> ModelMetadata:
         meta.has_chat_template = _chat_template_present(folder)
         meta.dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
         _inspect_task(folder, config, meta)
+        meta.vision = _inspect_vision(folder, config)
     weights = [p for p in files if p.suffix == ".safetensors"]
     if not weights:
         if any(p.suffix in (".bin", ".pt", ".pth") for p in files):
@@ -195,6 +204,26 @@ def validate_and_inspect(folder: Path, fmt: ModelFormat) -> ModelMetadata:
 
 
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")
+_PROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def _inspect_vision(folder: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The vision metadata of a vision-language model (None for a text-only one); its image processor
+    config must be there."""
+    info = vision_info(folder, config)
+    if info is None:
+        return None
+    if not (folder / _PROCESSOR_CONFIG).is_file():
+        raise _invalid(_PROCESSOR_CONFIG, f"missing: {info.architecture or 'this model'} is a vision-language model "
+                       f"and needs its image processor config ({_PROCESSOR_CONFIG}) to be served or trained on images; "
+                       "import the full hub folder", "PROCESSOR_MISSING")
+    _read_json(folder, _PROCESSOR_CONFIG)
+    return {
+        "vision_model_type": info.vision_model_type, "depth": info.vision_depth,
+        "hidden_size": info.vision_hidden_size, "patch_size": info.patch_size,
+        "spatial_merge_size": info.spatial_merge_size, "image_token": info.image_token,
+        "processor_files": list(info.processor_files),
+    }
 
 
 def _inspect_task(folder: Path, config: dict[str, Any], meta: ModelMetadata) -> None:

@@ -134,6 +134,7 @@ class DatasetVersion:
     labels: dict[str, str]
     artifact_key: str
     create_time: datetime
+    image_count: int = 0  # images the rows refer to (image+text datasets)
 
 
 @dataclass

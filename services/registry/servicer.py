@@ -93,6 +93,14 @@ def score_from_proto(msg: pb.EvaluationScore) -> EvaluationScore:
                            stderr=msg.stderr, num_samples=msg.num_samples)
 
 
+def _vision_to_proto(vision: Any) -> pb.VisionMetadata | None:
+    """The stored vision metadata (absent in versions of text-only models and in rows written before it)."""
+    if not isinstance(vision, dict):
+        return None
+    fields = pb.VisionMetadata.DESCRIPTOR.fields_by_name
+    return pb.VisionMetadata(**{k: v for k, v in vision.items() if k in fields})
+
+
 def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
     meta = v.metadata
     return pb.ModelVersion(
@@ -106,6 +114,7 @@ def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
             context_length=meta.get("context_length", 0), has_chat_template=meta.get("has_chat_template", False),
             total_size_bytes=v.total_size_bytes, task=meta.get("task", ""),
             embedding_dimensions=meta.get("embedding_dimensions", 0),
+            vision=_vision_to_proto(meta.get("vision")),
         ),
         lineage=lineage_to_proto(v.lineage), deployed_by=v.deployed_by, artifact_prefix=v.artifact_prefix,
         create_time=timestamp(v.create_time), update_time=timestamp(v.update_time),
@@ -126,7 +135,7 @@ def dataset_version_to_proto(v: DatasetVersion) -> pb.DatasetVersion:
     return pb.DatasetVersion(
         name=v.name, filename=v.filename, sha256=v.sha256, size_bytes=v.size_bytes, format=v.format,
         row_count=v.row_count, invalid_row_count=v.invalid_row_count, description=v.description, labels=v.labels,
-        artifact_key=v.artifact_key, create_time=timestamp(v.create_time),
+        artifact_key=v.artifact_key, create_time=timestamp(v.create_time), image_count=v.image_count,
     )
 
 
@@ -147,7 +156,10 @@ def report_to_proto(r: ds.ValidationReport) -> pb.ValidateDatasetResponse:
     if r.token_stats is not None:
         t = r.token_stats
         stats = pb.TokenStats(rows=t.count, min_tokens=t.min, mean_tokens=t.mean, max_tokens=t.max,
-                              rows_over_max_length=t.over_length, max_length=t.max_length or 0)
+                              rows_over_max_length=t.over_length, max_length=t.max_length or 0, images=t.images,
+                              max_images_per_row=t.max_images_per_row, image_tokens=t.image_tokens)
+    elif r.image_count:  # no model given: the image counts alone
+        stats = pb.TokenStats(images=r.image_count, max_images_per_row=r.max_images_per_row)
     return pb.ValidateDatasetResponse(
         format=r.format.value if r.format else "", row_count=r.row_count, valid_row_count=r.valid_rows,
         token_stats=stats, errors=[pb.RowError(row=e.row, field=e.field, reason=e.reason) for e in r.errors],

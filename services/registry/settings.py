@@ -39,6 +39,12 @@ class DatasetSettings(BaseModel):
 
     # An UploadDataset stream is refused (RESOURCE_EXHAUSTED) as soon as it carries more bytes than this.
     max_upload_bytes: int = Field(default=1024**3, gt=0)
+    # ValidateDataset against a vision-language model: a row with more images than this is invalid, unless the
+    # model's config names its own limit (max_images, max_num_images, ...).
+    max_images_per_row: int = Field(default=8, gt=0)
+    # Whether rows may refer to http(s) images (fetched by the registry when validating). Off: such a row is
+    # invalid (images belong in the archive, or inline as data: URLs).
+    allow_remote_images: bool = False
 
 
 class RegistrySettings(ServiceSettings):

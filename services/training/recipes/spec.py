@@ -13,13 +13,16 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.core.errors import FieldViolation, InvalidArgument
 
 SFT_METHODS = ("full", "lora", "qlora", "dora")
 PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo", "cpo")
 METHODS = SFT_METHODS + PREFERENCE_METHODS
+# Hyperparameters that only apply to a vision-language base model (see services.training.recipes.vision).
+VISION_HYPERPARAMETERS = ("freeze_vision_tower", "freeze_aligner", "vision_learning_rate", "aligner_learning_rate",
+                          "max_images_per_sample")
 Method = Literal["full", "lora", "qlora", "dora", "dpo", "orpo", "kto", "simpo", "cpo"]
 LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -89,6 +92,30 @@ class Hyperparameters(_Model):
     weight_decay: float = Field(default=0.1, ge=0, allow_inf_nan=False, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, ge=0, allow_inf_nan=False, description="Gradient clipping.")
     gradient_checkpointing: bool = Field(default=True, description="Activation checkpointing.")
+    # Vision-language models only: preflight refuses non-default values for a text-only base model.
+    freeze_vision_tower: bool = Field(default=True, description="Keep the vision tower's weights as they are.")
+    freeze_aligner: bool = Field(default=True, description=(
+        "Keep the aligner (projector; Qwen2-VL's visual.merger) as it is."))
+    vision_learning_rate: float = Field(gt=0, allow_inf_nan=False, description=(
+        "Learning rate of an unfrozen vision tower. Default: learning_rate."))
+    aligner_learning_rate: float = Field(gt=0, allow_inf_nan=False, description=(
+        "Learning rate of an unfrozen aligner. Default: learning_rate."))
+    max_images_per_sample: int = Field(default=8, ge=1, description="Most images one row may hold.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _part_learning_rates(cls, values: Any) -> Any:
+        """The vision / aligner learning rates default to ``learning_rate`` (also for specs stored before they
+        existed)."""
+        if isinstance(values, Mapping) and "learning_rate" in values:
+            lr = values["learning_rate"]
+            if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+                lr = LORA_LEARNING_RATE  # learning_rate itself is refused; only its violation is reported
+            values = {**values}
+            for name in ("vision_learning_rate", "aligner_learning_rate"):
+                if values.get(name) is None:
+                    values[name] = lr
+        return values
 
     @field_validator("max_steps")
     @classmethod

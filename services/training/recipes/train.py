@@ -3,7 +3,8 @@
 ``train(plan, sink)`` is a straight recipe: tokenizer and data -> model (full / LoRA / DoRA / QLoRA,
 or a trl preference trainer) -> Trainer with the reporting and checkpoint callbacks -> train (resuming
 from a downloaded checkpoint) -> save the final weights. Downloads, uploads of outputs and registration
-happen around it in :mod:`.run`.
+happen around it in :mod:`.run`. A vision-language base model takes the SFT path of :mod:`.vision` (its
+processor, image rows, frozen vision tower / aligner) and its processor files are saved with the result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 from services.core.artifacts import S3ArtifactStore
 from services.core.jobs.secrets import s3_settings_for
+from services.core.vision import vision_info
 
 from . import data as D
 from .callbacks import CheckpointUploader, ReportingCallback, TokenCounter
@@ -67,6 +69,10 @@ class TrainResult:
     global_step: int
     cancelled: bool
     final_metrics: dict[str, float]
+
+
+def is_vision_model(base_dir: str) -> bool:
+    return vision_info(Path(base_dir)) is not None
 
 
 # --------------------------------------------------------------------------- trainers
@@ -297,8 +303,15 @@ def train(plan: Plan, sink: EventSink, *, rank: int = 0, world_size: int = 1) ->
     has_eval = plan.validation is not None or spec.validation_split > 0
     args = _common_args(spec, plan, has_eval, distributed)
     counter = TokenCounter()
-    build = _preference_trainer if spec.is_preference else _sft_trainer
-    trainer, has_eval = build(plan, spec, sink, tokenizer, args, counter)
+    vision = is_vision_model(plan.base_dir)
+    if vision:  # a vision-language model: its processor, image rows, frozen parts (see .vision)
+        from .vision import vision_sft_trainer
+
+        trainer, has_eval, processor = vision_sft_trainer(plan, spec, sink, args, counter)
+        tokenizer = processor.tokenizer
+    else:
+        build = _preference_trainer if spec.is_preference else _sft_trainer
+        trainer, has_eval = build(plan, spec, sink, tokenizer, args, counter)
     if not has_eval:
         trainer.args.eval_strategy = "no"
     store = S3ArtifactStore.connect(s3_settings_for(plan.spec["s3"])) if is_main else None
@@ -336,5 +349,9 @@ def train(plan: Plan, sink: EventSink, *, rank: int = 0, world_size: int = 1) ->
     trainer.save_model(plan.output_dir)  # the adapter for PEFT models, the full weights otherwise
     if is_main:
         tokenizer.save_pretrained(plan.output_dir)
+        if vision:
+            from .vision import save_processor_files
+
+            save_processor_files(plan.base_dir, plan.output_dir)
         sink.log("training finished", step=step, **metrics)
     return TrainResult(step, False, metrics)
