@@ -178,16 +178,7 @@ def write_shape_dataset(folder: Path, n: int, *, seed: int = 0, archive: bool = 
                                          {"type": "text", "text": QUESTION}]},
             {"role": "assistant", "content": ex["colour"]},
         ]})
-    data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if not archive:
-        return data
-    zpath = folder.with_suffix(".zip")
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
-        z.write(data, "data.jsonl")
-        for p in sorted((folder / "images").iterdir()):
-            z.write(p, f"images/{p.name}")
-    return zpath
+    return _write_rows(folder, rows, archive=archive)
 
 
 def write_shape_eval_set(folder: Path, n: int, *, seed: int = 0, fmt: str = "multiple_choice") -> Path:
@@ -210,8 +201,16 @@ def write_shape_eval_set(folder: Path, n: int, *, seed: int = 0, fmt: str = "mul
         else:
             rows.append({"id": f"shape-{i:04d}", "prompt": f"{QUESTION} Answer with one word.",
                          "reference": ex["colour"], "images": [rel]})
+    return _write_rows(folder, rows, archive=True)
+
+
+def _write_rows(folder: Path, rows: list[dict[str, Any]], *, archive: bool) -> Path:
+    """``folder/data.jsonl`` from ``rows``; with ``archive``, ``folder.zip`` holding it and ``folder/images``
+    (returned), else the jsonl."""
     data = folder / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not archive:
+        return data
     zpath = folder.with_suffix(".zip")
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
         z.write(data, "data.jsonl")

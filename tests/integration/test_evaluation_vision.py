@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 import zipfile
 
 import pytest
@@ -32,18 +31,12 @@ from services.core.artifacts import S3ArtifactStore
 from services.core.settings import S3Settings
 from tests.support.evaluation_stack import evaluation, evaluation_stack, wait_evaluation
 
-from .test_inference import wait_state
+from .test_inference import module_s3, wait_state  # noqa: F401 - module_s3 is a fixture
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
 VLM = "deployments/vlm"
 ROWS = 8
-
-
-@pytest.fixture(scope="module")
-def module_s3(s3_server) -> S3Settings:
-    return S3Settings(endpoint=s3_server.endpoint, access_key=s3_server.access_key, secret_key=s3_server.secret_key,
-                      bucket=f"t-{uuid.uuid4().hex[:12]}", connect_retries=2, retry_backoff_s=0.05)  # fmt: skip
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
