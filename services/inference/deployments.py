@@ -602,14 +602,16 @@ class Deployments:
 
     async def load_adapter(self, name: str, alias: str, model_version: str) -> DeploymentView:
         runner = self._runner(name)
-        rec = runner.record
-        self._check_alias(alias, "adapter.alias", rec.model_name)
+        self._check_alias(alias, "adapter.alias", runner.record.model_name)
         if not VERSION_RE.match(model_version):
             raise InvalidArgument.for_field("adapter.model_version",
                                             f"must be models/{{model}}/versions/{{version}}, got {model_version!r}")
-        if rec.task == EMBEDDING_TASK:
+        if runner.record.task == EMBEDDING_TASK:
             raise InvalidArgument.for_field("name", f"{name} serves an embedding model: it takes no LoRA adapters")
         async with runner.lock:
+            # Read under the lock: two LoadAdapters at once must each add to what the other saved, not to the
+            # record both saw before (the second would drop the first adapter from the deployment).
+            rec = runner.record
             if any(a.alias == alias for a in rec.adapters):
                 raise AlreadyExists(f"deployment {name} already has an adapter {alias!r}", reason="ADAPTER_EXISTS")
             if rec.engine == "vllm" and not runner.lora_enabled:

@@ -388,6 +388,21 @@ async def test_load_and_unload_adapter_at_runtime(inference, registry, versions)
     await fails(inference.unload_adapter(DEPLOYMENT, alias="other"), NotFound)
 
 
+async def test_adapters_loaded_at_the_same_time_are_both_kept(inference, versions):
+    """Two LoadAdapters racing on one deployment (two fine-tuning jobs finishing together): each adds to what
+    the other saved, so both stay listed and served (the second used to overwrite the first's record)."""
+    loads = [inference.load_adapter(DEPLOYMENT, adapter=pb.Adapter(alias=a, model_version=versions["lora2"]))
+             for a in ("twin-a", "twin-b")]
+    await asyncio.gather(*loads)
+    d = await inference.get_deployment(DEPLOYMENT)
+    assert [a.alias for a in d.adapters] == ["styled", "twin-a", "twin-b"] or \
+        [a.alias for a in d.adapters] == ["styled", "twin-b", "twin-a"]
+    for alias in ("twin-a", "twin-b"):
+        assert texts(await complete(inference, "The sea", adapter=alias, max_tokens=2, **GREEDY))
+        await inference.unload_adapter(DEPLOYMENT, alias=alias)
+    assert [a.alias for a in (await inference.get_deployment(DEPLOYMENT)).adapters] == ["styled"]
+
+
 CLI = ("import sys, typer\n"
        "from cli.inference_cmds import chat, deploy_app, deployments_app\n"
        "app = typer.Typer()\n"

@@ -20,7 +20,7 @@ from services.core.db import Database
 from services.core.settings import GrpcServerSettings
 from services.registry.app import build_app
 from services.registry.settings import RegistrySettings
-from services.registry.tables import COMPONENT, MIGRATIONS
+from services.registry.tables import COMPONENT, MIGRATIONS, DatasetVersionRow
 from tests.integration.test_registry import (  # noqa: F401 - fixtures
     create_base,
     expect,
@@ -213,18 +213,19 @@ async def test_an_existing_database_gains_the_scores_table_in_place(tmp_path, s3
     await client.close()
     await app.stop(grace=1)
 
-    # Make it the database an older registry left behind: schema version 2, no scores table.
+    # Make it the database an older registry left behind: schema version 2, no scores table, no image counts.
     url = settings.db_url_for("registry")
     db = Database(url)
     with db.engine.begin() as conn:
         conn.execute(text("DROP TABLE registry_version_scores"))
-        conn.execute(text("DELETE FROM schema_migrations WHERE component = 'registry' AND version = 3"))
+        conn.execute(text(f"ALTER TABLE {DatasetVersionRow.__tablename__} DROP COLUMN image_count"))
+        conn.execute(text("DELETE FROM schema_migrations WHERE component = 'registry' AND version >= 3"))
     assert db.schema_version(COMPONENT) == 2
     db.dispose()
 
     app, client = await running()
     try:
-        assert app.db.schema_version(COMPONENT) == MIGRATIONS[-1].version == 3
+        assert app.db.schema_version(COMPONENT) == MIGRATIONS[-1].version == 4
         kept = await client.get_model_version(base.name)
         assert kept.name == base.name and list(kept.scores) == []
         scored = await client.record_evaluation_scores(base.name, "evaluations/e1", [score(MMLU, "accuracy", 0.5)])
